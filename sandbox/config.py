@@ -1,0 +1,67 @@
+"""Sandbox settings: latencies, auth, webhook signing and strictness switches."""
+
+from __future__ import annotations
+
+import os
+
+import msgspec
+
+BASE_PROCESSORS = ("lite", "base", "core", "core2x", "pro", "ultra", "ultra2x", "ultra4x", "ultra8x")
+PROCESSORS = frozenset(BASE_PROCESSORS + tuple(f"{p}-fast" for p in BASE_PROCESSORS))
+
+
+class SandboxConfig(msgspec.Struct, kw_only=True):
+    # None accepts any non-empty x-api-key; a value requires exactly that key.
+    api_key: str | None = None
+    # Total run time (creation to terminal) per processor; "-fast" falls back to its base name.
+    latency_s: dict[str, float] = {}
+    default_latency_s: float = 0.3
+    queued_s: float = 0.05
+    webhook_secret: str = "sandbox_webhook_secret"
+    webhook_retry_base_s: float = 5.0
+    webhook_max_attempts: int = 5
+    webhook_timeout_s: float = 10.0
+    webhook_concurrency: int = 32
+    # Unknown previous_interaction_id: 422 when True, accepted (no context) when False.
+    strict_interactions: bool = False
+    # False gives interaction ids ("intr_…") distinct from run ids, to catch clients chaining by run_id.
+    interaction_id_equals_run_id: bool = False
+    # Webhook on create without `parallel-beta: webhook-2025-08-12` → 422 when True.
+    strict_betas: bool = False
+    max_result_timeout_s: float = 600
+    # Progress tick of the SSE stream; None scales it with the run's latency (0.1 s to 2 s).
+    events_interval_s: float | None = None
+    events_max_s: float = 570
+    # Cap on the call and webhook-attempt logs kept for /_sandbox/calls and /_sandbox/webhooks.
+    max_log_entries: int = 200_000
+
+    @classmethod
+    def from_env(cls) -> SandboxConfig:
+        """Read SANDBOX_API_KEY, SANDBOX_LATENCY_S, SANDBOX_WEBHOOK_SECRET and a few optional extras.
+
+        SANDBOX_PROCESSOR_LATENCY_S takes "lite=2,core=10"; SANDBOX_QUEUED_S a float;
+        SANDBOX_STRICT_INTERACTIONS "1"/"true".
+        """
+        env = os.environ
+        cfg = cls()
+        if key := env.get("SANDBOX_API_KEY"):
+            cfg.api_key = key
+        if lat := env.get("SANDBOX_LATENCY_S"):
+            cfg.default_latency_s = float(lat)
+        if secret := env.get("SANDBOX_WEBHOOK_SECRET"):
+            cfg.webhook_secret = secret
+        if queued := env.get("SANDBOX_QUEUED_S"):
+            cfg.queued_s = float(queued)
+        if per := env.get("SANDBOX_PROCESSOR_LATENCY_S"):
+            for item in per.split(","):
+                name, _, value = item.partition("=")
+                cfg.latency_s[name.strip()] = float(value)
+        if env.get("SANDBOX_STRICT_INTERACTIONS", "").lower() in ("1", "true", "yes"):
+            cfg.strict_interactions = True
+        return cfg
+
+    def latency_for(self, processor: str) -> float:
+        if processor in self.latency_s:
+            return self.latency_s[processor]
+        base = processor.removesuffix("-fast")
+        return self.latency_s.get(base, self.default_latency_s)

@@ -1,0 +1,156 @@
+"""Control and introspection API under /_sandbox (no auth, not logged, never faulted)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, delete, get, patch, post
+from litestar.params import FromPath
+
+from sandbox.config import SandboxConfig
+from sandbox.faults import FaultConfig
+from sandbox.store import Store
+from sandbox.wire import ApiError, json_response
+
+
+def _store(request: Request[Any, Any, Any]) -> Store:
+    return request.app.state.store
+
+
+async def _json(request: Request[Any, Any, Any]) -> Any:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise ApiError(422, "Request body is not valid JSON") from exc
+
+
+@get("/_sandbox/health")
+async def health() -> Response[bytes]:
+    return json_response({"ok": True})
+
+
+@get("/_sandbox/runs")
+async def list_runs(request: Request[Any, Any, Any]) -> Response[bytes]:
+    store = _store(request)
+    wanted = request.query_params.get("status")
+    records = [store.record(run) for run in list(store.runs.values())]
+    if wanted:
+        records = [r for r in records if r["status"] == wanted]
+    return json_response({"data": records})
+
+
+@get("/_sandbox/runs/{run_id:str}")
+async def get_run(request: Request[Any, Any, Any], run_id: FromPath[str]) -> Response[bytes]:
+    store = _store(request)
+    run = store.get(run_id)
+    if run is None:
+        raise ApiError(404, "Run id not found")
+    return json_response(store.record(run, with_output=True))
+
+
+async def _finish(request: Request[Any, Any, Any], run_id: str, failed: bool) -> Response[bytes]:
+    store = _store(request)
+    body = await _json(request)
+    run = store.get(run_id)
+    if run is None:
+        raise ApiError(404, "Run id not found")
+    message = body.get("message") if isinstance(body, dict) else None
+    if not store.finish(run, failed=failed, message=message):
+        raise ApiError(409, f"Run is already {run.final}")
+    return json_response(store.record(run, with_output=True))
+
+
+@post("/_sandbox/runs/{run_id:str}/complete", status_code=200)
+async def complete_run(request: Request[Any, Any, Any], run_id: FromPath[str]) -> Response[bytes]:
+    return await _finish(request, run_id, failed=False)
+
+
+@post("/_sandbox/runs/{run_id:str}/fail", status_code=200)
+async def fail_run(request: Request[Any, Any, Any], run_id: FromPath[str]) -> Response[bytes]:
+    return await _finish(request, run_id, failed=True)
+
+
+@get("/_sandbox/calls")
+async def list_calls(request: Request[Any, Any, Any]) -> Response[bytes]:
+    store = _store(request)
+    return json_response({"data": list(store.calls), "total": store.calls_total})
+
+
+@get("/_sandbox/webhooks")
+async def list_webhooks(request: Request[Any, Any, Any]) -> Response[bytes]:
+    return json_response({"data": list(_store(request).webhook_log)})
+
+
+@get("/_sandbox/stats")
+async def stats(request: Request[Any, Any, Any]) -> Response[bytes]:
+    return json_response(_store(request).stats())
+
+
+@get("/_sandbox/faults")
+async def get_faults(request: Request[Any, Any, Any]) -> Response[bytes]:
+    return json_response(_store(request).faults.as_dict())
+
+
+@post("/_sandbox/faults", status_code=200)
+async def set_faults(request: Request[Any, Any, Any]) -> Response[bytes]:
+    store = _store(request)
+    try:
+        config = msgspec.convert(await _json(request), FaultConfig)
+        store.faults.set(config)
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise ApiError(422, f"Invalid fault config: {exc}") from exc
+    return json_response(store.faults.as_dict())
+
+
+@delete("/_sandbox/faults", status_code=200)
+async def clear_faults(request: Request[Any, Any, Any]) -> Response[bytes]:
+    store = _store(request)
+    store.faults.clear()
+    return json_response(store.faults.as_dict())
+
+
+@post("/_sandbox/reset", status_code=200)
+async def reset(request: Request[Any, Any, Any]) -> Response[bytes]:
+    _store(request).reset()
+    return json_response({"ok": True})
+
+
+@get("/_sandbox/config")
+async def get_config(request: Request[Any, Any, Any]) -> Response[bytes]:
+    return json_response(msgspec.structs.asdict(_store(request).config))
+
+
+@patch("/_sandbox/config")
+async def patch_config(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Change settings at runtime (e.g. latencies); affects runs created afterwards."""
+    config = _store(request).config
+    changes = await _json(request)
+    try:
+        merged = msgspec.convert({**msgspec.structs.asdict(config), **changes}, SandboxConfig)
+    except (msgspec.ValidationError, TypeError) as exc:
+        raise ApiError(422, f"Invalid config: {exc}") from exc
+    for field in msgspec.structs.fields(SandboxConfig):
+        setattr(config, field.name, getattr(merged, field.name))
+    return json_response(msgspec.structs.asdict(config))
+
+
+CONTROL_ROUTES = [
+    health,
+    list_runs,
+    get_run,
+    complete_run,
+    fail_run,
+    list_calls,
+    list_webhooks,
+    stats,
+    get_faults,
+    set_faults,
+    clear_faults,
+    reset,
+    get_config,
+    patch_config,
+]

@@ -1,0 +1,91 @@
+"""Fault injection set through `POST /_sandbox/faults`.
+
+Decision order for a /v1 call: `response_delay_s` sleep, auth (401), then for
+`POST /v1/tasks/runs` the `create_status` fault, then the random `error_rate` fault.
+Every fault is decided before the request has side effects, except the kind
+`"drop_after_create"`, which creates the run and then drops the connection (on
+other routes it acts as `"drop"`).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Literal
+
+import msgspec
+
+DROP = "drop"
+DROP_AFTER_CREATE = "drop_after_create"
+_KIND = re.compile(r"^(drop|drop_after_create|[1-5][0-9][0-9])$")
+
+FAIL_MARKER = "[sandbox:fail]"
+SLOW_MARKER = re.compile(r"\[sandbox:slow=([0-9]+(?:\.[0-9]+)?)\]")
+
+
+class FaultConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    create_status: int | None = None
+    create_status_count: int | None = None
+    error_rate: float = 0.0
+    error_kinds: list[str | int] = msgspec.field(default_factory=lambda: ["429", "500", "503", "drop"])
+    retry_after_s: float | None = 1.0
+    seed: int | None = None
+    response_delay_s: float = 0.0
+    fail_runs: bool = False
+
+
+Decision = tuple[Literal["status"], int] | tuple[Literal["drop", "drop_after_create"], None]
+
+
+class FaultState:
+    """The active FaultConfig plus its random generator and remaining create_status count."""
+
+    def __init__(self) -> None:
+        self.config = FaultConfig()
+        self.rng = random.Random()
+        self.remaining: int | None = None
+        self.kinds: list[str] = []
+
+    def set(self, config: FaultConfig) -> None:
+        kinds = [str(k) for k in config.error_kinds]
+        bad = [k for k in kinds if not _KIND.match(k)]
+        if bad:
+            raise ValueError(f"unknown error_kinds {bad}; use HTTP status codes, 'drop' or 'drop_after_create'")
+        if not 0.0 <= config.error_rate <= 1.0:
+            raise ValueError("error_rate must be between 0 and 1")
+        if config.create_status is not None and not 100 <= config.create_status <= 599:
+            raise ValueError("create_status must be an HTTP status code")
+        self.config = config
+        self.kinds = kinds
+        self.rng = random.Random(config.seed)
+        self.remaining = config.create_status_count
+
+    def clear(self) -> None:
+        self.set(FaultConfig())
+
+    def as_dict(self) -> dict[str, object]:
+        out = msgspec.structs.asdict(self.config)
+        out["create_status_remaining"] = self.remaining
+        return out
+
+    def decide(self, is_create: bool) -> Decision | None:
+        """Pick the fault for one /v1 call (after auth), or None to serve it normally."""
+        cfg = self.config
+        if is_create and cfg.create_status is not None and (self.remaining is None or self.remaining > 0):
+            if self.remaining is not None:
+                self.remaining -= 1
+            return ("status", cfg.create_status)
+        if cfg.error_rate > 0 and self.kinds and self.rng.random() < cfg.error_rate:
+            kind = self.rng.choice(self.kinds)
+            if kind == DROP_AFTER_CREATE:
+                return (DROP_AFTER_CREATE, None) if is_create else (DROP, None)
+            if kind == DROP:
+                return (DROP, None)
+            return ("status", int(kind))
+        return None
+
+
+def input_markers(text: str) -> tuple[bool, float | None]:
+    """(fail, slow_seconds) from `[sandbox:fail]` and `[sandbox:slow=SECONDS]` in the input."""
+    match = SLOW_MARKER.search(text)
+    return FAIL_MARKER in text, float(match.group(1)) if match else None

@@ -1,0 +1,92 @@
+"""Run the sandbox over real HTTP: in a background thread (tests) or blocking (CLI)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from types import TracebackType
+
+import uvicorn
+
+from sandbox.app import SandboxApp, create_app
+from sandbox.config import SandboxConfig
+
+
+class SandboxServer:
+    """uvicorn in a daemon thread on a free port; `.url` is known as soon as it is constructed.
+
+    with SandboxServer(SandboxConfig(default_latency_s=0.2)) as sandbox:
+        client = AsyncParallel(api_key="k", base_url=sandbox.url)
+    """
+
+    def __init__(self, config: SandboxConfig | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.config = config or SandboxConfig()
+        self.app: SandboxApp = create_app(self.config)
+        self.host = host
+        self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self.port: int = self._sock.getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{self.port}"
+        self._server = uvicorn.Server(
+            uvicorn.Config(
+                self.app,
+                lifespan="on",
+                log_level="warning",
+                access_log=False,
+                timeout_graceful_shutdown=2,
+                backlog=4096,
+            )
+        )
+        self._thread: threading.Thread | None = None
+
+    @property
+    def store(self):  # noqa: ANN201 - sandbox.store.Store, for in-process inspection
+        return self.app.state.store
+
+    def start(self, timeout: float = 10.0) -> SandboxServer:
+        if self._thread is not None:
+            return self
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, name=f"sandbox-{self.port}", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("sandbox server failed to start")
+            if time.monotonic() > deadline:
+                raise TimeoutError("sandbox server did not start in time")
+            time.sleep(0.005)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread is None:
+            self._sock.close()
+            return
+        loop = self.store.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.store.close)
+        self._server.should_exit = True
+        self._thread.join(timeout)
+        self._thread = None
+        self._sock.close()
+
+    def __enter__(self) -> SandboxServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def serve(host: str = "127.0.0.1", port: int = 8700, config: SandboxConfig | None = None) -> None:
+    """Serve the sandbox until interrupted (for `research-service sandbox --port N`)."""
+    app = create_app(config or SandboxConfig.from_env())
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=2, backlog=4096)

@@ -1,0 +1,73 @@
+"""The composition root: create_app(settings, resources) -> Litestar."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from litestar import Litestar, Router
+from litestar.di import Provide
+from litestar.middleware import DefineMiddleware
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+
+from service import __version__
+from service.config import Settings
+from service.http.auth import ApiKeyMiddleware
+from service.http.conversations import ConversationController
+from service.http.deps import provide_resources
+from service.http.events import EventController
+from service.http.health import HealthController
+from service.http.middleware import request_id_middleware
+from service.http.problems import EXCEPTION_HANDLERS
+from service.http.turns import TurnController
+from service.resources import Resources
+
+MAX_BODY_BYTES = 1_000_000
+
+OPENAPI = OpenAPIConfig(
+    title="Research conversations",
+    version=__version__,
+    description="Chained research questions over Parallel's Task API (see DESIGN.md).",
+    path="/schema",
+    components=Components(
+        security_schemes={"BearerAuth": SecurityScheme(type="http", scheme="bearer")}
+    ),
+    security=[{"BearerAuth": []}],
+)
+
+
+def create_app(settings: Settings | None = None, resources: Resources | None = None) -> Litestar:
+    """The API. Tests inject `resources`; otherwise the lifespan opens them from settings."""
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        if resources is not None:
+            app.state.resources = resources
+            yield
+            return
+        opened = await Resources.open(settings or Settings.from_env(), listen=True)
+        app.state.resources = opened
+        try:
+            yield
+        finally:
+            await opened.close()
+
+    v1 = Router(
+        path="/",
+        route_handlers=[ConversationController, TurnController, EventController],
+        middleware=[DefineMiddleware(ApiKeyMiddleware, exclude=["^/v1/hooks/"])],
+    )
+    app = Litestar(
+        route_handlers=[v1, HealthController],
+        dependencies={"resources": Provide(provide_resources, sync_to_thread=False)},
+        exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[request_id_middleware],
+        lifespan=[lifespan],
+        openapi_config=OPENAPI,
+        request_max_body_size=MAX_BODY_BYTES,
+        debug=False,
+    )
+    if resources is not None:
+        app.state.resources = resources  # usable without running the lifespan (tests)
+    return app

@@ -1,0 +1,172 @@
+"""The one place that speaks to Parallel's Task API, through the parallel-web SDK.
+
+No SDK type or SDK exception leaves this module: responses become the Structs below and errors
+become UpstreamUnavailable (retry later) or UpstreamRejected (give up).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import httpx
+import msgspec
+import parallel
+from parallel import AsyncParallel
+
+from service.errors import UpstreamRejected, UpstreamUnavailable
+from service.models import FieldBasis
+
+WEBHOOK_BETA = "webhook-2025-08-12"
+EVENTS_BETA = "events-sse-2025-07-24"
+
+# Error codes a failed turn carries when Parallel refuses to start its run.
+REJECTION_CODES = {
+    400: "parallel_bad_request",
+    401: "parallel_unauthorized",
+    402: "parallel_payment_required",
+    403: "parallel_forbidden",
+    404: "parallel_run_not_found",
+    422: "parallel_invalid_request",
+}
+
+
+class RunError(msgspec.Struct, kw_only=True):
+    message: str
+    ref_id: str | None = None
+
+
+class RunInfo(msgspec.Struct, kw_only=True):
+    run_id: str
+    interaction_id: str
+    status: str
+    is_active: bool
+    processor: str
+    error: RunError | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class RunOutput(msgspec.Struct, kw_only=True):
+    type: Literal["text", "json"]
+    content: Any
+    basis: list[FieldBasis] = []
+
+
+class RunResult(msgspec.Struct, kw_only=True):
+    run: RunInfo
+    output: RunOutput
+
+
+def _retry_after(exc: parallel.APIStatusError) -> float | None:
+    value = exc.response.headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def translate(exc: Exception) -> Exception:
+    """Map an SDK exception to UpstreamUnavailable or UpstreamRejected."""
+    if isinstance(exc, parallel.APIConnectionError):  # includes APITimeoutError
+        return UpstreamUnavailable(f"Parallel unreachable: {type(exc).__name__}")
+    if isinstance(exc, parallel.APIStatusError):
+        status = exc.status_code
+        message = _error_message(exc)
+        if status in (408, 409, 429) or status >= 500:
+            return UpstreamUnavailable(
+                f"Parallel answered {status}: {message}", retry_after=_retry_after(exc)
+            )
+        code = REJECTION_CODES.get(status, f"parallel_http_{status}")
+        return UpstreamRejected(f"Parallel answered {status}: {message}", status_code=status, code=code)
+    if isinstance(exc, parallel.APIResponseValidationError | httpx.HTTPError):
+        return UpstreamUnavailable(f"Parallel answered unexpectedly: {exc}")
+    return exc
+
+
+def _error_message(exc: parallel.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error")
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return str(inner["message"])
+    return exc.message
+
+
+class ParallelClient:
+    """A narrow async client for the calls the worker makes."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str | None = None,
+        timeout: float = 30.0,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        # SDK retries are off: a retried POST without an idempotency key can create a second,
+        # billed run, so every retry decision is the worker's (DESIGN.md §2).
+        self._sdk = AsyncParallel(
+            api_key=api_key,
+            base_url=base_url,
+            timeout=httpx.Timeout(timeout, connect=5.0),
+            max_retries=0,
+            http_client=http_client,
+        )
+
+    async def close(self) -> None:
+        await self._sdk.close()
+
+    async def create_run(
+        self,
+        *,
+        input: str | dict[str, Any],
+        processor: str,
+        output_schema: dict[str, Any],
+        previous_interaction_id: str | None,
+        metadata: dict[str, str],
+        webhook_url: str | None = None,
+    ) -> RunInfo:
+        """Create one run. Raises UpstreamUnavailable or UpstreamRejected."""
+        kwargs: dict[str, Any] = {
+            "input": input,
+            "processor": processor,
+            "task_spec": {"output_schema": output_schema},
+            "metadata": metadata,
+        }
+        if previous_interaction_id:
+            kwargs["previous_interaction_id"] = previous_interaction_id
+        if webhook_url:
+            kwargs["webhook"] = {"url": webhook_url, "event_types": ["task_run.status"]}
+            kwargs["betas"] = [WEBHOOK_BETA]
+        try:
+            run = await self._sdk.task_run.create(**kwargs)
+        except Exception as exc:
+            raise translate(exc) from exc
+        return msgspec.convert(run.model_dump(mode="json"), RunInfo)
+
+    async def retrieve(self, run_id: str) -> RunInfo:
+        """The run's current status. Raises UpstreamUnavailable or UpstreamRejected."""
+        try:
+            run = await self._sdk.task_run.retrieve(run_id)
+        except Exception as exc:
+            raise translate(exc) from exc
+        return msgspec.convert(run.model_dump(mode="json"), RunInfo)
+
+    async def result(self, run_id: str, *, wait_s: int = 5) -> RunResult:
+        """The output of a completed run; a run still active after wait_s raises UpstreamUnavailable."""
+        try:
+            res = await self._sdk.task_run.result(
+                run_id, api_timeout=wait_s, timeout=httpx.Timeout(wait_s + 30.0, connect=5.0)
+            )
+        except Exception as exc:
+            raise translate(exc) from exc
+        return msgspec.convert(res.model_dump(mode="json"), RunResult)
+
+    async def progress(self, run_id: str) -> AsyncIterator[dict[str, Any]]:
+        """Yield the run's progress events (Parallel's SSE stream) as plain dicts."""
+        try:
+            stream = await self._sdk.task_run.events(run_id)
+            async for event in stream:
+                yield event.model_dump(mode="json")
+        except Exception as exc:
+            raise translate(exc) from exc

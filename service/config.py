@@ -1,0 +1,53 @@
+"""Settings read once from the environment at process start (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import msgspec
+
+KNOWN_PROCESSORS = (
+    "lite", "base", "core", "core2x", "pro", "ultra", "ultra2x", "ultra4x", "ultra8x",
+)
+
+
+def _all_processors() -> list[str]:
+    return [*KNOWN_PROCESSORS, *(f"{p}-fast" for p in KNOWN_PROCESSORS)]
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    database_url: str
+    redis_url: str
+    parallel_api_key: str
+    parallel_base_url: str | None = None
+    parallel_webhook_secret: str | None = None
+    public_base_url: str | None = None
+    default_processor: str = "lite"
+    processors: list[str] = msgspec.field(default_factory=_all_processors)
+    webhook_allow_private: bool = False
+    queue_name: str = "research:queue"
+    db_pool_min: int = 2
+    db_pool_max: int = 10
+    # Following runs: the first check comes poll_initial_s after the run starts (scaled per
+    # processor, see service.domain.schedule), each later one twice as far, capped at poll_max_s.
+    poll_initial_s: float = 1.0
+    poll_max_s: float = 30.0
+    follower_batch: int = 200
+    follower_idle_s: float = 1.0
+    # A start attempt that has not recorded its run after this long is considered dead.
+    start_lease_s: float = 60.0
+    reconcile_interval_s: int = 60
+    max_input_chars: int = 25_000
+    max_wait_s: int = 60
+    log_format: str = "json"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: object) -> Settings:
+        """Build settings from upper-cased environment variables; raises msgspec.ValidationError."""
+        known = {name.upper(): name for name in cls.__struct_fields__}
+        raw: dict[str, object] = {known[k]: v for k, v in environ.items() if k in known and v}
+        if isinstance(raw.get("processors"), str):
+            raw["processors"] = [p.strip() for p in str(raw["processors"]).split(",") if p.strip()]
+        raw.update(overrides)
+        return msgspec.convert(raw, cls, strict=False)

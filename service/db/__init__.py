@@ -1,0 +1,1 @@
+"""Postgres access: pool, migrations and one module of SQL per table."""

@@ -1,0 +1,160 @@
+"""SQL for conversations. Every read is scoped by tenant: another tenant's id is simply not found."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from service.models import Conversation
+
+CONVERSATION_COLUMNS = """
+    c.id, c.title, c.processor, c.metadata, c.webhook_url,
+    CASE WHEN EXISTS (
+        SELECT 1 FROM turn o WHERE o.conversation_id = c.id AND o.status IN ('queued', 'running')
+    ) THEN 'active' ELSE 'idle' END AS status,
+    c.turn_count, c.last_turn_id, c.created_at, c.updated_at
+"""
+
+
+def to_conversation(row: asyncpg.Record) -> Conversation:
+    return Conversation(**row)
+
+
+INSERT_CONVERSATION_SQL = f"""
+INSERT INTO conversation AS c (id, tenant_id, title, processor, metadata, webhook_url, webhook_secret)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+RETURNING {CONVERSATION_COLUMNS}
+"""
+
+
+async def insert_conversation(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    *,
+    id: str,
+    tenant_id: str,
+    title: str | None,
+    processor: str,
+    metadata: dict[str, str],
+    webhook_url: str | None,
+    webhook_secret: str | None,
+) -> Conversation:
+    row = await conn.fetchrow(
+        INSERT_CONVERSATION_SQL, id, tenant_id, title, processor, metadata, webhook_url, webhook_secret
+    )
+    return to_conversation(row)
+
+
+CONVERSATION_BY_ID_SQL = f"""
+SELECT {CONVERSATION_COLUMNS} FROM conversation c WHERE c.id = $1 AND c.tenant_id = $2
+"""
+
+
+async def get_conversation(
+    conn: asyncpg.Connection | asyncpg.Pool, tenant_id: str, conversation_id: str
+) -> Conversation | None:
+    row = await conn.fetchrow(CONVERSATION_BY_ID_SQL, conversation_id, tenant_id)
+    return to_conversation(row) if row else None
+
+
+LIST_CONVERSATIONS_SQL = f"""
+SELECT {CONVERSATION_COLUMNS} FROM conversation c
+WHERE c.tenant_id = $1
+  AND ($2::timestamptz IS NULL OR (c.created_at, c.id) < ($2::timestamptz, $3::text))
+ORDER BY c.created_at DESC, c.id DESC
+LIMIT $4
+"""
+
+
+async def list_conversations(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    tenant_id: str,
+    before: tuple[datetime, str] | None,
+    limit: int,
+) -> list[Conversation]:
+    created, cid = before if before else (None, None)
+    rows = await conn.fetch(LIST_CONVERSATIONS_SQL, tenant_id, created, cid, limit)
+    return [to_conversation(r) for r in rows]
+
+
+LOCK_CONVERSATION_SQL = """
+SELECT id, processor, turn_count, last_turn_id, webhook_url, webhook_secret
+FROM conversation WHERE id = $1 AND tenant_id = $2
+FOR UPDATE
+"""
+
+
+async def lock_conversation(
+    conn: asyncpg.Connection, tenant_id: str, conversation_id: str
+) -> asyncpg.Record | None:
+    """Lock the conversation row for the transaction: turns and events are numbered under it."""
+    return await conn.fetchrow(LOCK_CONVERSATION_SQL, conversation_id, tenant_id)
+
+
+UPDATE_CONVERSATION_SQL = f"""
+UPDATE conversation AS c SET
+    title = CASE WHEN $3 THEN $4 ELSE c.title END,
+    processor = COALESCE($5, c.processor),
+    metadata = COALESCE($6, c.metadata),
+    webhook_url = CASE WHEN $7 THEN $8 ELSE c.webhook_url END,
+    webhook_secret = COALESCE($9, c.webhook_secret),
+    updated_at = now()
+WHERE c.id = $1 AND c.tenant_id = $2
+RETURNING {CONVERSATION_COLUMNS}
+"""
+
+
+async def update_conversation(
+    conn: asyncpg.Connection, tenant_id: str, conversation_id: str, changes: dict[str, Any]
+) -> Conversation | None:
+    """Apply the given changes; keys absent from `changes` are left alone."""
+    row = await conn.fetchrow(
+        UPDATE_CONVERSATION_SQL,
+        conversation_id,
+        tenant_id,
+        "title" in changes,
+        changes.get("title"),
+        changes.get("processor"),
+        changes.get("metadata"),
+        "webhook_url" in changes,
+        changes.get("webhook_url"),
+        changes.get("webhook_secret"),
+    )
+    return to_conversation(row) if row else None
+
+
+ROTATE_SECRET_SQL = """
+UPDATE conversation SET
+    webhook_secret_previous = webhook_secret,
+    webhook_secret_previous_until = now() + make_interval(secs => $4),
+    webhook_secret = $3,
+    updated_at = now()
+WHERE id = $1 AND tenant_id = $2 AND webhook_url IS NOT NULL
+RETURNING id
+"""
+
+
+async def rotate_webhook_secret(
+    conn: asyncpg.Connection, tenant_id: str, conversation_id: str, secret: str, overlap_s: float
+) -> bool:
+    return await conn.fetchval(ROTATE_SECRET_SQL, conversation_id, tenant_id, secret, overlap_s) is not None
+
+
+DELETE_CONVERSATION_SQL = "DELETE FROM conversation WHERE id = $1 AND tenant_id = $2 RETURNING id"
+
+
+async def delete_conversation(conn: asyncpg.Connection, tenant_id: str, conversation_id: str) -> bool:
+    return await conn.fetchval(DELETE_CONVERSATION_SQL, conversation_id, tenant_id) is not None
+
+
+LOCK_CONVERSATION_OF_TURN_SQL = """
+SELECT c.id FROM conversation c
+WHERE c.id = (SELECT conversation_id FROM turn WHERE id = $1)
+FOR UPDATE OF c
+"""
+
+
+async def lock_conversation_of_turn(conn: asyncpg.Connection, turn_id: str) -> str | None:
+    """Lock the turn's conversation (always before the turn itself: one lock order, no deadlocks)."""
+    return await conn.fetchval(LOCK_CONVERSATION_OF_TURN_SQL, turn_id)

@@ -1,0 +1,53 @@
+"""SQL for the per-conversation event log. Each insert notifies listeners on commit."""
+
+from __future__ import annotations
+
+import asyncpg
+import msgspec
+
+from service.models import Event, Turn
+
+NOTIFY_CHANNEL = "research_events"
+
+INSERT_EVENT_SQL = """
+WITH c AS (
+    UPDATE conversation SET event_count = event_count + 1, updated_at = now()
+    WHERE id = $1
+    RETURNING event_count
+), e AS (
+    INSERT INTO event (conversation_id, sequence, type, turn_id, data)
+    SELECT $1, c.event_count, $2, $3, $4 FROM c
+    RETURNING sequence, type, conversation_id, turn_id, created_at, data
+)
+SELECT e.*, pg_notify('research_events', $1) FROM e
+"""
+
+EVENT_COLUMNS = "sequence, type, conversation_id, turn_id, created_at, data"
+
+
+def to_event(row: asyncpg.Record) -> Event:
+    return msgspec.convert(
+        {k: row[k] for k in ("sequence", "type", "conversation_id", "turn_id", "created_at", "data")},
+        Event,
+    )
+
+
+async def insert_event(conn: asyncpg.Connection, event_type: str, turn: Turn) -> Event:
+    """Append an event carrying the turn as it is now; returns it with its sequence."""
+    data = msgspec.to_builtins(turn)
+    row = await conn.fetchrow(INSERT_EVENT_SQL, turn.conversation_id, event_type, turn.id, data)
+    return to_event(row)
+
+
+LIST_EVENTS_SQL = f"""
+SELECT {EVENT_COLUMNS} FROM event
+WHERE conversation_id = $1 AND sequence > $2
+ORDER BY sequence
+LIMIT $3
+"""
+
+
+async def list_events(
+    conn: asyncpg.Connection | asyncpg.Pool, conversation_id: str, after: int, limit: int
+) -> list[Event]:
+    return [to_event(r) for r in await conn.fetch(LIST_EVENTS_SQL, conversation_id, after, limit)]

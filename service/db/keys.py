@@ -1,0 +1,93 @@
+"""Tenants and their API keys. A key is `rsk_<id>_<secret>`; only SHA-256 of the whole key is kept."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from datetime import datetime
+
+import asyncpg
+import msgspec
+
+KEY_PREFIX = "rsk_"
+
+
+class ApiKeyInfo(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    tenant_id: str
+    tenant_name: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+def hash_key(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def split_key(key: str) -> str | None:
+    """The key's id (its visible prefix), or None when the key is not shaped like ours."""
+    if not key.startswith(KEY_PREFIX):
+        return None
+    key_id, sep, secret = key[len(KEY_PREFIX):].partition("_")
+    if not sep or not key_id or not secret or len(key) > 200:
+        return None
+    return key_id
+
+
+UPSERT_TENANT_SQL = """
+INSERT INTO tenant (id, name) VALUES ($1, $2)
+ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name
+RETURNING id
+"""
+
+INSERT_KEY_SQL = "INSERT INTO api_key (id, tenant_id, key_hash) VALUES ($1, $2, $3)"
+
+
+async def create_key(conn: asyncpg.Connection, tenant_name: str) -> tuple[str, str]:
+    """Create the tenant if new and a key for it; return (key id, key). The key is not kept."""
+    async with conn.transaction():
+        tenant_id = await conn.fetchval(UPSERT_TENANT_SQL, f"ten_{secrets.token_hex(8)}", tenant_name)
+        key_id = secrets.token_hex(6)
+        key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+        await conn.execute(INSERT_KEY_SQL, key_id, tenant_id, hash_key(key))
+    return key_id, key
+
+
+KEY_BY_ID_SQL = """
+SELECT k.tenant_id, k.key_hash
+FROM api_key k
+WHERE k.id = $1 AND k.revoked_at IS NULL
+"""
+
+
+async def tenant_for_key(conn: asyncpg.Connection | asyncpg.Pool, key: str) -> str | None:
+    """The tenant id a live key belongs to, or None. Compares hashes in constant time."""
+    key_id = split_key(key)
+    if key_id is None:
+        return None
+    row = await conn.fetchrow(KEY_BY_ID_SQL, key_id)
+    if row is None or not hmac.compare_digest(row["key_hash"], hash_key(key)):
+        return None
+    return str(row["tenant_id"])
+
+
+REVOKE_KEY_SQL = """
+UPDATE api_key SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL RETURNING id
+"""
+
+
+async def revoke_key(conn: asyncpg.Connection, key_id: str) -> bool:
+    """Revoke a key by id; False when no live key has that id."""
+    return await conn.fetchval(REVOKE_KEY_SQL, key_id.removeprefix(KEY_PREFIX)) is not None
+
+
+LIST_KEYS_SQL = """
+SELECT k.id, k.tenant_id, t.name AS tenant_name, k.created_at, k.revoked_at
+FROM api_key k JOIN tenant t ON t.id = k.tenant_id
+ORDER BY k.created_at
+"""
+
+
+async def list_keys(conn: asyncpg.Connection) -> list[ApiKeyInfo]:
+    return [ApiKeyInfo(**row) for row in await conn.fetch(LIST_KEYS_SQL)]

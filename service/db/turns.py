@@ -1,0 +1,286 @@
+"""SQL for turns: what the API reads and writes, and the worker's schedule."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from service.models import Turn
+
+TURN_COLUMNS = """
+    t.id, t.conversation_id, t.seq, t.parent_turn_id, t.input, t.processor, t.output_schema,
+    t.metadata, t.status, t.run_id, t.interaction_id, t.previous_interaction_id, t.output,
+    t.basis, t.error, t.upstream_may_continue, t.created_at, t.started_at, t.completed_at
+"""
+
+
+def to_turn(row: asyncpg.Record) -> Turn:
+    return msgspec.convert(dict(row), Turn)
+
+
+INSERT_TURN_SQL = f"""
+INSERT INTO turn AS t (
+    id, conversation_id, tenant_id, seq, parent_turn_id, input, processor, output_schema,
+    metadata, idempotency_key, request_hash
+) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+RETURNING {TURN_COLUMNS}
+"""
+
+
+async def insert_turn(conn: asyncpg.Connection, **values: Any) -> Turn:
+    row = await conn.fetchrow(
+        INSERT_TURN_SQL,
+        values["id"], values["conversation_id"], values["tenant_id"], values["seq"],
+        values["parent_turn_id"], values["input"], values["processor"], values["output_schema"],
+        values["metadata"], values["idempotency_key"], values["request_hash"],
+    )
+    return to_turn(row)
+
+
+SET_FIRST_RESPONSE_SQL = "UPDATE turn SET first_response = $2 WHERE id = $1"
+
+
+async def set_first_response(conn: asyncpg.Connection, turn_id: str, body: Any) -> None:
+    await conn.execute(SET_FIRST_RESPONSE_SQL, turn_id, body)
+
+
+TURN_BY_KEY_SQL = """
+SELECT request_hash, first_response FROM turn WHERE conversation_id = $1 AND idempotency_key = $2
+"""
+
+
+async def get_idempotent_answer(
+    conn: asyncpg.Connection | asyncpg.Pool, conversation_id: str, key: str
+) -> asyncpg.Record | None:
+    return await conn.fetchrow(TURN_BY_KEY_SQL, conversation_id, key)
+
+
+TURN_BY_ID_SQL = f"""
+SELECT {TURN_COLUMNS} FROM turn t
+WHERE t.id = $1 AND t.conversation_id = $2 AND t.tenant_id = $3
+"""
+
+
+async def get_turn(
+    conn: asyncpg.Connection | asyncpg.Pool, tenant_id: str, conversation_id: str, turn_id: str
+) -> Turn | None:
+    row = await conn.fetchrow(TURN_BY_ID_SQL, turn_id, conversation_id, tenant_id)
+    return to_turn(row) if row else None
+
+
+TURN_PARENT_SQL = "SELECT conversation_id FROM turn WHERE id = $1 AND tenant_id = $2"
+
+
+async def turn_conversation(conn: asyncpg.Connection, tenant_id: str, turn_id: str) -> str | None:
+    return await conn.fetchval(TURN_PARENT_SQL, turn_id, tenant_id)
+
+
+LIST_TURNS_SQL = f"""
+SELECT {TURN_COLUMNS} FROM turn t
+WHERE t.conversation_id = $1 AND t.seq > $2
+ORDER BY t.seq
+LIMIT $3
+"""
+
+
+async def list_turns(
+    conn: asyncpg.Connection | asyncpg.Pool, conversation_id: str, after_seq: int, limit: int
+) -> list[Turn]:
+    return [to_turn(r) for r in await conn.fetch(LIST_TURNS_SQL, conversation_id, after_seq, limit)]
+
+
+LOCK_TURN_SQL = f"SELECT {TURN_COLUMNS} FROM turn t WHERE t.id = $1 FOR UPDATE"
+
+
+async def lock_turn(conn: asyncpg.Connection, turn_id: str) -> Turn | None:
+    row = await conn.fetchrow(LOCK_TURN_SQL, turn_id)
+    return to_turn(row) if row else None
+
+
+SET_STATUS_SQL = f"""
+UPDATE turn AS t SET
+    status = $2,
+    output = COALESCE($3, t.output),
+    basis = COALESCE($4, t.basis),
+    error = COALESCE($5, t.error),
+    upstream_may_continue = t.upstream_may_continue OR $6,
+    completed_at = CASE WHEN $2 IN ('completed', 'failed', 'cancelled') THEN now() END,
+    next_check_at = NULL
+WHERE t.id = $1 AND t.status = ANY($7::text[])
+RETURNING {TURN_COLUMNS}
+"""
+
+
+async def finish_turn(
+    conn: asyncpg.Connection,
+    turn_id: str,
+    status: str,
+    *,
+    from_statuses: tuple[str, ...],
+    output: Any = None,
+    basis: Any = None,
+    error: Any = None,
+    upstream_may_continue: bool = False,
+) -> Turn | None:
+    """Move the turn to a terminal status if it is still in one of from_statuses; else None."""
+    row = await conn.fetchrow(
+        SET_STATUS_SQL, turn_id, status, output, basis, error, upstream_may_continue,
+        list(from_statuses),
+    )
+    return to_turn(row) if row else None
+
+
+OPEN_TURNS_SQL = """
+SELECT id, status FROM turn
+WHERE conversation_id = $1 AND status IN ('queued', 'running')
+ORDER BY seq
+"""
+
+
+async def open_turns(conn: asyncpg.Connection | asyncpg.Pool, conversation_id: str) -> list[asyncpg.Record]:
+    return await conn.fetch(OPEN_TURNS_SQL, conversation_id)
+
+
+HEAD_TURN_SQL = """
+SELECT id, status FROM turn
+WHERE conversation_id = $1 AND status IN ('queued', 'running')
+ORDER BY seq
+LIMIT 1
+"""
+
+
+async def head_turn(conn: asyncpg.Connection | asyncpg.Pool, conversation_id: str) -> asyncpg.Record | None:
+    """The conversation's oldest open turn: the one running, or the next to start."""
+    return await conn.fetchrow(HEAD_TURN_SQL, conversation_id)
+
+
+# Walk up from the parent; stop at the first completed turn (a failed or cancelled one gives
+# no context, so its children chain past it).
+PREVIOUS_INTERACTION_SQL = """
+WITH RECURSIVE ancestor AS (
+    SELECT id, parent_turn_id, status, interaction_id, 0 AS depth FROM turn WHERE id = $1
+    UNION ALL
+    SELECT t.id, t.parent_turn_id, t.status, t.interaction_id, a.depth + 1
+    FROM turn t JOIN ancestor a ON t.id = a.parent_turn_id
+    WHERE a.status <> 'completed'
+)
+SELECT interaction_id FROM ancestor WHERE status = 'completed' ORDER BY depth LIMIT 1
+"""
+
+
+async def previous_interaction(conn: asyncpg.Connection, parent_turn_id: str | None) -> str | None:
+    if parent_turn_id is None:
+        return None
+    return await conn.fetchval(PREVIOUS_INTERACTION_SQL, parent_turn_id)
+
+
+BEGIN_START_SQL = """
+UPDATE turn SET start_attempts = start_attempts + 1, start_attempt_at = now(),
+    previous_interaction_id = $2
+WHERE id = $1
+RETURNING start_attempts
+"""
+
+
+async def begin_start(conn: asyncpg.Connection, turn_id: str, previous: str | None) -> int:
+    """Record a start attempt before calling Parallel; returns the attempt number."""
+    return await conn.fetchval(BEGIN_START_SQL, turn_id, previous)
+
+
+ABANDON_START_SQL = "UPDATE turn SET start_attempt_at = NULL WHERE id = $1 AND run_id IS NULL"
+
+
+async def abandon_start(conn: asyncpg.Connection | asyncpg.Pool, turn_id: str) -> None:
+    """Mark a start attempt as over without a run, so the next attempt need not wait a lease."""
+    await conn.execute(ABANDON_START_SQL, turn_id)
+
+
+RECORD_RUN_SQL = f"""
+UPDATE turn AS t SET
+    run_id = $2, interaction_id = $3,
+    status = CASE WHEN t.status = 'queued' THEN 'running' ELSE t.status END,
+    started_at = CASE WHEN t.status = 'queued' THEN now() ELSE t.started_at END,
+    next_check_at = CASE WHEN t.status = 'queued' THEN now() + make_interval(secs => $4) END,
+    upstream_may_continue = t.upstream_may_continue OR t.status = 'cancelled'
+WHERE t.id = $1 AND t.run_id IS NULL
+RETURNING {TURN_COLUMNS}
+"""
+
+
+async def record_run(
+    conn: asyncpg.Connection, turn_id: str, run_id: str, interaction_id: str, first_check_s: float
+) -> Turn | None:
+    """Store the run at once; a queued turn becomes running, a cancelled one stays cancelled."""
+    row = await conn.fetchrow(RECORD_RUN_SQL, turn_id, run_id, interaction_id, first_check_s)
+    return to_turn(row) if row else None
+
+
+# Claim due checks: push each claimed turn's next check a lease ahead, so a worker that dies
+# mid-check only delays it, and other workers skip rows this one holds.
+CLAIM_DUE_SQL = """
+UPDATE turn AS t SET next_check_at = now() + make_interval(secs => $2), check_count = t.check_count + 1
+FROM (
+    SELECT id FROM turn
+    WHERE status = 'running' AND next_check_at <= now()
+    ORDER BY next_check_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+) due
+WHERE t.id = due.id
+RETURNING t.id, t.conversation_id, t.run_id, t.processor, t.started_at, t.check_count
+"""
+
+
+async def claim_due(conn: asyncpg.Connection | asyncpg.Pool, limit: int, lease_s: float) -> list[asyncpg.Record]:
+    return await conn.fetch(CLAIM_DUE_SQL, limit, lease_s)
+
+
+RESCHEDULE_SQL = """
+UPDATE turn SET next_check_at = now() + make_interval(secs => $2)
+WHERE id = $1 AND status = 'running'
+"""
+
+
+async def reschedule(conn: asyncpg.Connection | asyncpg.Pool, turn_id: str, delay_s: float) -> None:
+    await conn.execute(RESCHEDULE_SQL, turn_id, delay_s)
+
+
+CHECK_NOW_SQL = """
+UPDATE turn SET next_check_at = now() WHERE run_id = $1 AND status = 'running' RETURNING id
+"""
+
+
+async def check_now(conn: asyncpg.Connection | asyncpg.Pool, run_id: str) -> str | None:
+    """Make a running turn's check due now (Parallel said its run changed)."""
+    return await conn.fetchval(CHECK_NOW_SQL, run_id)
+
+
+NEXT_DUE_SQL = "SELECT min(next_check_at) FROM turn WHERE status = 'running'"
+
+
+async def next_due(conn: asyncpg.Connection | asyncpg.Pool) -> datetime | None:
+    return await conn.fetchval(NEXT_DUE_SQL)
+
+
+# Heads of conversations that are waiting for a worker: the reconciler re-enqueues them.
+STARTABLE_SQL = """
+SELECT t.id FROM turn t
+WHERE t.status = 'queued'
+  AND (t.start_attempt_at IS NULL OR t.start_attempt_at < now() - make_interval(secs => $1))
+  AND t.created_at < now() - make_interval(secs => $2)
+  AND NOT EXISTS (
+      SELECT 1 FROM turn o
+      WHERE o.conversation_id = t.conversation_id AND o.status IN ('queued', 'running')
+        AND o.seq < t.seq
+  )
+LIMIT $3
+"""
+
+
+async def startable_turns(
+    conn: asyncpg.Connection | asyncpg.Pool, lease_s: float, min_age_s: float, limit: int
+) -> list[str]:
+    return [r["id"] for r in await conn.fetch(STARTABLE_SQL, lease_s, min_age_s, limit)]

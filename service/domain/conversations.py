@@ -1,0 +1,110 @@
+"""Conversations: create, read, change, rotate the webhook secret, delete."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from datetime import datetime
+
+import asyncpg
+import msgspec
+
+from service.config import Settings
+from service.db import conversations as db
+from service.domain import turns as turn_domain
+from service.domain.cursors import decode_cursor, encode_cursor
+from service.domain.validation import check_processor
+from service.errors import InvalidInput, NotFound
+from service.models import Conversation
+from service.schemas import ConversationCreate, ConversationPage, ConversationUpdate
+
+SECRET_OVERLAP_S = 24 * 3600
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def new_webhook_secret() -> str:
+    """A Standard Webhooks secret: `whsec_` and base64 of 32 random bytes."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+async def create_conversation(
+    pool: asyncpg.Pool, settings: Settings, tenant_id: str, data: ConversationCreate
+) -> tuple[Conversation, str | None]:
+    """Create a conversation; returns it and its webhook secret when it has a webhook URL."""
+    processor = data.processor or settings.default_processor
+    check_processor(settings, processor)
+    secret = new_webhook_secret() if data.webhook_url else None
+    conversation = await db.insert_conversation(
+        pool,
+        id=new_id("conv"),
+        tenant_id=tenant_id,
+        title=data.title,
+        processor=processor,
+        metadata=data.metadata,
+        webhook_url=data.webhook_url,
+        webhook_secret=secret,
+    )
+    return conversation, secret
+
+
+async def get_conversation(pool: asyncpg.Pool, tenant_id: str, conversation_id: str) -> Conversation:
+    """Raises NotFound for unknown ids and for other tenants' ids alike."""
+    conversation = await db.get_conversation(pool, tenant_id, conversation_id)
+    if conversation is None:
+        raise NotFound(f"Conversation {conversation_id!r} not found.")
+    return conversation
+
+
+async def list_conversations(
+    pool: asyncpg.Pool, tenant_id: str, limit: int, cursor: str | None
+) -> ConversationPage:
+    before = decode_cursor(cursor, datetime, str) if cursor else None
+    rows = await db.list_conversations(pool, tenant_id, before, limit + 1)  # type: ignore[arg-type]
+    page, more = rows[:limit], len(rows) > limit
+    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if more else None
+    return ConversationPage(data=page, next_cursor=next_cursor)
+
+
+async def update_conversation(
+    pool: asyncpg.Pool, settings: Settings, tenant_id: str, conversation_id: str,
+    data: ConversationUpdate,
+) -> tuple[Conversation, str | None]:
+    """Apply a PATCH; a webhook URL set where there was none gets a new secret, returned once."""
+    changes = {k: v for k, v in msgspec.structs.asdict(data).items() if v is not msgspec.UNSET}
+    if changes.get("processor") is not None:
+        check_processor(settings, changes["processor"])
+    if "processor" in changes and changes["processor"] is None:
+        raise InvalidInput("processor cannot be null.")
+    async with pool.acquire() as conn, conn.transaction():
+        current = await db.lock_conversation(conn, tenant_id, conversation_id)
+        if current is None:
+            raise NotFound(f"Conversation {conversation_id!r} not found.")
+        secret = None
+        if changes.get("webhook_url") and not current["webhook_secret"]:
+            secret = changes["webhook_secret"] = new_webhook_secret()
+        conversation = await db.update_conversation(conn, tenant_id, conversation_id, changes)
+    assert conversation is not None
+    return conversation, secret
+
+
+async def rotate_webhook_secret(pool: asyncpg.Pool, tenant_id: str, conversation_id: str) -> str:
+    """Give the conversation a new secret; the old one keeps signing for 24 hours."""
+    secret = new_webhook_secret()
+    async with pool.acquire() as conn:
+        if not await db.rotate_webhook_secret(conn, tenant_id, conversation_id, secret, SECRET_OVERLAP_S):
+            await get_conversation(conn, tenant_id, conversation_id)  # type: ignore[arg-type]
+            raise InvalidInput("The conversation has no webhook_url: set one first.")
+    return secret
+
+
+async def delete_conversation(
+    pool: asyncpg.Pool, tenant_id: str, conversation_id: str
+) -> None:
+    """Cancel the conversation's open turns, then delete it with everything it holds."""
+    await turn_domain.cancel_open_turns(pool, tenant_id, conversation_id)
+    async with pool.acquire() as conn:
+        if not await db.delete_conversation(conn, tenant_id, conversation_id):
+            raise NotFound(f"Conversation {conversation_id!r} not found.")

@@ -1,0 +1,151 @@
+"""Turns as the worker sees them: start a Parallel run, check it, record how it ended.
+
+Lock order in every transaction that changes a turn: its conversation row first, then the turn.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+import structlog
+from arq.connections import ArqRedis
+
+from service.clients.parallel import ParallelClient, RunInfo
+from service.config import Settings
+from service.db import conversations as conversation_db
+from service.db import events as event_db
+from service.db import turns as db
+from service.domain.schedule import check_delay, profile
+from service.domain.turns import enqueue_start
+from service.errors import UpstreamRejected, UpstreamUnavailable
+from service.models import Turn
+
+log = structlog.get_logger(__name__)
+
+# Keys we add to a run's metadata; user keys of the same name are overwritten.
+TURN_TAG = "rs_turn"
+ATTEMPT_TAG = "rs_attempt"
+
+
+async def start_turn(
+    pool: asyncpg.Pool, parallel: ParallelClient, queue: ArqRedis | None, settings: Settings,
+    turn_id: str, webhook_url: str | None = None,
+) -> str:
+    """Create the turn's Parallel run if the turn is next in its conversation; returns what happened.
+
+    Raises UpstreamUnavailable when Parallel cannot be reached (the caller retries later).
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        if await conversation_db.lock_conversation_of_turn(conn, turn_id) is None:
+            return "gone"
+        turn = await db.lock_turn(conn, turn_id)
+        assert turn is not None
+        if turn.status != "queued" or turn.run_id is not None:
+            return "not-queued"
+        head = await db.head_turn(conn, turn.conversation_id)
+        if head is None or head["id"] != turn_id:
+            return "waiting"
+        attempt_at = await conn.fetchval("SELECT start_attempt_at FROM turn WHERE id = $1", turn_id)
+        if attempt_at is not None and (
+            (datetime.now(UTC) - attempt_at).total_seconds() < settings.start_lease_s
+        ):
+            return "in-progress"
+        previous = await db.previous_interaction(conn, turn.parent_turn_id)
+        attempt = await db.begin_start(conn, turn_id, previous)
+    # No connection is held while Parallel answers.
+    try:
+        run = await parallel.create_run(
+            input=turn.input,
+            processor=turn.processor,
+            output_schema=turn.output_schema,
+            previous_interaction_id=previous,
+            metadata={**turn.metadata, TURN_TAG: turn_id, ATTEMPT_TAG: str(attempt)},
+            webhook_url=webhook_url,
+        )
+    except UpstreamUnavailable:
+        await db.abandon_start(pool, turn_id)
+        raise
+    except UpstreamRejected as exc:
+        await finish(pool, queue, settings, turn_id, "failed", from_statuses=("queued",),
+                     error={"code": exc.code, "message": exc.detail})
+        return "rejected"
+    async with pool.acquire() as conn:
+        return await _record_run(conn, settings, turn, run)
+
+
+async def _record_run(conn: asyncpg.Connection, settings: Settings, turn: Turn, run: RunInfo) -> str:
+    first_check = check_delay(turn.processor, 0, settings.poll_initial_s, settings.poll_max_s)
+    async with conn.transaction():
+        await conversation_db.lock_conversation_of_turn(conn, turn.id)
+        recorded = await db.record_run(conn, turn.id, run.run_id, run.interaction_id, first_check)
+        if recorded is None:
+            log.error("run_already_recorded", turn_id=turn.id, run_id=run.run_id)
+            return "duplicate"
+        if recorded.status == "running":
+            await event_db.insert_event(conn, "turn.running", recorded)
+    log.info("run_started", turn_id=turn.id, run_id=run.run_id, status=recorded.status)
+    return "started" if recorded.status == "running" else recorded.status
+
+
+async def finish(
+    pool: asyncpg.Pool, queue: ArqRedis | None, settings: Settings, turn_id: str, status: str,
+    *, from_statuses: tuple[str, ...] = ("running",), **fields: Any,
+) -> Turn | None:
+    """Record a terminal status unless the turn already ended (a cancel wins); start the next turn."""
+    async with pool.acquire() as conn, conn.transaction():
+        conversation_id = await conversation_db.lock_conversation_of_turn(conn, turn_id)
+        if conversation_id is None:
+            return None
+        turn = await db.finish_turn(conn, turn_id, status, from_statuses=from_statuses, **fields)
+        if turn is None:
+            log.info("late_result_ignored", turn_id=turn_id, status=status)
+            return None
+        await event_db.insert_event(conn, f"turn.{status}", turn)
+        head = await db.head_turn(conn, conversation_id)
+    log.info("turn_finished", turn_id=turn_id, status=status)
+    if head is not None and head["status"] == "queued":
+        await enqueue_start(queue, settings, head["id"])
+    return turn
+
+
+async def check_turn(
+    pool: asyncpg.Pool, parallel: ParallelClient, queue: ArqRedis | None, settings: Settings,
+    due: asyncpg.Record,
+) -> str:
+    """Check one claimed run once: reschedule it, or record its output or failure."""
+    turn_id, run_id, processor = due["id"], due["run_id"], due["processor"]
+    try:
+        run = await parallel.retrieve(run_id)
+        if run.status == "completed":
+            result = await parallel.result(run_id)
+    except UpstreamUnavailable as exc:
+        delay = exc.retry_after or check_delay(processor, due["check_count"], settings.poll_initial_s,
+                                               settings.poll_max_s)
+        await db.reschedule(pool, turn_id, delay)
+        return "retry"
+    except UpstreamRejected as exc:
+        await finish(pool, queue, settings, turn_id, "failed",
+                     error={"code": exc.code, "message": exc.detail})
+        return "failed"
+    if run.status == "completed":
+        output = {"type": result.output.type, "content": result.output.content}
+        await finish(pool, queue, settings, turn_id, "completed", output=output,
+                     basis=msgspec.to_builtins(result.output.basis))
+        return "completed"
+    if run.status in ("failed", "cancelled"):
+        message = run.error.message if run.error else f"The Parallel run was {run.status}."
+        await finish(pool, queue, settings, turn_id, "failed",
+                     error={"code": f"run_{run.status}", "message": message})
+        return "failed"
+    elapsed = (datetime.now(UTC) - due["started_at"]).total_seconds()
+    if elapsed > profile(processor).deadline_s:
+        await finish(pool, queue, settings, turn_id, "failed", upstream_may_continue=True,
+                     error={"code": "timeout",
+                            "message": f"The run was still {run.status} after {elapsed:.0f} s."})
+        return "timeout"
+    delay = check_delay(processor, due["check_count"], settings.poll_initial_s, settings.poll_max_s)
+    await db.reschedule(pool, turn_id, delay)
+    return "active"

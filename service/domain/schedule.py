@@ -1,0 +1,38 @@
+"""How often to check a run, and when to give up on it, by processor (parallel-api.md §7)."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class ProcessorProfile(msgspec.Struct, frozen=True):
+    # Multiplies the first-check delay: slow processors are not worth checking early.
+    check_scale: float
+    # Upper end of Parallel's documented latency, doubled: a run still active then has failed us.
+    deadline_s: float
+    usd_per_run: float
+
+
+PROFILES = {
+    "lite": ProcessorProfile(1, 2 * 60, 0.005),
+    "base": ProcessorProfile(1.5, 2 * 100, 0.010),
+    "core": ProcessorProfile(3, 2 * 300, 0.025),
+    "core2x": ProcessorProfile(3, 2 * 600, 0.050),
+    "pro": ProcessorProfile(6, 2 * 600, 0.100),
+    "ultra": ProcessorProfile(15, 2 * 1500, 0.300),
+    "ultra2x": ProcessorProfile(15, 2 * 3000, 0.600),
+    "ultra4x": ProcessorProfile(15, 2 * 5400, 1.200),
+    "ultra8x": ProcessorProfile(15, 2 * 7200, 2.400),
+}
+DEFAULT_PROFILE = ProcessorProfile(3, 4 * 3600, 2.400)
+
+
+def profile(processor: str) -> ProcessorProfile:
+    """The profile of a processor; `-fast` variants share their standard one's."""
+    return PROFILES.get(processor.removesuffix("-fast"), DEFAULT_PROFILE)
+
+
+def check_delay(processor: str, checks_done: int, initial_s: float, max_s: float) -> float:
+    """Seconds until the next check: doubling from the first (1, 2, 4, … × first), capped at max_s."""
+    first = initial_s * profile(processor).check_scale
+    return min(max_s, first * 2 ** min(checks_done, 30))

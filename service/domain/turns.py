@@ -1,0 +1,189 @@
+"""Turns as the API sees them: create (idempotently), read, wait, list, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import time
+import asyncpg
+import msgspec
+import structlog
+from arq.connections import ArqRedis
+
+from service import queue as jobs
+from service.config import Settings
+from service.db import events as event_db
+from service.db import conversations as conversation_db
+from service.db import turns as db
+from service.domain.cursors import decode_cursor, encode_cursor
+from service.domain.validation import check_turn_request
+from service.errors import Conflict, InvalidInput, NotFound
+from service.models import TERMINAL_STATUSES, Turn
+from service.notify import EventHub
+from service.schemas import TurnCreate, TurnPage
+
+log = structlog.get_logger(__name__)
+
+IDEMPOTENCY_KEY_MAX = 255
+
+
+def request_hash(data: TurnCreate) -> bytes:
+    return hashlib.sha256(msgspec.json.encode(data, order="sorted")).digest()
+
+
+async def create_turn(
+    pool: asyncpg.Pool,
+    queue: ArqRedis | None,
+    settings: Settings,
+    tenant_id: str,
+    conversation_id: str,
+    data: TurnCreate,
+    idempotency_key: str | None,
+) -> Turn:
+    """Append a queued turn and ask a worker to start it when its conversation is ready.
+
+    The same Idempotency-Key with the same body returns the first answer; with another body,
+    Conflict. Raises NotFound, InvalidInput.
+    """
+    if idempotency_key is not None and not 0 < len(idempotency_key) <= IDEMPOTENCY_KEY_MAX:
+        raise InvalidInput(f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters.")
+    digest = request_hash(data)
+    async with pool.acquire() as conn, conn.transaction():
+        conversation = await _lock_conversation(conn, tenant_id, conversation_id)
+        if idempotency_key is not None:
+            previous = await db.get_idempotent_answer(conn, conversation_id, idempotency_key)
+            if previous is not None:
+                if previous["request_hash"] != digest:
+                    raise Conflict("This Idempotency-Key was used with a different request body.")
+                return msgspec.convert(previous["first_response"], Turn, strict=False)
+        processor = data.processor or conversation["processor"]
+        check_turn_request(settings, data, processor)
+        parent_id = data.parent_turn_id or conversation["last_turn_id"]
+        if data.parent_turn_id is not None and (
+            await db.turn_conversation(conn, tenant_id, data.parent_turn_id) != conversation_id
+        ):
+            raise InvalidInput(
+                "parent_turn_id must name a turn of this conversation.",
+                errors=[{"field": "parent_turn_id", "message": "no such turn in this conversation"}],
+            )
+        seq = conversation["turn_count"] + 1
+        turn = await db.insert_turn(
+            conn,
+            id=f"turn_{secrets.token_hex(12)}",
+            conversation_id=conversation_id,
+            tenant_id=tenant_id,
+            seq=seq,
+            parent_turn_id=parent_id,
+            input=data.input,
+            processor=processor,
+            output_schema=msgspec.to_builtins(data.output_schema),
+            metadata=data.metadata,
+            idempotency_key=idempotency_key,
+            request_hash=digest,
+        )
+        await conn.execute(
+            "UPDATE conversation SET turn_count = $2, last_turn_id = $3, updated_at = now() "
+            "WHERE id = $1",
+            conversation_id, seq, turn.id,
+        )
+        await event_db.insert_event(conn, "turn.queued", turn)
+        if idempotency_key is not None:
+            await db.set_first_response(conn, turn.id, msgspec.to_builtins(turn))
+        head = await db.head_turn(conn, conversation_id)
+    if head is not None and head["id"] == turn.id:
+        await enqueue_start(queue, settings, turn.id)
+    return turn
+
+
+async def enqueue_start(queue: ArqRedis | None, settings: Settings, turn_id: str) -> None:
+    """Enqueue a start; if Redis is down the reconciler finds the turn later, so only log."""
+    if queue is None:
+        return
+    try:
+        await jobs.enqueue_start_turn(queue, settings.queue_name, turn_id)
+    except (OSError, ConnectionError, TimeoutError) as exc:
+        log.warning("enqueue_failed", turn_id=turn_id, error=str(exc))
+
+
+async def _lock_conversation(conn: asyncpg.Connection, tenant_id: str, conversation_id: str) -> asyncpg.Record:
+    conversation = await conversation_db.lock_conversation(conn, tenant_id, conversation_id)
+    if conversation is None:
+        raise NotFound(f"Conversation {conversation_id!r} not found.")
+    return conversation
+
+
+async def get_turn(pool: asyncpg.Pool, tenant_id: str, conversation_id: str, turn_id: str) -> Turn:
+    turn = await db.get_turn(pool, tenant_id, conversation_id, turn_id)
+    if turn is None:
+        raise NotFound(f"Turn {turn_id!r} not found in conversation {conversation_id!r}.")
+    return turn
+
+
+async def wait_for_turn(
+    pool: asyncpg.Pool, hub: EventHub, tenant_id: str, conversation_id: str, turn_id: str,
+    wait_s: float,
+) -> Turn:
+    """The turn as soon as it is terminal, or as it is when wait_s runs out."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        with hub.subscribe(conversation_id) as changed:
+            turn = await get_turn(pool, tenant_id, conversation_id, turn_id)
+            remaining = deadline - time.monotonic()
+            if turn.status in TERMINAL_STATUSES or remaining <= 0:
+                return turn
+            try:
+                # Re-read at least every 5 s in case a notification was lost.
+                await asyncio.wait_for(changed.wait(), timeout=min(remaining, 5.0))
+            except TimeoutError:
+                pass
+
+
+async def list_turns(
+    pool: asyncpg.Pool, tenant_id: str, conversation_id: str, limit: int, cursor: str | None
+) -> TurnPage:
+    after = decode_cursor(cursor, int)[0] if cursor else 0
+    if await conversation_db.get_conversation(pool, tenant_id, conversation_id) is None:
+        raise NotFound(f"Conversation {conversation_id!r} not found.")
+    rows = await db.list_turns(pool, conversation_id, after, limit + 1)
+    page, more = rows[:limit], len(rows) > limit
+    return TurnPage(data=page, next_cursor=encode_cursor(page[-1].seq) if more else None)
+
+
+async def cancel_turn(
+    pool: asyncpg.Pool, queue: ArqRedis | None, settings: Settings, tenant_id: str,
+    conversation_id: str, turn_id: str,
+) -> Turn:
+    """Cancel a queued or running turn (idempotent). Raises NotFound, or Conflict once it ended."""
+    async with pool.acquire() as conn, conn.transaction():
+        await _lock_conversation(conn, tenant_id, conversation_id)
+        turn = await db.lock_turn(conn, turn_id)
+        if turn is None or turn.conversation_id != conversation_id:
+            raise NotFound(f"Turn {turn_id!r} not found in conversation {conversation_id!r}.")
+        if turn.status == "cancelled":
+            return turn
+        if turn.status in ("completed", "failed"):
+            raise Conflict(f"The turn already ended: it is {turn.status}.")
+        cancelled = await db.finish_turn(
+            conn, turn_id, "cancelled", from_statuses=("queued", "running"),
+            upstream_may_continue=turn.status == "running",
+        )
+        assert cancelled is not None
+        await event_db.insert_event(conn, "turn.cancelled", cancelled)
+        head = await db.head_turn(conn, conversation_id)
+    if head is not None and head["status"] == "queued":
+        await enqueue_start(queue, settings, head["id"])
+    return cancelled
+
+
+async def cancel_open_turns(pool: asyncpg.Pool, tenant_id: str, conversation_id: str) -> None:
+    """Cancel every open turn of the conversation, newest first, without starting others."""
+    async with pool.acquire() as conn, conn.transaction():
+        await _lock_conversation(conn, tenant_id, conversation_id)
+        for row in reversed(await db.open_turns(conn, conversation_id)):
+            cancelled = await db.finish_turn(
+                conn, row["id"], "cancelled", from_statuses=("queued", "running"),
+                upstream_may_continue=row["status"] == "running",
+            )
+            if cancelled is not None:
+                await event_db.insert_event(conn, "turn.cancelled", cancelled)

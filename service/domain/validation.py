@@ -1,0 +1,68 @@
+"""Checks that need settings or more than one field, done before anything is written."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from service.config import Settings
+from service.errors import InvalidInput
+from service.schemas import JsonSchema, TextSchema, TurnCreate
+
+# Parallel refuses output schemas nested deeper than this (parallel-api.md §1.2).
+MAX_SCHEMA_DEPTH = 3
+
+
+def check_processor(settings: Settings, processor: str) -> None:
+    if processor not in settings.processors:
+        raise InvalidInput(
+            f"Unknown processor {processor!r}.",
+            errors=[{"field": "processor", "message": f"one of: {', '.join(settings.processors)}"}],
+        )
+
+
+def schema_depth(schema: Any) -> int:
+    """Levels of nested objects in a JSON schema: a flat object is 1."""
+    if not isinstance(schema, dict):
+        return 0
+    own = 1 if schema.get("type") == "object" or "properties" in schema else 0
+    properties = schema.get("properties")
+    children = list(properties.values()) if isinstance(properties, dict) else []
+    if isinstance(schema.get("items"), dict):
+        children.append(schema["items"])
+    return own + max((schema_depth(c) for c in children), default=0)
+
+
+def spec_size(data: TurnCreate) -> int:
+    """Characters Parallel counts against its limit: the input plus a non-trivial task spec."""
+    size = len(data.input) if isinstance(data.input, str) else len(msgspec.json.encode(data.input))
+    schema = data.output_schema
+    if isinstance(schema, JsonSchema) or (isinstance(schema, TextSchema) and schema.description):
+        size += len(msgspec.json.encode(schema))
+    return size
+
+
+def check_turn_request(settings: Settings, data: TurnCreate, processor: str) -> None:
+    """Refuse what Parallel would refuse (parallel-api.md §1.2). Raises InvalidInput."""
+    check_processor(settings, processor)
+    schema = data.output_schema
+    if isinstance(schema, JsonSchema):
+        js = schema.json_schema
+        if js.get("type") != "object" or not isinstance(js.get("properties"), dict):
+            raise InvalidInput(
+                "output_schema.json_schema must be a JSON schema of type object with properties.",
+                errors=[{"field": "output_schema.json_schema", "message": "type object required"}],
+            )
+        if schema_depth(js) > MAX_SCHEMA_DEPTH:
+            raise InvalidInput(
+                f"output_schema nests objects deeper than {MAX_SCHEMA_DEPTH} levels.",
+                errors=[{"field": "output_schema.json_schema", "message": "too deep"}],
+            )
+    size = spec_size(data)
+    if size > settings.max_input_chars:
+        raise InvalidInput(
+            f"input (with its task spec) is {size} characters; the limit is "
+            f"{settings.max_input_chars}.",
+            errors=[{"field": "input", "message": f"at most {settings.max_input_chars} characters"}],
+        )

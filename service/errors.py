@@ -1,0 +1,99 @@
+"""Domain errors; service.http.problems turns them into problem+json.
+
+ServiceError
+  ├── InvalidInput        422
+  ├── BadRequest          400
+  ├── Unauthorized        401
+  ├── NotFound            404
+  ├── Conflict            409
+  ├── Unavailable         503
+  └── UpstreamError              (Parallel; never reaches HTTP)
+        ├── UpstreamUnavailable  transient: retry later
+        └── UpstreamRejected     permanent: fail the turn
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    """The service could not do that."""
+
+    status = 500
+    type_ = "internal-error"
+    title = "Internal error"
+
+    def __init__(self, detail: str | None = None, *, errors: list[dict[str, Any]] | None = None):
+        self.detail = detail or (self.__doc__ or "").strip()
+        self.errors = errors
+        super().__init__(self.detail)
+
+
+class InvalidInput(ServiceError):
+    """The request is well-formed but its values are not acceptable."""
+
+    status = 422
+    type_ = "validation-error"
+    title = "Invalid request"
+
+
+class BadRequest(ServiceError):
+    """The request could not be understood."""
+
+    status = 400
+    type_ = "bad-request"
+    title = "Bad request"
+
+
+class Unauthorized(ServiceError):
+    """A valid API key is required: send `Authorization: Bearer <key>`."""
+
+    status = 401
+    type_ = "unauthorized"
+    title = "Unauthorized"
+
+
+class NotFound(ServiceError):
+    """No such resource."""
+
+    status = 404
+    type_ = "not-found"
+    title = "Not found"
+
+
+class Conflict(ServiceError):
+    """The request conflicts with the resource's current state."""
+
+    status = 409
+    type_ = "conflict"
+    title = "Conflict"
+
+
+class Unavailable(ServiceError):
+    """A backing service is unavailable; retry shortly."""
+
+    status = 503
+    type_ = "unavailable"
+    title = "Service unavailable"
+
+
+class UpstreamError(ServiceError):
+    """Parallel's API answered with an error."""
+
+
+class UpstreamUnavailable(UpstreamError):
+    """Parallel is unreachable, rate-limiting or failing; the call may be retried."""
+
+    def __init__(self, detail: str | None = None, *, retry_after: float | None = None):
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class UpstreamRejected(UpstreamError):
+    """Parallel refused the request; retrying the same call will not help."""
+
+    def __init__(self, detail: str, *, status_code: int, code: str):
+        super().__init__(detail)
+        self.status_code = status_code
+        self.code = code

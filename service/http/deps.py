@@ -1,0 +1,26 @@
+"""Dependencies shared by the controllers."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from litestar import Request
+from litestar.datastructures import State
+from litestar.params import Parameter
+
+from service.resources import Resources
+
+
+def provide_resources(state: State) -> Resources:
+    return state.resources  # type: ignore[no-any-return]
+
+
+def tenant_of(request: Request[Any, Any, Any]) -> str:
+    """The tenant the request's API key belongs to (set by ApiKeyMiddleware)."""
+    return str(request.auth)
+
+
+Limit = Annotated[int, Parameter(ge=1, le=100, description="Page size, 1 to 100")]
+Cursor = Annotated[
+    str | None, Parameter(max_length=512, description="`next_cursor` of the previous page")
+]

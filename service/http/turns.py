@@ -1,0 +1,72 @@
+"""Turn routes (DESIGN.md §3, Turns)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from litestar import Controller, Request, Response, get, post
+from litestar.params import Parameter
+
+from service.domain import turns
+from service.http.deps import Cursor, Limit, tenant_of
+from service.models import Turn
+from service.resources import Resources
+from service.schemas import TurnCreate, TurnPage
+
+IdempotencyKey = Annotated[
+    str | None,
+    Parameter(header="Idempotency-Key", max_length=255, description="Retry-safe creation key"),
+]
+Wait = Annotated[
+    float, Parameter(ge=0, le=60, description="Seconds to wait for the turn to end (0 to 60)")
+]
+
+
+class TurnController(Controller):
+    path = "/v1/conversations/{conversation_id:str}/turns"
+    tags = ["turns"]
+
+    @post(operation_id="CreateTurn", summary="Ask a question (a new turn)", status_code=202)
+    async def create(
+        self, request: Request[Any, Any, Any], resources: Resources, conversation_id: str,
+        data: TurnCreate, idempotency_key: IdempotencyKey = None,
+    ) -> Response[Turn]:
+        turn = await turns.create_turn(
+            resources.pool, resources.queue, resources.settings, tenant_of(request),
+            conversation_id, data, idempotency_key,
+        )
+        location = f"/v1/conversations/{conversation_id}/turns/{turn.id}"
+        return Response(turn, status_code=202, headers={"Location": location})
+
+    @get(operation_id="ListTurns", summary="List a conversation's turns, oldest first")
+    async def list(
+        self, request: Request[Any, Any, Any], resources: Resources, conversation_id: str,
+        limit: Limit = 20, cursor: Cursor = None,
+    ) -> TurnPage:
+        return await turns.list_turns(
+            resources.pool, tenant_of(request), conversation_id, limit, cursor
+        )
+
+    @get("/{turn_id:str}", operation_id="GetTurn",
+         summary="Get a turn; with ?wait=, long-poll until it ends")
+    async def get(
+        self, request: Request[Any, Any, Any], resources: Resources, conversation_id: str,
+        turn_id: str, wait: Wait = 0,
+    ) -> Turn:
+        tenant_id = tenant_of(request)
+        if wait > 0 and resources.hub is not None:
+            return await turns.wait_for_turn(
+                resources.pool, resources.hub, tenant_id, conversation_id, turn_id, wait
+            )
+        return await turns.get_turn(resources.pool, tenant_id, conversation_id, turn_id)
+
+    @post("/{turn_id:str}/cancel", operation_id="CancelTurn", summary="Cancel a turn",
+          status_code=200)
+    async def cancel(
+        self, request: Request[Any, Any, Any], resources: Resources, conversation_id: str,
+        turn_id: str,
+    ) -> Turn:
+        return await turns.cancel_turn(
+            resources.pool, resources.queue, resources.settings, tenant_of(request),
+            conversation_id, turn_id,
+        )

@@ -1,0 +1,77 @@
+"""Wake-ups from Postgres LISTEN/NOTIFY: one connection per process, many waiters.
+
+Event inserts notify channel `research_events` with the conversation id on commit. Waiters always
+re-read Postgres after a wake-up, and wait with a timeout, so a lost notification (the listening
+connection dropped) costs latency, never correctness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterator
+
+import asyncpg
+import structlog
+
+from service.db.events import NOTIFY_CHANNEL
+
+log = structlog.get_logger(__name__)
+
+
+class EventHub:
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._waiters: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
+        self._conn: asyncpg.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._keep_listening())
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._conn is not None and not self._conn.is_closed():
+            await self._conn.close()
+
+    async def _keep_listening(self) -> None:
+        while not self._closed:
+            try:
+                self._conn = await asyncpg.connect(self._dsn)
+                await self._conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+                lost = asyncio.Event()
+                self._conn.add_termination_listener(lambda _c: lost.set())
+                self._wake_all()  # anything missed while disconnected: re-read
+                await lost.wait()
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("listen_connection_failed", error=str(exc))
+            await asyncio.sleep(1.0)
+
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        for event in self._waiters.get(payload, ()):
+            event.set()
+
+    def _wake_all(self) -> None:
+        for events in self._waiters.values():
+            for event in events:
+                event.set()
+
+    @contextlib.contextmanager
+    def subscribe(self, conversation_id: str) -> Iterator[asyncio.Event]:
+        """An Event set whenever the conversation gets a new event. Subscribe before reading."""
+        event = asyncio.Event()
+        self._waiters[conversation_id].add(event)
+        try:
+            yield event
+        finally:
+            waiters = self._waiters.get(conversation_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters[conversation_id]

@@ -1,0 +1,50 @@
+"""Job names, the msgpack serializer pair and typed enqueue helpers (the API and the worker share them).
+
+Jobs carry ids only; Postgres holds the state. Each job id is "<job>:<entity id>", so arq
+refuses a duplicate while one is queued, and the worker treats every job as possibly run twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from arq.connections import ArqRedis, RedisSettings, create_pool
+
+START_TURN = "start_turn"
+CHECK_TURN = "check_turn"
+RECONCILE = "reconcile"
+
+_encoder = msgspec.msgpack.Encoder(enc_hook=repr)
+
+
+def serialize(value: dict[str, Any]) -> bytes:
+    return _encoder.encode(value)
+
+
+def deserialize(data: bytes) -> dict[str, Any]:
+    return msgspec.msgpack.decode(data)  # type: ignore[no-any-return]
+
+
+async def create_queue(redis_url: str) -> ArqRedis:
+    """An arq Redis pool using the project's serializer."""
+    return await create_pool(
+        RedisSettings.from_dsn(redis_url),
+        job_serializer=serialize,
+        job_deserializer=deserialize,
+        retry=2,
+    )
+
+
+async def enqueue_start_turn(queue: ArqRedis, queue_name: str, turn_id: str) -> None:
+    """Ask a worker to start the turn if its conversation is ready for it."""
+    await queue.enqueue_job(
+        START_TURN, turn_id, _job_id=f"{START_TURN}:{turn_id}", _queue_name=queue_name
+    )
+
+
+async def enqueue_check_turn(queue: ArqRedis, queue_name: str, turn_id: str) -> None:
+    """Ask a worker to check the turn's run now (Parallel told us it changed)."""
+    await queue.enqueue_job(
+        CHECK_TURN, turn_id, _job_id=f"{CHECK_TURN}:{turn_id}", _queue_name=queue_name
+    )

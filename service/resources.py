@@ -1,0 +1,52 @@
+"""Long-lived clients of one process: the Postgres pool, the arq queue, Parallel, the event hub."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import asyncpg
+from arq.connections import ArqRedis
+
+from service.clients.parallel import ParallelClient
+from service.config import Settings
+from service.db.pool import create_pool
+from service.notify import EventHub
+from service.queue import create_queue
+
+
+@dataclass(slots=True)
+class Resources:
+    settings: Settings
+    pool: asyncpg.Pool
+    queue: ArqRedis
+    parallel: ParallelClient
+    hub: EventHub | None = None
+
+    @classmethod
+    async def open(cls, settings: Settings, *, listen: bool = False) -> Resources:
+        """Connect everything; `listen` adds the LISTEN connection the API's waiters use."""
+        pool = await create_pool(
+            settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
+        )
+        try:
+            queue = await create_queue(settings.redis_url)
+        except BaseException:
+            await pool.close()
+            raise
+        parallel = ParallelClient(
+            api_key=settings.parallel_api_key, base_url=settings.parallel_base_url
+        )
+        hub = None
+        if listen:
+            hub = EventHub(settings.database_url)
+            await hub.start()
+        return cls(settings=settings, pool=pool, queue=queue, parallel=parallel, hub=hub)
+
+    async def close(self) -> None:
+        if self.hub is not None:
+            await self.hub.close()
+        await self.parallel.close()
+        with contextlib.suppress(Exception):
+            await self.queue.aclose()
+        await self.pool.close()

@@ -1,0 +1,95 @@
+"""Request bodies and pages of the HTTP contract (DESIGN.md §3). Validation lives in the types."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from service.models import Conversation, Event, Turn
+
+MetadataKey = Annotated[str, Meta(min_length=1, max_length=16, description="At most 16 characters")]
+MetadataValue = Annotated[str, Meta(max_length=512, description="At most 512 characters")]
+Metadata = Annotated[
+    dict[MetadataKey, MetadataValue],
+    Meta(max_length=16, description="Up to 16 string pairs; passed to Parallel with the run"),
+]
+Title = Annotated[str, Meta(max_length=200)]
+Processor = Annotated[
+    str, Meta(min_length=1, max_length=32, description="A Parallel processor, e.g. lite or core")
+]
+WebhookUrl = Annotated[
+    str,
+    Meta(max_length=2048, pattern=r"^https?://[^\s/]+", description="http(s) URL for turn webhooks"),
+]
+Id = Annotated[str, Meta(min_length=1, max_length=64)]
+
+
+class Request(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Base of every request body: unknown fields are an error, not silently dropped."""
+
+
+class ConversationCreate(Request):
+    title: Title | None = None
+    processor: Processor | None = None
+    metadata: Metadata = {}
+    webhook_url: WebhookUrl | None = None
+
+
+class ConversationUpdate(Request):
+    title: Title | None | msgspec.UnsetType = msgspec.UNSET
+    processor: Processor | msgspec.UnsetType = msgspec.UNSET
+    metadata: Metadata | msgspec.UnsetType = msgspec.UNSET
+    webhook_url: WebhookUrl | None | msgspec.UnsetType = msgspec.UNSET
+
+
+class TextSchema(Request, tag_field="type", tag="text", omit_defaults=True):
+    description: Annotated[str, Meta(max_length=10_000)] | None = None
+
+
+class JsonSchema(Request, tag_field="type", tag="json"):
+    json_schema: dict[str, Any]
+
+
+class AutoSchema(Request, tag_field="type", tag="auto"):
+    pass
+
+
+OutputSchema = TextSchema | JsonSchema | AutoSchema
+
+TurnInput = (
+    Annotated[str, Meta(min_length=1, description="The question, at most 25,000 characters")]
+    | Annotated[dict[str, Any], Meta(min_length=1, description="A JSON object input")]
+)
+
+
+class TurnCreate(Request):
+    input: TurnInput
+    processor: Processor | None = None
+    output_schema: OutputSchema = msgspec.field(default_factory=TextSchema)
+    parent_turn_id: Id | None = None
+    metadata: Metadata = {}
+
+
+class ConversationCreated(Conversation, kw_only=True):
+    webhook_secret: str | None = None
+
+
+class WebhookSecret(msgspec.Struct, kw_only=True):
+    webhook_secret: str
+
+
+class ConversationPage(msgspec.Struct, kw_only=True):
+    data: list[Conversation]
+    next_cursor: str | None
+
+
+class TurnPage(msgspec.Struct, kw_only=True):
+    data: list[Turn]
+    next_cursor: str | None
+
+
+class EventPage(msgspec.Struct, kw_only=True):
+    data: list[Event]
+    next_cursor: str | None

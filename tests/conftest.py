@@ -1,0 +1,150 @@
+"""Fixtures: real PostgreSQL (a migrated template cloned per test), real Redis, the sandbox over
+HTTP, the app, and an in-process worker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import pytest
+
+from sandbox.config import SandboxConfig
+from sandbox.server import SandboxServer
+from service.app import create_app
+from service.config import Settings
+from service.db.keys import create_key
+from service.db.migrate import migrate
+from service.resources import Resources
+from tests.servers import postgres_server, redis_server
+from worker.main import build_worker
+
+TEMPLATE_DB = f"research_template_{os.getpid()}"
+
+
+def with_database(dsn: str, name: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    with postgres_server() as url:
+        asyncio.run(_create_template(url))
+        yield url
+        asyncio.run(_drop_database(url, TEMPLATE_DB))
+
+
+async def _create_template(admin_url: str) -> None:
+    await _drop_database(admin_url, TEMPLATE_DB)
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
+    finally:
+        await conn.close()
+    await migrate(with_database(admin_url, TEMPLATE_DB))
+
+
+async def _drop_database(admin_url: str, name: str) -> None:
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def database_url(pg_admin_url: str) -> AsyncIterator[str]:
+    """A fresh database cloned from the migrated template, dropped afterwards."""
+    name = f"research_test_{secrets.token_hex(6)}"
+    conn = await asyncpg.connect(pg_admin_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
+    finally:
+        await conn.close()
+    yield with_database(pg_admin_url, name)
+    await _drop_database(pg_admin_url, name)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def sandbox_server() -> Iterator[SandboxServer]:
+    with SandboxServer(SandboxConfig(default_latency_s=0.3, queued_s=0.05)) as server:
+        yield server
+
+
+@pytest.fixture
+def sandbox(sandbox_server: SandboxServer) -> Iterator[SandboxServer]:
+    """The session's sandbox, with faults cleared after each test."""
+    yield sandbox_server
+    httpx.delete(f"{sandbox_server.url}/_sandbox/faults")
+
+
+@pytest.fixture
+def settings(database_url: str, redis_url: str, sandbox: SandboxServer) -> Settings:
+    return Settings(
+        database_url=database_url,
+        redis_url=redis_url,
+        parallel_api_key="test-key",
+        parallel_base_url=sandbox.url,
+        queue_name=f"test:{secrets.token_hex(6)}",
+        db_pool_min=1,
+        db_pool_max=8,
+        poll_initial_s=0.1,
+        poll_max_s=0.5,
+        follower_idle_s=0.1,
+        webhook_allow_private=True,
+        log_format="console",
+    )
+
+
+@pytest.fixture
+async def resources(settings: Settings) -> AsyncIterator[Resources]:
+    res = await Resources.open(settings, listen=True)
+    yield res
+    await res.close()
+
+
+@pytest.fixture
+async def client(settings: Settings, resources: Resources) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client calling the app in this event loop (so it shares `resources`)."""
+    transport = httpx.ASGITransport(app=create_app(settings, resources=resources))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        yield http
+
+
+async def new_key(resources: Resources, tenant: str) -> str:
+    async with resources.pool.acquire() as conn:
+        return (await create_key(conn, tenant))[1]
+
+
+@pytest.fixture
+async def api_key(resources: Resources) -> str:
+    return await new_key(resources, "acme")
+
+
+@pytest.fixture
+async def api(client: httpx.AsyncClient, api_key: str) -> httpx.AsyncClient:
+    """The test client with acme's API key on every request."""
+    client.headers["Authorization"] = f"Bearer {api_key}"
+    return client
+
+
+@pytest.fixture
+async def worker(settings: Settings) -> AsyncIterator[object]:
+    """An arq worker running in this event loop, with its follower, until the test ends."""
+    w = build_worker(settings, handle_signals=False)
+    task = asyncio.create_task(w.async_run())
+    yield w
+    await w.close()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

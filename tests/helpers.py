@@ -1,0 +1,52 @@
+"""Small helpers the tests share: waiting for turns, reading the sandbox's records."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+
+TERMINAL = {"completed", "failed", "cancelled"}
+
+
+async def create_conversation(api: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
+    response = await api.post("/v1/conversations", json=body)
+    assert response.status_code == 201, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+async def post_turn(api: httpx.AsyncClient, conversation_id: str, question: str | dict[str, Any],
+                    **body: Any) -> dict[str, Any]:
+    response = await api.post(f"/v1/conversations/{conversation_id}/turns",
+                              json={"input": question, **body})
+    assert response.status_code == 202, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+async def wait_turn(api: httpx.AsyncClient, turn: dict[str, Any], timeout: float = 30.0,
+                    statuses: set[str] = TERMINAL) -> dict[str, Any]:
+    """Long-poll the turn until its status is one of `statuses`."""
+    deadline = time.monotonic() + timeout
+    path = f"/v1/conversations/{turn['conversation_id']}/turns/{turn['id']}"
+    while True:
+        response = await api.get(path, params={"wait": 2})
+        assert response.status_code == 200, response.text
+        current = response.json()
+        if current["status"] in statuses:
+            return current  # type: ignore[no-any-return]
+        assert time.monotonic() < deadline, f"turn still {current['status']}: {current}"
+        await asyncio.sleep(0)
+
+
+def sandbox_runs(sandbox_url: str, turn_id: str | None = None) -> list[dict[str, Any]]:
+    """Runs the sandbox recorded, optionally only those created for one turn."""
+    runs = httpx.get(f"{sandbox_url}/_sandbox/runs").json()["data"]
+    if turn_id is None:
+        return runs  # type: ignore[no-any-return]
+    return [r for r in runs if (r.get("metadata") or {}).get("rs_turn") == turn_id]
+
+
+def set_faults(sandbox_url: str, **faults: Any) -> None:
+    httpx.post(f"{sandbox_url}/_sandbox/faults", json=faults).raise_for_status()

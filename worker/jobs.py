@@ -1,0 +1,76 @@
+"""arq jobs: thin wrappers that call service.domain and turn transient failures into retries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from arq import Retry
+
+from service.db import turns as turn_db
+from service.db.pool import DB_UNAVAILABLE
+from service.domain import runs
+from service.domain.turns import enqueue_start
+from service.errors import UpstreamUnavailable
+from service.resources import Resources
+
+log = structlog.get_logger(__name__)
+
+# How many turns one reconcile pass re-enqueues at most; the next pass takes the rest.
+RECONCILE_BATCH = 1000
+
+
+def _backoff(ctx: dict[str, Any], hint: float | None = None) -> float:
+    """Retry delay: the server's hint, else 1, 2, 4, … s capped at 60 s."""
+    return hint if hint and hint > 0 else min(60.0, 2.0 ** (ctx.get("job_try", 1) - 1))
+
+
+def push_url(resources: Resources) -> str | None:
+    base = resources.settings.public_base_url
+    return f"{base.rstrip('/')}/v1/hooks/parallel" if base else None
+
+
+async def start_turn(ctx: dict[str, Any], turn_id: str) -> str:
+    """Start the turn's run if the turn is next in its conversation."""
+    res: Resources = ctx["resources"]
+    try:
+        return await runs.start_turn(
+            res.pool, res.parallel, res.queue, res.settings, turn_id, webhook_url=push_url(res)
+        )
+    except UpstreamUnavailable as exc:
+        log.warning("start_retry", turn_id=turn_id, error=exc.detail)
+        raise Retry(defer=_backoff(ctx, exc.retry_after)) from exc
+    except DB_UNAVAILABLE as exc:
+        log.warning("start_retry_db", turn_id=turn_id, error=repr(exc))
+        raise Retry(defer=_backoff(ctx)) from exc
+
+
+async def check_turn(ctx: dict[str, Any], run_id: str) -> str | None:
+    """Parallel said the run changed: make its check due now and wake the follower."""
+    res: Resources = ctx["resources"]
+    try:
+        turn_id = await turn_db.check_now(res.pool, run_id)
+    except DB_UNAVAILABLE as exc:
+        raise Retry(defer=_backoff(ctx)) from exc
+    if turn_id is not None:
+        ctx["follower"].wake()
+    return turn_id
+
+
+async def reconcile(ctx: dict[str, Any]) -> int:
+    """Re-enqueue turns waiting for a worker whose job Redis lost (the follower's schedule is in
+    Postgres already). Safe to run anywhere, any time: job ids dedupe."""
+    res: Resources = ctx["resources"]
+    settings = res.settings
+    try:
+        turn_ids = await turn_db.startable_turns(
+            res.pool, settings.start_lease_s, min_age_s=5.0, limit=RECONCILE_BATCH
+        )
+    except DB_UNAVAILABLE as exc:
+        log.warning("reconcile_db_unavailable", error=repr(exc))
+        return 0
+    for turn_id in turn_ids:
+        await enqueue_start(res.queue, settings, turn_id)
+    if turn_ids:
+        log.info("reconciled", requeued=len(turn_ids))
+    return len(turn_ids)

@@ -1,0 +1,68 @@
+"""Build and run the arq worker from Settings (no import-time globals)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from arq import cron
+from arq.connections import RedisSettings
+from arq.worker import Worker, func
+
+from service import queue
+from service.config import Settings
+from service.resources import Resources
+from worker import jobs
+from worker.follower import Follower
+
+
+async def on_startup(ctx: dict[str, Any]) -> None:
+    resources = await Resources.open(ctx["settings"])
+    ctx["resources"] = resources
+    ctx["follower"] = Follower(resources)
+    ctx["follower"].start()
+
+
+async def on_shutdown(ctx: dict[str, Any]) -> None:
+    if "follower" in ctx:
+        await ctx["follower"].stop()
+    if "resources" in ctx:
+        await ctx["resources"].close()
+
+
+def reconcile_seconds(interval_s: int) -> set[int]:
+    step = max(1, min(60, interval_s))
+    return set(range(0, 60, step))
+
+
+def build_worker(settings: Settings, *, handle_signals: bool = True, **overrides: Any) -> Worker:
+    """The worker for these settings; tests pass handle_signals=False and run it in-process."""
+    options: dict[str, Any] = {
+        "functions": [
+            func(jobs.start_turn, name=queue.START_TURN, keep_result=0, max_tries=1000),
+            func(jobs.check_turn, name=queue.CHECK_TURN, keep_result=0, max_tries=100),
+        ],
+        "cron_jobs": [
+            cron(jobs.reconcile, name=f"{queue.RECONCILE}:{settings.queue_name}", second=reconcile_seconds(
+                settings.reconcile_interval_s), run_at_startup=True, unique=True, keep_result=0),
+        ],
+        "on_startup": on_startup,
+        "on_shutdown": on_shutdown,
+        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "queue_name": settings.queue_name,
+        "job_serializer": queue.serialize,
+        "job_deserializer": queue.deserialize,
+        "ctx": {"settings": settings},
+        "handle_signals": handle_signals,
+        # Jobs are short (one Parallel call or one query); polling Redis often keeps hops short.
+        "poll_delay": 0.05,
+        "max_jobs": 50,
+        "job_timeout": 120,
+        "keep_result": 0,
+        "health_check_interval": 30,
+    }
+    options.update(overrides)
+    return Worker(**options)
+
+
+def run(settings: Settings) -> None:
+    build_worker(settings).run()

@@ -38,10 +38,10 @@ class ConversationCreate(Request):
 
 
 class ConversationUpdate(Request):
-    title: Title | None | msgspec.UnsetType = msgspec.UNSET
+    title: Title | msgspec.UnsetType | None = msgspec.UNSET
     processor: Processor | msgspec.UnsetType = msgspec.UNSET
     metadata: Metadata | msgspec.UnsetType = msgspec.UNSET
-    webhook_url: WebhookUrl | None | msgspec.UnsetType = msgspec.UNSET
+    webhook_url: WebhookUrl | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class TextSchema(Request, tag_field="type", tag="text", omit_defaults=True):

@@ -30,14 +30,17 @@ async def wait_turn(api: httpx.AsyncClient, turn: dict[str, Any], timeout: float
     """Long-poll the turn until its status is one of `statuses`."""
     deadline = time.monotonic() + timeout
     path = f"/v1/conversations/{turn['conversation_id']}/turns/{turn['id']}"
+    # ?wait= only answers early for terminal turns; for others, poll.
+    params = {"wait": 2} if statuses <= TERMINAL else {}
     while True:
-        response = await api.get(path, params={"wait": 2})
+        response = await api.get(path, params=params)
         assert response.status_code == 200, response.text
         current = response.json()
         if current["status"] in statuses:
             return current  # type: ignore[no-any-return]
+        assert current["status"] not in TERMINAL, f"turn ended {current['status']}: {current}"
         assert time.monotonic() < deadline, f"turn still {current['status']}: {current}"
-        await asyncio.sleep(0)
+        await asyncio.sleep(0 if params else 0.05)
 
 
 def sandbox_runs(sandbox_url: str, turn_id: str | None = None) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ def encode_cursor(*values: Any) -> str:
 def decode_cursor(cursor: str, *types: type) -> tuple[Any, ...]:
     """Decode a cursor made by encode_cursor with values of the given types."""
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
         values = msgspec.json.decode(raw, type=tuple[*types])  # type: ignore[valid-type]
     except (binascii.Error, ValueError, msgspec.DecodeError, msgspec.ValidationError):
         raise BadRequest("The cursor is not valid: pass back a `next_cursor` unchanged.") from None

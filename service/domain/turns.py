@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import secrets
 import time
+
 import asyncpg
 import msgspec
 import structlog
@@ -13,8 +14,8 @@ from arq.connections import ArqRedis
 
 from service import queue as jobs
 from service.config import Settings
-from service.db import events as event_db
 from service.db import conversations as conversation_db
+from service.db import events as event_db
 from service.db import turns as db
 from service.domain.cursors import decode_cursor, encode_cursor
 from service.domain.validation import check_turn_request

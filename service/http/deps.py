@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from litestar import Request
 from litestar.datastructures import State
-from litestar.params import Parameter
+from litestar.params import QueryParameter
 
 from service.resources import Resources
 
@@ -20,7 +20,7 @@ def tenant_of(request: Request[Any, Any, Any]) -> str:
     return str(request.auth)
 
 
-Limit = Annotated[int, Parameter(ge=1, le=100, description="Page size, 1 to 100")]
+Limit = Annotated[int, QueryParameter(ge=1, le=100, description="Page size, 1 to 100")]
 Cursor = Annotated[
-    str | None, Parameter(max_length=512, description="`next_cursor` of the previous page")
+    str | None, QueryParameter(max_length=512, description="`next_cursor` of the previous page")
 ]

@@ -9,7 +9,8 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, get
-from litestar.params import Parameter
+from litestar.di import NamedDependency
+from litestar.params import FromPath, HeaderParameter, QueryParameter
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 
@@ -23,10 +24,10 @@ from service.schemas import EventPage
 
 HEARTBEAT_S = 15.0
 After = Annotated[
-    int | None, Parameter(ge=0, description="Return events with a higher sequence than this")
+    int | None, QueryParameter(ge=0, description="Return events with a higher sequence than this")
 ]
 LastEventId = Annotated[
-    str | None, Parameter(header="Last-Event-ID", description="SSE resume point (a sequence)")
+    str | None, HeaderParameter(header="Last-Event-ID", description="SSE resume point (a sequence)")
 ]
 
 
@@ -37,8 +38,8 @@ class EventController(Controller):
     @get(operation_id="ListEvents",
          summary="List a conversation's events; with Accept: text/event-stream, stream them")
     async def list(
-        self, request: Request[Any, Any, Any], resources: Resources, conversation_id: str,
-        after: After = None, cursor: Annotated[str | None, Parameter(max_length=64)] = None,
+        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str],
+        after: After = None, cursor: Annotated[str | None, QueryParameter(max_length=64)] = None,
         limit: Limit = 100, last_event_id: LastEventId = None,
     ) -> EventPage:
         tenant_id = tenant_of(request)
@@ -67,7 +68,7 @@ def _start_sequence(after: int | None, cursor: str | None, last_event_id: str | 
 
 
 async def _stream(
-    resources: Resources, conversation_id: str, after: int
+    resources: NamedDependency[Resources], conversation_id: FromPath[str], after: int
 ) -> AsyncIterator[ServerSentEventMessage]:
     """Events after `after`, then new ones as they are committed, with heartbeats between."""
     assert resources.hub is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from litestar import Controller, get
+from litestar.di import NamedDependency
 
 from service.errors import Unavailable
 from service.resources import Resources
@@ -18,7 +19,7 @@ class HealthController(Controller):
         return {"status": "ok"}
 
     @get("/readyz", operation_id="Readyz", summary="Postgres and Redis answer")
-    async def readyz(self, resources: Resources) -> dict[str, str]:
+    async def readyz(self, resources: NamedDependency[Resources]) -> dict[str, str]:
         try:
             await resources.pool.fetchval("SELECT 1", timeout=2)
         except Exception as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import structlog
@@ -36,16 +37,28 @@ def handle_service_error(_: Request[Any, Any, Any], exc: ServiceError) -> Respon
 
 def handle_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[dict[str, Any]]:
     extra = exc.extra if isinstance(exc.extra, list) else []
-    errors = [
-        {"field": e.get("key") or "body", "message": e.get("message", ""), "source": e.get("source")}
-        if isinstance(e, dict) else {"field": "body", "message": str(e)}
-        for e in extra
-    ]
+    errors = [_error_item(e) for e in extra]
     detail = str(exc.detail)
     if "Malformed" in detail or "decode" in detail.lower():
         return problem(400, "Bad request", "The body is not valid JSON.", "bad-request")
     messages = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or detail
     return problem(422, "Invalid request", messages, "validation-error", errors=errors)
+
+
+_MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
+
+
+def _error_item(error: Any) -> dict[str, Any]:
+    """One entry of `errors`: the field (dotted, relative to the body) and what is wrong."""
+    if not isinstance(error, dict):
+        return {"field": "body", "message": str(error)}
+    message = str(error.get("message", ""))
+    field = str(error.get("key") or "body")
+    if field in ("data", "body") and (missing := _MISSING_FIELD.search(message)):
+        field = missing.group(1)
+    elif field == "data":
+        field = "body"
+    return {"field": field, "message": message, "source": error.get("source", "body")}
 
 
 def handle_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, get, post
-from litestar.params import Parameter
+from litestar.di import NamedDependency
+from litestar.params import FromPath, HeaderParameter, QueryParameter
 
 from service.domain import turns
 from service.http.deps import Cursor, Limit, tenant_of
@@ -15,10 +16,10 @@ from service.schemas import TurnCreate, TurnPage
 
 IdempotencyKey = Annotated[
     str | None,
-    Parameter(header="Idempotency-Key", max_length=255, description="Retry-safe creation key"),
+    HeaderParameter(header="Idempotency-Key", max_length=255, description="Retry-safe creation key"),
 ]
 Wait = Annotated[
-    float, Parameter(ge=0, le=60, description="Seconds to wait for the turn to end (0 to 60)")
+    float, QueryParameter(ge=0, le=60, description="Seconds to wait for the turn to end (0 to 60)")
 ]
 
 
@@ -28,7 +29,7 @@ class TurnController(Controller):
 
     @post(operation_id="CreateTurn", summary="Ask a question (a new turn)", status_code=202)
     async def create(
-        self, request: Request[Any, Any, Any], resources: Resources, conversation_id: str,
+        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str],
         data: TurnCreate, idempotency_key: IdempotencyKey = None,
     ) -> Response[Turn]:
         turn = await turns.create_turn(
@@ -40,7 +41,7 @@ class TurnController(Controller):
 
     @get(operation_id="ListTurns", summary="List a conversation's turns, oldest first")
     async def list(
-        self, request: Request[Any, Any, Any], resources: Resources, conversation_id: str,
+        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str],
         limit: Limit = 20, cursor: Cursor = None,
     ) -> TurnPage:
         return await turns.list_turns(
@@ -50,8 +51,8 @@ class TurnController(Controller):
     @get("/{turn_id:str}", operation_id="GetTurn",
          summary="Get a turn; with ?wait=, long-poll until it ends")
     async def get(
-        self, request: Request[Any, Any, Any], resources: Resources, conversation_id: str,
-        turn_id: str, wait: Wait = 0,
+        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str],
+        turn_id: FromPath[str], wait: Wait = 0,
     ) -> Turn:
         tenant_id = tenant_of(request)
         if wait > 0 and resources.hub is not None:
@@ -63,8 +64,8 @@ class TurnController(Controller):
     @post("/{turn_id:str}/cancel", operation_id="CancelTurn", summary="Cancel a turn",
           status_code=200)
     async def cancel(
-        self, request: Request[Any, Any, Any], resources: Resources, conversation_id: str,
-        turn_id: str,
+        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str],
+        turn_id: FromPath[str],
     ) -> Turn:
         return await turns.cancel_turn(
             resources.pool, resources.queue, resources.settings, tenant_of(request),

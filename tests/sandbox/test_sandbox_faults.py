@@ -116,7 +116,7 @@ async def test_invalid_fault_config_is_rejected(control: httpx.Client) -> None:
     assert control.post("/_sandbox/faults", json={"error_rate": 2}).status_code == 422
 
 
-def test_signature_matches_the_documented_vector() -> None:
+async def test_signature_matches_the_documented_vector() -> None:
     body = (
         b'{"timestamp":"2025-04-23T20:21:48.037943Z","type":"task_run.status","data":{"run_id":'
         b'"trun_9907962f83aa4d9d98fd7f4bf745d654","interaction_id":"trun_9907962f83aa4d9d98fd7f4bf745d654",'

@@ -1,4 +1,4 @@
-"""Deterministic answers: the same input, processor and chain of prior questions give the same output.
+"""Deterministic answers: same input, processor and chain of prior questions, same output.
 
 Text answer format (the context lists every ancestor's input, oldest first):
 
@@ -49,13 +49,16 @@ def field_basis(field: str, question: str, context: list[str]) -> dict[str, Any]
                 "excerpts": [f"Deterministic excerpt {digest[16:24]} about {question[:120]}"],
             }
         ],
-        "reasoning": f"Sandbox answer for {field!r} built from the question and {len(context)} prior interaction(s).",
+        "reasoning": (
+            f"Sandbox answer for {field!r} built from the question"
+            f" and {len(context)} prior interaction(s)."
+        ),
         "confidence": "high",
     }
 
 
 class _Generator:
-    """Builds a JSON value satisfying a (simple) JSON schema; $ref into $defs/definitions is followed."""
+    """Builds a JSON value satisfying a simple JSON schema; follows $ref into $defs/definitions."""
 
     def __init__(self, root: dict[str, Any], text: str, seed: str) -> None:
         self.defs = {**root.get("definitions", {}), **root.get("$defs", {})}
@@ -75,7 +78,9 @@ class _Generator:
                 continue
             options = schema.get("anyOf") or schema.get("oneOf") or schema.get("allOf")
             if options:
-                non_null = [o for o in options if not (isinstance(o, dict) and o.get("type") == "null")]
+                non_null = [
+                    o for o in options if not (isinstance(o, dict) and o.get("type") == "null")
+                ]
                 schema = (non_null or options)[0]
                 continue
             return schema
@@ -91,17 +96,23 @@ class _Generator:
         if isinstance(kind, list):
             kind = next((k for k in kind if k != "null"), "null")
         if kind is None:
-            kind = "object" if "properties" in schema else "array" if "items" in schema else "string"
+            kind = (
+                "object" if "properties" in schema else "array" if "items" in schema else "string"
+            )
         if depth > 8:  # recursive schemas: stop with the simplest value
             return None if kind != "object" else {}
         if kind == "object":
             props = schema.get("properties") or {}
-            return {name: self.value(sub, f"{path}.{name}", depth + 1) for name, sub in props.items()}
+            return {
+                name: self.value(sub, f"{path}.{name}", depth + 1) for name, sub in props.items()
+            }
         if kind == "array":
             low = int(schema.get("minItems", 0))
             high = int(schema.get("maxItems", max(low, 2)))
             count = max(low, min(2, high))
-            return [self.value(schema.get("items", {}), f"{path}.{i}", depth + 1) for i in range(count)]
+            return [
+                self.value(schema.get("items", {}), f"{path}.{i}", depth + 1) for i in range(count)
+            ]
         if kind == "integer":
             return self._number(schema, path, integer=True)
         if kind == "number":
@@ -157,7 +168,11 @@ def build_output(
     answer = text_answer(question, processor, context)
     kind, json_schema = output_schema_kind(task_spec)
     if kind == "text":
-        return {"type": "text", "content": answer, "basis": [field_basis("output", question, context)]}
+        return {
+            "type": "text",
+            "content": answer,
+            "basis": [field_basis("output", question, context)],
+        }
     if kind == "json" and json_schema is not None:
         gen = _Generator(json_schema, answer, _digest(processor, question, *context))
         content = gen.value(json_schema, "")

@@ -78,7 +78,9 @@ async def run_result(request: Request[Any, Any, Any], run_id: FromPath[str]) -> 
     try:
         timeout = int(raw)
     except ValueError as exc:
-        raise ApiError(422, "timeout must be an integer number of seconds", {"timeout": raw}) from exc
+        raise ApiError(
+            422, "timeout must be an integer number of seconds", {"timeout": raw}
+        ) from exc
     if timeout < 0:
         raise ApiError(422, "timeout must not be negative", {"timeout": raw})
     run = _run(request, run_id)
@@ -180,7 +182,10 @@ def _authorized(scope: Scope, api_key: str | None) -> bool:
 
 async def _send_error(send: Send, status: int, headers: dict[str, str] | None = None) -> None:
     body = error_body(status)
-    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
     raw_headers += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw_headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -213,7 +218,14 @@ def create_app(config: SandboxConfig | None = None) -> SandboxApp:
         await sender.stop()
 
     app = SandboxApp(
-        route_handlers=[create_run, retrieve_run, run_input, run_result, run_events, *CONTROL_ROUTES],
+        route_handlers=[
+            create_run,
+            retrieve_run,
+            run_input,
+            run_result,
+            run_events,
+            *CONTROL_ROUTES,
+        ],
         exception_handlers={ApiError: _api_error, HTTPException: _http_error, 500: _server_error},
         on_startup=[startup],
         on_shutdown=[shutdown],

@@ -6,7 +6,17 @@ import os
 
 import msgspec
 
-BASE_PROCESSORS = ("lite", "base", "core", "core2x", "pro", "ultra", "ultra2x", "ultra4x", "ultra8x")
+BASE_PROCESSORS = (
+    "lite",
+    "base",
+    "core",
+    "core2x",
+    "pro",
+    "ultra",
+    "ultra2x",
+    "ultra4x",
+    "ultra8x",
+)
 PROCESSORS = frozenset(BASE_PROCESSORS + tuple(f"{p}-fast" for p in BASE_PROCESSORS))
 
 
@@ -24,7 +34,7 @@ class SandboxConfig(msgspec.Struct, kw_only=True):
     webhook_concurrency: int = 32
     # Unknown previous_interaction_id: 422 when True, accepted (no context) when False.
     strict_interactions: bool = False
-    # False gives interaction ids ("intr_…") distinct from run ids, to catch clients chaining by run_id.
+    # False: interaction ids ("intr_…") differ from run ids, catching clients that chain by run_id.
     interaction_id_equals_run_id: bool = False
     # Webhook on create without `parallel-beta: webhook-2025-08-12` → 422 when True.
     strict_betas: bool = False
@@ -37,7 +47,7 @@ class SandboxConfig(msgspec.Struct, kw_only=True):
 
     @classmethod
     def from_env(cls) -> SandboxConfig:
-        """Read SANDBOX_API_KEY, SANDBOX_LATENCY_S, SANDBOX_WEBHOOK_SECRET and a few optional extras.
+        """Read SANDBOX_API_KEY, SANDBOX_LATENCY_S, SANDBOX_WEBHOOK_SECRET and optional extras.
 
         SANDBOX_PROCESSOR_LATENCY_S takes "lite=2,core=10"; SANDBOX_QUEUED_S a float;
         SANDBOX_STRICT_INTERACTIONS "1"/"true".

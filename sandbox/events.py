@@ -36,7 +36,15 @@ def _sse(payload: dict[str, Any]) -> bytes:
 
 def _state(store: Store, run: Run, final: bool) -> bytes:
     output = store.output(run) if final else None
-    return _sse({"type": "task_run.state", "event_id": None, "input": None, "run": store.task_run(run), "output": output})
+    return _sse(
+        {
+            "type": "task_run.state",
+            "event_id": None,
+            "input": None,
+            "run": store.task_run(run),
+            "output": output,
+        }
+    )
 
 
 def _message(run: Run, index: int) -> bytes:

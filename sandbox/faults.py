@@ -27,7 +27,9 @@ class FaultConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     create_status: int | None = None
     create_status_count: int | None = None
     error_rate: float = 0.0
-    error_kinds: list[str | int] = msgspec.field(default_factory=lambda: ["429", "500", "503", "drop"])
+    error_kinds: list[str | int] = msgspec.field(
+        default_factory=lambda: ["429", "500", "503", "drop"]
+    )
     retry_after_s: float | None = 1.0
     seed: int | None = None
     response_delay_s: float = 0.0
@@ -50,7 +52,9 @@ class FaultState:
         kinds = [str(k) for k in config.error_kinds]
         bad = [k for k in kinds if not _KIND.match(k)]
         if bad:
-            raise ValueError(f"unknown error_kinds {bad}; use HTTP status codes, 'drop' or 'drop_after_create'")
+            raise ValueError(
+                f"unknown error_kinds {bad}; use HTTP status codes, 'drop' or 'drop_after_create'"
+            )
         if not 0.0 <= config.error_rate <= 1.0:
             raise ValueError("error_rate must be between 0 and 1")
         if config.create_status is not None and not 100 <= config.create_status <= 599:
@@ -71,7 +75,11 @@ class FaultState:
     def decide(self, is_create: bool) -> Decision | None:
         """Pick the fault for one /v1 call (after auth), or None to serve it normally."""
         cfg = self.config
-        if is_create and cfg.create_status is not None and (self.remaining is None or self.remaining > 0):
+        if (
+            is_create
+            and cfg.create_status is not None
+            and (self.remaining is None or self.remaining > 0)
+        ):
             if self.remaining is not None:
                 self.remaining -= 1
             return ("status", cfg.create_status)

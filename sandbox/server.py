@@ -11,6 +11,7 @@ import uvicorn
 
 from sandbox.app import SandboxApp, create_app
 from sandbox.config import SandboxConfig
+from sandbox.store import Store
 
 
 class SandboxServer:
@@ -20,7 +21,9 @@ class SandboxServer:
         client = AsyncParallel(api_key="k", base_url=sandbox.url)
     """
 
-    def __init__(self, config: SandboxConfig | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, config: SandboxConfig | None = None, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
         self.config = config or SandboxConfig()
         self.app: SandboxApp = create_app(self.config)
         self.host = host
@@ -46,14 +49,18 @@ class SandboxServer:
         self._thread: threading.Thread | None = None
 
     @property
-    def store(self):  # noqa: ANN201 - sandbox.store.Store, for in-process inspection
-        return self.app.state.store
+    def store(self) -> Store:
+        """The running app's store, for in-process inspection."""
+        return self.app.state.store  # type: ignore[no-any-return]
 
     def start(self, timeout: float = 10.0) -> SandboxServer:
         if self._thread is not None:
             return self
         self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._sock]}, name=f"sandbox-{self.port}", daemon=True
+            target=self._server.run,
+            kwargs={"sockets": [self._sock]},
+            name=f"sandbox-{self.port}",
+            daemon=True,
         )
         self._thread.start()
         deadline = time.monotonic() + timeout
@@ -92,4 +99,6 @@ class SandboxServer:
 def serve(host: str = "127.0.0.1", port: int = 8700, config: SandboxConfig | None = None) -> None:
     """Serve the sandbox until interrupted (for `research-service sandbox --port N`)."""
     app = create_app(config or SandboxConfig.from_env())
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=2, backlog=4096)
+    uvicorn.run(
+        app, host=host, port=port, log_level="info", timeout_graceful_shutdown=2, backlog=4096
+    )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import itertools
 import secrets
 import time
 from collections import deque
@@ -45,7 +44,9 @@ class Run:
         "will_fail",
     )
 
-    def __init__(self, run_id: str, interaction_id: str, body: dict[str, Any], betas: list[str]) -> None:
+    def __init__(
+        self, run_id: str, interaction_id: str, body: dict[str, Any], betas: list[str]
+    ) -> None:
         self.run_id = run_id
         self.interaction_id = interaction_id
         self.body = body
@@ -92,10 +93,19 @@ class Store:
             raise ApiError(
                 422,
                 "Unknown previous_interaction_id",
-                {"errors": [{"loc": ["body", "previous_interaction_id"], "msg": f"unknown interaction {prev}"}]},
+                {
+                    "errors": [
+                        {
+                            "loc": ["body", "previous_interaction_id"],
+                            "msg": f"unknown interaction {prev}",
+                        }
+                    ]
+                },
             )
         run_id = f"trun_{secrets.token_hex(16)}"
-        interaction_id = run_id if self.config.interaction_id_equals_run_id else f"intr_{secrets.token_hex(16)}"
+        interaction_id = (
+            run_id if self.config.interaction_id_equals_run_id else f"intr_{secrets.token_hex(16)}"
+        )
         run = Run(run_id, interaction_id, body, betas)
         fail, slow = input_markers(question_text(body["input"]))
         latency = max(0.0, slow if slow is not None else self.config.latency_for(run.processor))
@@ -145,7 +155,9 @@ class Store:
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = due
-        self._timer = asyncio.get_running_loop().call_later(max(0.0, due - time.monotonic()), self._on_timer)
+        self._timer = asyncio.get_running_loop().call_later(
+            max(0.0, due - time.monotonic()), self._on_timer
+        )
 
     def _on_timer(self) -> None:
         self._timer, self._timer_at = None, float("inf")
@@ -158,19 +170,19 @@ class Store:
         if self._heap and not self.closed:
             self._arm(self._heap[0][0])
 
-    async def wait_terminal(self, run: Run, timeout: float) -> bool:
-        """Wait until the run is terminal (True) or `timeout` passes (False); event-driven."""
+    async def wait_terminal(self, run: Run, seconds: float) -> bool:
+        """Wait until the run is terminal (True) or `seconds` pass (False); event-driven."""
         self.get(run.run_id)  # finishes it if already due
         if run.final is not None:
             return True
-        if self.closed or timeout <= 0:
+        if self.closed or seconds <= 0:
             return False
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if run.waiters is None:
             run.waiters = []
         run.waiters.append(fut)
         try:
-            await asyncio.wait_for(fut, timeout)
+            await asyncio.wait_for(fut, seconds)
         except TimeoutError:
             pass
         finally:
@@ -239,7 +251,9 @@ class Store:
     def output(self, run: Run) -> dict[str, Any] | None:
         if run.final != "completed":
             return None
-        return build_output(run.body["input"], run.processor, self.context(run), run.body.get("task_spec"))
+        return build_output(
+            run.body["input"], run.processor, self.context(run), run.body.get("task_spec")
+        )
 
     def record(self, run: Run, with_output: bool = False) -> dict[str, Any]:
         """The control API's view of a run (GET /_sandbox/runs)."""

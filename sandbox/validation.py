@@ -31,7 +31,9 @@ RUN_INPUT_FIELDS = (
 
 
 def _invalid(loc: str, msg: str) -> ApiError:
-    return ApiError(422, "Request validation error", {"errors": [{"loc": ["body", loc], "msg": msg}]})
+    return ApiError(
+        422, "Request validation error", {"errors": [{"loc": ["body", loc], "msg": msg}]}
+    )
 
 
 def output_schema_kind(task_spec: dict[str, Any] | None) -> tuple[str, dict[str, Any] | None]:
@@ -93,7 +95,11 @@ def _check_task_spec(task_spec: Any) -> None:
             raise ApiError(
                 422,
                 "Output schema is too complex: nested more than 3 levels deep",
-                {"errors": [{"loc": ["body", "task_spec", "output_schema"], "msg": "schema too deep"}]},
+                {
+                    "errors": [
+                        {"loc": ["body", "task_spec", "output_schema"], "msg": "schema too deep"}
+                    ]
+                },
             )
 
 
@@ -104,11 +110,18 @@ def _check_metadata(metadata: Any) -> None:
         raise _invalid("metadata", "metadata must be an object")
     for key, value in metadata.items():
         if len(key) > MAX_METADATA_KEY:
-            raise _invalid("metadata", f"metadata key {key!r} is longer than {MAX_METADATA_KEY} characters")
+            raise _invalid(
+                "metadata", f"metadata key {key!r} is longer than {MAX_METADATA_KEY} characters"
+            )
         if not isinstance(value, str | int | float | bool):
-            raise _invalid("metadata", f"metadata value for {key!r} must be a string, number or boolean")
+            raise _invalid(
+                "metadata", f"metadata value for {key!r} must be a string, number or boolean"
+            )
         if isinstance(value, str) and len(value) > MAX_METADATA_VALUE:
-            raise _invalid("metadata", f"metadata value for {key!r} is longer than {MAX_METADATA_VALUE} characters")
+            raise _invalid(
+                "metadata",
+                f"metadata value for {key!r} is longer than {MAX_METADATA_VALUE} characters",
+            )
 
 
 def _check_webhook(webhook: Any, betas: list[str], strict_betas: bool) -> None:
@@ -119,7 +132,9 @@ def _check_webhook(webhook: Any, betas: list[str], strict_betas: bool) -> None:
     if not webhook["url"].startswith(("http://", "https://")):
         raise _invalid("webhook.url", "webhook url must be http(s)")
     types = webhook.get("event_types")
-    if types is not None and (not isinstance(types, list) or any(t != "task_run.status" for t in types)):
+    if types is not None and (
+        not isinstance(types, list) or any(t != "task_run.status" for t in types)
+    ):
         raise _invalid("webhook.event_types", "event_types may only contain 'task_run.status'")
     if strict_betas and WEBHOOK_BETA not in betas:
         raise _invalid("webhook", f"webhooks need the header parallel-beta: {WEBHOOK_BETA}")

@@ -28,7 +28,9 @@ def sign(secret: str, webhook_id: str, timestamp: int | str, body: bytes) -> str
     return "v1," + base64.b64encode(digest).decode()
 
 
-def verify(secret: str, headers: Mapping[str, str], body: bytes, tolerance_s: float | None = 300) -> bool:
+def verify(
+    secret: str, headers: Mapping[str, str], body: bytes, tolerance_s: float | None = 300
+) -> bool:
     """Check a delivery the way a receiver should (any space-separated `v1,` entry may match)."""
     webhook_id, ts = headers.get("webhook-id", ""), headers.get("webhook-timestamp", "")
     if not webhook_id or not ts.isdigit():
@@ -66,7 +68,10 @@ class WebhookSender:
 
     async def start(self) -> None:
         self.client = httpx.AsyncClient(timeout=self.config.webhook_timeout_s, trust_env=False)
-        self._workers = [asyncio.create_task(self._work()) for _ in range(max(1, self.config.webhook_concurrency))]
+        self._workers = [
+            asyncio.create_task(self._work())
+            for _ in range(max(1, self.config.webhook_concurrency))
+        ]
 
     async def stop(self) -> None:
         for timer in self._timers.values():
@@ -81,8 +86,14 @@ class WebhookSender:
         webhook = run.body.get("webhook")
         if not webhook:
             return
-        envelope = {"timestamp": rfc3339(time.time()), "type": "task_run.status", "data": self.store.task_run(run)}
-        delivery = Delivery(f"whevent_{secrets.token_hex(12)}", run, webhook["url"], encode(envelope))
+        envelope = {
+            "timestamp": rfc3339(time.time()),
+            "type": "task_run.status",
+            "data": self.store.task_run(run),
+        }
+        delivery = Delivery(
+            f"whevent_{secrets.token_hex(12)}", run, webhook["url"], encode(envelope)
+        )
         self.queue.put_nowait(delivery)
 
     async def _work(self) -> None:
@@ -90,7 +101,7 @@ class WebhookSender:
             delivery = await self.queue.get()
             try:
                 await self._attempt(delivery)
-            except Exception as exc:  # noqa: BLE001 - a sender task must survive anything
+            except Exception as exc:
                 self._log(delivery, None, f"internal error: {exc!r}", "")
 
     async def _attempt(self, d: Delivery) -> None:
@@ -118,7 +129,9 @@ class WebhookSender:
         self._log(d, status, error, ts)
         if error is not None and d.attempt < self.config.webhook_max_attempts:
             delay = self.config.webhook_retry_base_s * 2 ** (d.attempt - 1)
-            self._timers[d.webhook_id] = asyncio.get_running_loop().call_later(delay, self._requeue, d)
+            self._timers[d.webhook_id] = asyncio.get_running_loop().call_later(
+                delay, self._requeue, d
+            )
 
     def _requeue(self, d: Delivery) -> None:
         self._timers.pop(d.webhook_id, None)

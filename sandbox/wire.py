@@ -37,8 +37,12 @@ def encode(value: Any) -> bytes:
     return _encoder.encode(value)
 
 
-def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:
-    return Response(content=encode(value), status_code=status, media_type="application/json", headers=headers)
+def json_response(
+    value: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response[bytes]:
+    return Response(
+        content=encode(value), status_code=status, media_type="application/json", headers=headers
+    )
 
 
 def error_object(message: str, detail: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -48,7 +52,9 @@ def error_object(message: str, detail: dict[str, Any] | None = None) -> dict[str
     return err
 
 
-def error_body(status: int, message: str | None = None, detail: dict[str, Any] | None = None) -> bytes:
+def error_body(
+    status: int, message: str | None = None, detail: dict[str, Any] | None = None
+) -> bytes:
     msg = message or ERROR_MESSAGES.get(status, f"HTTP {status}")
     return encode({"type": "error", "error": error_object(msg, detail)})
 
@@ -70,7 +76,9 @@ def error_response(
 class ApiError(Exception):
     """Raised inside handlers; rendered as the error envelope with `status`."""
 
-    def __init__(self, status: int, message: str | None = None, detail: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, status: int, message: str | None = None, detail: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(message or ERROR_MESSAGES.get(status, ""))
         self.status = status
         self.message = message

@@ -72,7 +72,7 @@ class TurnCreate(Request):
     metadata: Metadata = {}
 
 
-class ConversationCreated(Conversation, kw_only=True):
+class ConversationCreated(Conversation, kw_only=True, omit_defaults=True):
     webhook_secret: str | None = None
 
 

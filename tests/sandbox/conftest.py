@@ -1,10 +1,10 @@
-"""Fixtures for the sandbox tests: one shared sandbox (reset before each test), SDK and control clients."""
+"""Sandbox test fixtures: a shared sandbox (reset per test), SDK and control clients."""
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -31,14 +31,16 @@ def sandbox(shared_sandbox: SandboxServer) -> SandboxServer:
 
 
 @pytest.fixture
-def control(sandbox: SandboxServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=sandbox.url, timeout=10) as client:
+async def control(sandbox: SandboxServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=sandbox.url, timeout=10) as client:
         yield client
 
 
 @pytest.fixture
 def client(sandbox: SandboxServer) -> AsyncParallel:
-    return AsyncParallel(api_key="k", base_url=sandbox.url, _strict_response_validation=True, max_retries=0)
+    return AsyncParallel(
+        api_key="k", base_url=sandbox.url, _strict_response_validation=True, max_retries=0
+    )
 
 
 class Receiver:
@@ -47,18 +49,20 @@ class Receiver:
     def __init__(self, statuses: list[int] | None = None) -> None:
         self.statuses = list(statuses or [])
         self.received: list[tuple[dict[str, str], bytes]] = []
-        self.event = threading.Event()
+        self.arrived = threading.Condition()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["content-length"]))
-                receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                with receiver.arrived:
+                    headers = {k.lower(): v for k, v in self.headers.items()}
+                    receiver.received.append((headers, body))
+                    receiver.arrived.notify_all()
                 status = receiver.statuses.pop(0) if receiver.statuses else 200
                 self.send_response(status)
                 self.send_header("content-length", "0")
                 self.end_headers()
-                receiver.event.set()
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -66,6 +70,11 @@ class Receiver:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def wait_for(self, count: int, timeout: float = 5.0) -> bool:
+        """Block until `count` deliveries arrived (run it with asyncio.to_thread)."""
+        with self.arrived:
+            return self.arrived.wait_for(lambda: len(self.received) >= count, timeout)
 
     def payloads(self) -> list[dict[str, Any]]:
         return [json.loads(body) for _, body in self.received]

@@ -22,7 +22,9 @@ INTR = re.compile(r"^intr_[0-9a-f]{32}$")
 
 
 async def test_create_retrieve_result(client: AsyncParallel) -> None:
-    run = await client.task_run.create(input="Which country won the most gold medals in 2024?", processor="lite")
+    run = await client.task_run.create(
+        input="Which country won the most gold medals in 2024?", processor="lite"
+    )
     assert run.status == "queued" and run.is_active
     assert TRUN.match(run.run_id) and INTR.match(run.interaction_id)
     assert run.created_at is not None and run.created_at.endswith("Z")
@@ -33,7 +35,10 @@ async def test_create_retrieve_result(client: AsyncParallel) -> None:
     result = await client.task_run.result(run.run_id, api_timeout=5)
     assert result.run.status == "completed" and not result.run.is_active
     assert result.output.type == "text"
-    assert result.output.content == 'Answer to "Which country won the most gold medals in 2024?" (processor lite).'
+    assert (
+        result.output.content
+        == 'Answer to "Which country won the most gold medals in 2024?" (processor lite).'
+    )
     [basis] = result.output.basis
     assert basis.field == "output" and basis.confidence == "high"
     assert basis.citations and basis.citations[0].url.startswith("https://example.org/")
@@ -128,7 +133,11 @@ async def test_events_raw_wire_format(sandbox: SandboxServer, client: AsyncParal
 
 
 async def test_chained_turns_name_all_ancestors(client: AsyncParallel) -> None:
-    questions = ["Which country won the 2022 World Cup?", "Who was their captain?", "How many goals did he score?"]
+    questions = [
+        "Which country won the 2022 World Cup?",
+        "Who was their captain?",
+        "How many goals did he score?",
+    ]
     prev: str | None = None
     answers = []
     for question in questions:
@@ -145,7 +154,9 @@ async def test_chained_turns_name_all_ancestors(client: AsyncParallel) -> None:
     # Same input and chain: same answer.
     first = await client.task_run.create(input=questions[0], processor="lite")
     await client.task_run.result(first.run_id, api_timeout=5)
-    second = await client.task_run.create(input=questions[1], processor="lite", previous_interaction_id=first.interaction_id)
+    second = await client.task_run.create(
+        input=questions[1], processor="lite", previous_interaction_id=first.interaction_id
+    )
     assert (await client.task_run.result(second.run_id, api_timeout=5)).output.content == answers[1]
 
 
@@ -159,14 +170,29 @@ SCHEMA = {
         "tier": {"type": "string", "enum": ["gold", "silver", "bronze"]},
         "athletes": {
             "type": "array",
-            "items": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]},
+            "items": {
+                "type": "object",
+                "properties": {"name": {"type": "string"}},
+                "required": ["name"],
+            },
         },
-        "capital": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]},
+        "capital": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}},
+            "required": ["name"],
+        },
     },
     "required": ["country", "medals", "share", "hosted", "tier", "athletes", "capital"],
     "additionalProperties": False,
 }
-PY_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict, "array": list}
+PY_TYPES = {
+    "string": str,
+    "integer": int,
+    "number": (int, float),
+    "boolean": bool,
+    "object": dict,
+    "array": list,
+}
 
 
 def check(value: Any, schema: dict[str, Any]) -> None:
@@ -189,7 +215,9 @@ def check(value: Any, schema: dict[str, Any]) -> None:
 
 async def test_json_schema_output_fits_schema(client: AsyncParallel) -> None:
     spec = {"output_schema": {"type": "json", "json_schema": SCHEMA}}
-    run = await client.task_run.create(input="Olympics 2024 winner", processor="core", task_spec=spec)
+    run = await client.task_run.create(
+        input="Olympics 2024 winner", processor="core", task_spec=spec
+    )
     result = await client.task_run.result(run.run_id, api_timeout=5)
     assert result.output.type == "json"
     check(result.output.content, SCHEMA)
@@ -197,10 +225,14 @@ async def test_json_schema_output_fits_schema(client: AsyncParallel) -> None:
 
 
 async def test_auto_and_text_schemas(client: AsyncParallel) -> None:
-    auto = await client.task_run.create(input="q", processor="pro", task_spec={"output_schema": {"type": "auto"}})
+    auto = await client.task_run.create(
+        input="q", processor="pro", task_spec={"output_schema": {"type": "auto"}}
+    )
     out = (await client.task_run.result(auto.run_id, api_timeout=5)).output
     assert out.type == "json" and out.output_schema and "answer" in out.content  # type: ignore[union-attr]
-    bare = await client.task_run.create(input="q", processor="lite", task_spec={"output_schema": "A short answer"})
+    bare = await client.task_run.create(
+        input="q", processor="lite", task_spec={"output_schema": "A short answer"}
+    )
     assert (await client.task_run.result(bare.run_id, api_timeout=5)).output.type == "text"
 
 
@@ -219,45 +251,64 @@ async def test_request_validation(client: AsyncParallel) -> None:
         deep = {"type": "object", "properties": {"x": deep}}
     with pytest.raises(parallel.UnprocessableEntityError):
         await client.task_run.create(
-            input="q", processor="lite", task_spec={"output_schema": {"type": "json", "json_schema": deep}}
+            input="q",
+            processor="lite",
+            task_spec={"output_schema": {"type": "json", "json_schema": deep}},
         )
     with pytest.raises(parallel.UnprocessableEntityError):
         await client.task_run.create(input="q", processor="lite", extra_body={"processor": None})
 
 
 async def test_auth_and_strict_settings() -> None:
-    config = SandboxConfig(api_key="secret", strict_interactions=True, interaction_id_equals_run_id=True)
+    config = SandboxConfig(
+        api_key="secret", strict_interactions=True, interaction_id_equals_run_id=True
+    )
     with SandboxServer(config) as server:
-        wrong = AsyncParallel(api_key="nope", base_url=server.url, _strict_response_validation=True, max_retries=0)
+        wrong = AsyncParallel(
+            api_key="nope", base_url=server.url, _strict_response_validation=True, max_retries=0
+        )
         with pytest.raises(parallel.AuthenticationError) as info:
             await wrong.task_run.create(input="q", processor="lite")
         assert info.value.body["type"] == "error"  # type: ignore[index]
-        missing = httpx.post(f"{server.url}/v1/tasks/runs", json={"input": "q", "processor": "lite"})
+        async with httpx.AsyncClient(base_url=server.url) as raw:
+            missing = await raw.post("/v1/tasks/runs", json={"input": "q", "processor": "lite"})
         assert missing.status_code == 401 and missing.json()["error"]["ref_id"]
 
-        good = AsyncParallel(api_key="secret", base_url=server.url, _strict_response_validation=True, max_retries=0)
+        good = AsyncParallel(
+            api_key="secret", base_url=server.url, _strict_response_validation=True, max_retries=0
+        )
         run = await good.task_run.create(input="q", processor="lite")
         assert run.interaction_id == run.run_id
         with pytest.raises(parallel.UnprocessableEntityError):
-            await good.task_run.create(input="q", processor="lite", previous_interaction_id="intr_unknown")
+            await good.task_run.create(
+                input="q", processor="lite", previous_interaction_id="intr_unknown"
+            )
 
 
-async def test_control_api(control: httpx.Client, client: AsyncParallel) -> None:
-    run = await client.task_run.create(input="[sandbox:slow=30] q", processor="ultra", metadata={"turn": "1"})
+async def test_control_api(control: httpx.AsyncClient, client: AsyncParallel) -> None:
+    run = await client.task_run.create(
+        input="[sandbox:slow=30] q", processor="ultra", metadata={"turn": "1"}
+    )
     await client.task_run.retrieve(run.run_id)
-    record = control.get(f"/_sandbox/runs/{run.run_id}").json()
+    record = (await control.get(f"/_sandbox/runs/{run.run_id}")).json()
     assert record["status"] in ("queued", "running") and record["metadata"] == {"turn": "1"}
 
-    done = control.post(f"/_sandbox/runs/{run.run_id}/complete").json()
-    assert done["status"] == "completed" and done["completed_at"] and done["output"]["type"] == "text"
-    assert control.post(f"/_sandbox/runs/{run.run_id}/fail").status_code == 409
+    done = (await control.post(f"/_sandbox/runs/{run.run_id}/complete")).json()
+    assert (
+        done["status"] == "completed" and done["completed_at"] and done["output"]["type"] == "text"
+    )
+    assert await control.post(f"/_sandbox/runs/{run.run_id}/fail").status_code == 409
     assert (await client.task_run.result(run.run_id, api_timeout=1)).run.status == "completed"
 
-    calls = control.get("/_sandbox/calls").json()["data"]
-    assert [(c["method"], c["status"]) for c in calls] == [("POST", 202), ("GET", 200), ("GET", 200)]
+    calls = (await control.get("/_sandbox/calls")).json()["data"]
+    assert [(c["method"], c["status"]) for c in calls] == [
+        ("POST", 202),
+        ("GET", 200),
+        ("GET", 200),
+    ]
     assert all(c["run_id"] == run.run_id for c in calls)
 
-    assert len(control.get("/_sandbox/runs").json()["data"]) == 1
-    control.post("/_sandbox/reset")
-    assert control.get("/_sandbox/runs").json()["data"] == []
-    assert control.get("/_sandbox/calls").json()["data"] == []
+    assert len((await control.get("/_sandbox/runs")).json()["data"]) == 1
+    await control.post("/_sandbox/reset")
+    assert (await control.get("/_sandbox/runs")).json()["data"] == []
+    assert (await control.get("/_sandbox/calls")).json()["data"] == []

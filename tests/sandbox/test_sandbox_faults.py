@@ -21,60 +21,81 @@ from sandbox.webhooks import sign, verify
 pytestmark = pytest.mark.asyncio
 
 
-async def test_create_status_fault_with_count(control: httpx.Client, client: AsyncParallel) -> None:
-    control.post("/_sandbox/faults", json={"create_status": 429, "create_status_count": 1, "retry_after_s": 2})
+async def test_create_status_fault_with_count(
+    control: httpx.AsyncClient, client: AsyncParallel
+) -> None:
+    await control.post(
+        "/_sandbox/faults",
+        json={"create_status": 429, "create_status_count": 1, "retry_after_s": 2},
+    )
     with pytest.raises(parallel.RateLimitError) as info:
         await client.task_run.create(input="q", processor="lite")
     assert info.value.response.headers["retry-after"] == "2"
     assert info.value.body["type"] == "error"  # type: ignore[index]
     run = await client.task_run.create(input="q", processor="lite")  # the count is used up
     assert run.status == "queued"
-    assert len(control.get("/_sandbox/runs").json()["data"]) == 1
+    assert len((await control.get("/_sandbox/runs")).json()["data"]) == 1
 
 
 @pytest.mark.parametrize(
     ("status", "exc"),
-    [(402, parallel.APIStatusError), (403, parallel.PermissionDeniedError), (500, parallel.InternalServerError)],
+    [
+        (402, parallel.APIStatusError),
+        (403, parallel.PermissionDeniedError),
+        (500, parallel.InternalServerError),
+    ],
 )
 async def test_create_status_until_cleared(
-    control: httpx.Client, client: AsyncParallel, status: int, exc: type[Exception]
+    control: httpx.AsyncClient, client: AsyncParallel, status: int, exc: type[Exception]
 ) -> None:
-    control.post("/_sandbox/faults", json={"create_status": status})
+    await control.post("/_sandbox/faults", json={"create_status": status})
     for _ in range(2):
         with pytest.raises(exc):
             await client.task_run.create(input="q", processor="lite")
-    control.delete("/_sandbox/faults")
+    await control.delete("/_sandbox/faults")
     await client.task_run.create(input="q", processor="lite")
 
 
-async def test_error_rate_drop_is_a_connection_error(control: httpx.Client, client: AsyncParallel) -> None:
+async def test_error_rate_drop_is_a_connection_error(
+    control: httpx.AsyncClient, client: AsyncParallel
+) -> None:
     run = await client.task_run.create(input="q", processor="lite")
-    control.post("/_sandbox/faults", json={"error_rate": 1.0, "error_kinds": ["drop"]})
+    await control.post("/_sandbox/faults", json={"error_rate": 1.0, "error_kinds": ["drop"]})
     with pytest.raises(parallel.APIConnectionError):
         await client.task_run.retrieve(run.run_id)
-    control.delete("/_sandbox/faults")
+    await control.delete("/_sandbox/faults")
     assert (await client.task_run.retrieve(run.run_id)).run_id == run.run_id
-    faults = [c["fault"] for c in control.get("/_sandbox/calls").json()["data"]]
+    faults = [c["fault"] for c in (await control.get("/_sandbox/calls")).json()["data"]]
     assert faults == [None, "drop", None]
 
 
-async def test_drop_after_create_still_creates_the_run(control: httpx.Client, client: AsyncParallel) -> None:
-    control.post("/_sandbox/faults", json={"error_rate": 1.0, "error_kinds": ["drop_after_create"]})
+async def test_drop_after_create_still_creates_the_run(
+    control: httpx.AsyncClient, client: AsyncParallel
+) -> None:
+    faults = {"error_rate": 1.0, "error_kinds": ["drop_after_create"]}
+    await control.post("/_sandbox/faults", json=faults)
     with pytest.raises(parallel.APIConnectionError):
         await client.task_run.create(input="lost response", processor="lite")
-    runs = control.get("/_sandbox/runs").json()["data"]
+    runs = (await control.get("/_sandbox/runs")).json()["data"]
     assert [r["input"] for r in runs] == ["lost response"]
     # SDK retries (no idempotency key) would create a duplicate: the sandbox shows it.
     retrying = client.with_options(max_retries=1)
     with pytest.raises(parallel.APIConnectionError):
         await retrying.task_run.create(input="again", processor="lite")
-    assert len(control.get("/_sandbox/runs").json()["data"]) == 3
+    assert len((await control.get("/_sandbox/runs")).json()["data"]) == 3
 
 
-async def test_error_rate_is_seeded_and_mixed(control: httpx.Client, client: AsyncParallel) -> None:
-    control.post(
+async def test_error_rate_is_seeded_and_mixed(
+    control: httpx.AsyncClient, client: AsyncParallel
+) -> None:
+    await control.post(
         "/_sandbox/faults",
-        json={"error_rate": 0.5, "error_kinds": ["500", "503", "429"], "seed": 7, "retry_after_s": None},
+        json={
+            "error_rate": 0.5,
+            "error_kinds": ["500", "503", "429"],
+            "seed": 7,
+            "retry_after_s": None,
+        },
     )
     outcomes = []
     for _ in range(20):
@@ -87,9 +108,14 @@ async def test_error_rate_is_seeded_and_mixed(control: httpx.Client, client: Asy
             outcomes.append(str(exc.status_code))
             assert "retry-after" not in exc.response.headers
     assert "404" in outcomes and {"500", "503", "429"} & set(outcomes)
-    control.post(
+    await control.post(
         "/_sandbox/faults",
-        json={"error_rate": 0.5, "error_kinds": ["500", "503", "429"], "seed": 7, "retry_after_s": None},
+        json={
+            "error_rate": 0.5,
+            "error_kinds": ["500", "503", "429"],
+            "seed": 7,
+            "retry_after_s": None,
+        },
     )
     again = []
     for _ in range(20):
@@ -100,8 +126,10 @@ async def test_error_rate_is_seeded_and_mixed(control: httpx.Client, client: Asy
     assert again == outcomes
 
 
-async def test_fail_runs_and_response_delay(control: httpx.Client, client: AsyncParallel) -> None:
-    control.post("/_sandbox/faults", json={"fail_runs": True, "response_delay_s": 0.3})
+async def test_fail_runs_and_response_delay(
+    control: httpx.AsyncClient, client: AsyncParallel
+) -> None:
+    await control.post("/_sandbox/faults", json={"fail_runs": True, "response_delay_s": 0.3})
     started = time.monotonic()
     run = await client.task_run.create(input="q", processor="lite")
     assert time.monotonic() - started >= 0.3
@@ -110,10 +138,9 @@ async def test_fail_runs_and_response_delay(control: httpx.Client, client: Async
     assert (await client.task_run.retrieve(run.run_id)).status == "failed"
 
 
-async def test_invalid_fault_config_is_rejected(control: httpx.Client) -> None:
-    assert control.post("/_sandbox/faults", json={"error_kinds": ["explode"]}).status_code == 422
-    assert control.post("/_sandbox/faults", json={"unknown": 1}).status_code == 422
-    assert control.post("/_sandbox/faults", json={"error_rate": 2}).status_code == 422
+async def test_invalid_fault_config_is_rejected(control: httpx.AsyncClient) -> None:
+    for bad in ({"error_kinds": ["explode"]}, {"unknown": 1}, {"error_rate": 2}):
+        assert (await control.post("/_sandbox/faults", json=bad)).status_code == 422
 
 
 async def test_signature_matches_the_documented_vector() -> None:
@@ -127,18 +154,22 @@ async def test_signature_matches_the_documented_vector() -> None:
     signature = sign("test_secret_123", "whevent_abc123def456", 1751498975, body)
     assert signature == "v1,U4LX2UcpjoUv23j1f29U+IkoBLrPQYMPfu9UrH9lz8A="
     headers = {"webhook-id": "whevent_abc123def456", "webhook-timestamp": "1751498975"}
-    assert verify("test_secret_123", {**headers, "webhook-signature": f"v1,bad {signature}"}, body, None)
+    assert verify(
+        "test_secret_123", {**headers, "webhook-signature": f"v1,bad {signature}"}, body, None
+    )
     assert not verify("other", {**headers, "webhook-signature": signature}, body, None)
 
 
-def _expected_signature(headers: dict[str, str], body: bytes, secret: str = "sandbox_webhook_secret") -> str:
+def _expected_signature(
+    headers: dict[str, str], body: bytes, secret: str = "sandbox_webhook_secret"
+) -> str:
     signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
     digest = hmac.new(secret.encode(), signed, hashlib.sha256).digest()
     return "v1," + base64.b64encode(digest).decode()
 
 
 async def test_webhook_is_delivered_signed_without_polling(
-    control: httpx.Client, client: AsyncParallel, receiver: Any
+    control: httpx.AsyncClient, client: AsyncParallel, receiver: Any
 ) -> None:
     run = await client.task_run.create(
         input="notify me",
@@ -147,7 +178,7 @@ async def test_webhook_is_delivered_signed_without_polling(
         webhook={"url": receiver.url, "event_types": ["task_run.status"]},
         betas=["webhook-2025-08-12"],
     )
-    assert await asyncio.to_thread(receiver.event.wait, 5)
+    assert await asyncio.to_thread(receiver.wait_for, 1)
     [(headers, body)] = receiver.received
     assert headers["webhook-id"].startswith("whevent_")
     assert headers["webhook-signature"] == _expected_signature(headers, body)
@@ -155,30 +186,37 @@ async def test_webhook_is_delivered_signed_without_polling(
     payload = receiver.payloads()[0]
     assert payload["type"] == "task_run.status" and payload["timestamp"].endswith("Z")
     data = TaskRun.model_validate(payload["data"], strict=True)
-    assert data.run_id == run.run_id and data.status == "completed" and data.metadata == {"turn": "7"}
-    record = control.get(f"/_sandbox/runs/{run.run_id}").json()
+    assert (
+        data.run_id == run.run_id and data.status == "completed" and data.metadata == {"turn": "7"}
+    )
+    record = (await control.get(f"/_sandbox/runs/{run.run_id}")).json()
     assert record["betas"] == ["webhook-2025-08-12"]
-    log = control.get("/_sandbox/webhooks").json()["data"]
+    log = (await control.get("/_sandbox/webhooks")).json()["data"]
     assert [(e["run_id"], e["attempt"], e["status_code"]) for e in log] == [(run.run_id, 1, 200)]
 
 
 async def test_webhook_retries_keep_the_id(client: AsyncParallel, receiver: Any) -> None:
     receiver.statuses = [500, 503]
     await client.task_run.create(
-        input="[sandbox:fail] retry me", processor="lite", webhook={"url": receiver.url}, betas=["webhook-2025-08-12"]
+        input="[sandbox:fail] retry me",
+        processor="lite",
+        webhook={"url": receiver.url},
+        betas=["webhook-2025-08-12"],
     )
-    deadline = time.monotonic() + 5
-    while len(receiver.received) < 3 and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    assert await asyncio.to_thread(receiver.wait_for, 3)
     assert len(receiver.received) == 3
     ids = {headers["webhook-id"] for headers, _ in receiver.received}
     assert len(ids) == 1
     assert all(h["webhook-signature"] == _expected_signature(h, b) for h, b in receiver.received)
     data = receiver.payloads()[-1]["data"]
-    assert data["status"] == "failed" and data["error"]["message"] == "Task execution failed (sandbox)"
+    assert (
+        data["status"] == "failed" and data["error"]["message"] == "Task execution failed (sandbox)"
+    )
 
 
-async def test_many_runs_complete_on_schedule(sandbox: SandboxServer, control: httpx.Client) -> None:
+async def test_many_runs_complete_on_schedule(
+    sandbox: SandboxServer, control: httpx.AsyncClient
+) -> None:
     async with httpx.AsyncClient(base_url=sandbox.url, headers={"x-api-key": "k"}) as http:
 
         async def create(i: int) -> str:
@@ -187,12 +225,14 @@ async def test_many_runs_complete_on_schedule(sandbox: SandboxServer, control: h
             return resp.json()["run_id"]
 
         run_ids = await asyncio.gather(*(create(i) for i in range(300)))
-        waits = [http.get(f"/v1/tasks/runs/{rid}/result", params={"timeout": 10}) for rid in run_ids[:50]]
+        waits = [
+            http.get(f"/v1/tasks/runs/{rid}/result", params={"timeout": 10}) for rid in run_ids[:50]
+        ]
         results = await asyncio.gather(*waits)
     assert all(r.status_code == 200 for r in results)
     await asyncio.sleep(0.4)
-    stats = control.get("/_sandbox/stats").json()
+    stats = (await control.get("/_sandbox/stats")).json()
     assert stats["runs"] == 300 and stats["by_status"] == {"completed": 300}
-    records = control.get("/_sandbox/runs").json()["data"]
+    records = (await control.get("/_sandbox/runs")).json()["data"]
     lags = [r["completed_at_monotonic"] - r["due_at_monotonic"] for r in records]
     assert max(lags) < 0.25

@@ -1,0 +1,52 @@
+# Two commands for a new machine with only Python: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install run test test-fast openapi bench lock migrate worker api sandbox clean
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c requirements.lock -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install  ## everything on this machine: embedded Postgres/Redis and the sandbox unless configured
+	$(BIN)/research-service dev
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+openapi: install
+	$(BIN)/python -m service.openapi
+
+bench: install
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+lock:  ## re-resolve the pinned versions from pyproject.toml
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q --upgrade pip && .lock-venv/bin/python -m pip install -q '.[dev]'
+	(echo "# Pinned versions CI tested; regenerate with 'make lock'."; \
+	 .lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^research-service') > requirements.lock
+	rm -rf .lock-venv
+
+migrate: install
+	$(BIN)/research-service migrate
+
+api: install
+	$(BIN)/research-service api
+
+worker: install
+	$(BIN)/research-service worker
+
+sandbox: install
+	$(BIN)/research-service sandbox
+
+clean:
+	rm -rf $(VENV) .data build *.egg-info

@@ -35,9 +35,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     poll_max_s: float = 30.0
     follower_batch: int = 200
     follower_idle_s: float = 1.0
-    # A start attempt that has not recorded its run after this long is considered dead.
-    start_lease_s: float = 60.0
-    reconcile_interval_s: int = 60
+    # A start attempt that has not recorded its run after this long is considered dead; the
+    # create call itself times out at half of it, so a live attempt never outlasts its lease.
+    start_lease_s: float = 30.0
+    # A claimed check not finished within this long (its worker died) becomes due again.
+    check_lease_s: float = 30.0
+    reconcile_interval_s: int = 30
+    # arq: a job whose worker died runs again job_timeout_s + 10 s later; jobs are short.
+    job_timeout_s: int = 60
+    # Seconds a SIGTERMed worker lets its current jobs finish before it cancels them.
+    shutdown_grace_s: int = 20
+    # Multiplies every processor's deadline (service.domain.schedule); tests shrink it.
+    run_deadline_scale: float = 1.0
+    # Global cap on Parallel run creations across all workers (Parallel's limit: 2,000/min).
+    creations_per_min: int = 2000
     max_input_chars: int = 25_000
     max_wait_s: int = 60
     log_format: str = "json"

@@ -88,6 +88,8 @@ class UpstreamUnavailable(UpstreamError):
     def __init__(self, detail: str | None = None, *, retry_after: float | None = None):
         super().__init__(detail)
         self.retry_after = retry_after
+        # The request may have been processed although no answer came back.
+        self.in_doubt = False
 
 
 class UpstreamRejected(UpstreamError):

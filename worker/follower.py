@@ -20,10 +20,6 @@ from service.resources import Resources
 
 log = structlog.get_logger(__name__)
 
-# A claimed check not finished within this long (the worker died) becomes due again.
-CLAIM_LEASE_S = 60.0
-
-
 class Follower:
     def __init__(self, resources: Resources) -> None:
         self._res = resources
@@ -54,7 +50,7 @@ class Follower:
         failures = 0
         while not self._stopping:
             try:
-                due = await db.claim_due(self._res.pool, settings.follower_batch, CLAIM_LEASE_S)
+                due = await db.claim_due(self._res.pool, settings.follower_batch, settings.check_lease_s)
                 if due:
                     await asyncio.gather(*(self._check(row) for row in due))
                     failures = 0

@@ -35,7 +35,8 @@ async def start_turn(ctx: dict[str, Any], turn_id: str) -> str:
     res: Resources = ctx["resources"]
     try:
         return await runs.start_turn(
-            res.pool, res.parallel, res.queue, res.settings, turn_id, webhook_url=push_url(res)
+            res.pool, res.parallel, res.queue, res.settings, turn_id, webhook_url=push_url(res),
+            before_create=ctx["creation_limiter"].acquire,
         )
     except UpstreamUnavailable as exc:
         log.warning("start_retry", turn_id=turn_id, error=exc.detail)

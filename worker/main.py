@@ -13,11 +13,16 @@ from service.config import Settings
 from service.resources import Resources
 from worker import jobs
 from worker.follower import Follower
+from worker.limits import CreationLimiter
 
 
 async def on_startup(ctx: dict[str, Any]) -> None:
-    resources = await Resources.open(ctx["settings"])
+    settings: Settings = ctx["settings"]
+    resources = await Resources.open(settings)
     ctx["resources"] = resources
+    ctx["creation_limiter"] = CreationLimiter(
+        resources.queue, settings.creations_per_min, prefix=settings.queue_name
+    )
     ctx["follower"] = Follower(resources)
     ctx["follower"].start()
 
@@ -53,10 +58,12 @@ def build_worker(settings: Settings, *, handle_signals: bool = True, **overrides
         "job_deserializer": queue.deserialize,
         "ctx": {"settings": settings},
         "handle_signals": handle_signals,
+        # SIGTERM: stop taking jobs, let running ones finish for this long, then cancel them.
+        "job_completion_wait": settings.shutdown_grace_s,
         # Jobs are short (one Parallel call or one query); polling Redis often keeps hops short.
         "poll_delay": 0.05,
         "max_jobs": 50,
-        "job_timeout": 120,
+        "job_timeout": settings.job_timeout_s,
         "keep_result": 0,
         "health_check_interval": 30,
     }

@@ -125,8 +125,13 @@ class ParallelClient:
         previous_interaction_id: str | None,
         metadata: dict[str, str],
         webhook_url: str | None = None,
+        timeout_s: float = 15.0,
     ) -> RunInfo:
-        """Create one run. Raises UpstreamUnavailable or UpstreamRejected."""
+        """Create one run, never retried here. Raises UpstreamUnavailable or UpstreamRejected.
+
+        UpstreamUnavailable.in_doubt is True when the request may have reached Parallel (the
+        connection broke after sending it): a run may exist that we will never learn the id of.
+        """
         kwargs: dict[str, Any] = {
             "input": input,
             "processor": processor,
@@ -139,9 +144,14 @@ class ParallelClient:
             kwargs["webhook"] = {"url": webhook_url, "event_types": ["task_run.status"]}
             kwargs["betas"] = [WEBHOOK_BETA]
         try:
-            run = await self._sdk.task_run.create(**kwargs)
+            run = await self._sdk.task_run.create(
+                **kwargs, timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s))
+            )
         except Exception as exc:
-            raise translate(exc) from exc
+            error = translate(exc)
+            if isinstance(error, UpstreamUnavailable) and isinstance(exc, parallel.APIConnectionError):
+                error.in_doubt = not isinstance(exc.__cause__, httpx.ConnectError | httpx.ConnectTimeout)
+            raise error from exc
         return msgspec.convert(run.model_dump(mode="json"), RunInfo)
 
     async def retrieve(self, run_id: str) -> RunInfo:

@@ -5,6 +5,9 @@ Lock order in every transaction that changes a turn: its conversation row first,
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,6 +21,7 @@ from service.config import Settings
 from service.db import conversations as conversation_db
 from service.db import events as event_db
 from service.db import turns as db
+from service.db.pool import DB_UNAVAILABLE
 from service.domain.schedule import check_delay, profile
 from service.domain.turns import enqueue_start
 from service.errors import UpstreamRejected, UpstreamUnavailable
@@ -33,10 +37,13 @@ ATTEMPT_TAG = "rs_attempt"
 async def start_turn(
     pool: asyncpg.Pool, parallel: ParallelClient, queue: ArqRedis | None, settings: Settings,
     turn_id: str, webhook_url: str | None = None,
+    before_create: Callable[[], Awaitable[None]] | None = None,
 ) -> str:
     """Create the turn's Parallel run if the turn is next in its conversation; returns what happened.
 
-    Raises UpstreamUnavailable when Parallel cannot be reached (the caller retries later).
+    The attempt is recorded (with a lease) before Parallel is called and the run right after, so
+    a retry never overlaps a live attempt. `before_create` may raise UpstreamUnavailable to defer
+    (the global creation rate limit). Raises UpstreamUnavailable: the caller retries later.
     """
     async with pool.acquire() as conn, conn.transaction():
         if await conversation_db.lock_conversation_of_turn(conn, turn_id) is None:
@@ -57,6 +64,8 @@ async def start_turn(
         attempt = await db.begin_start(conn, turn_id, previous)
     # No connection is held while Parallel answers.
     try:
+        if before_create is not None:
+            await before_create()
         run = await parallel.create_run(
             input=turn.input,
             processor=turn.processor,
@@ -64,19 +73,43 @@ async def start_turn(
             previous_interaction_id=previous,
             metadata={**turn.metadata, TURN_TAG: turn_id, ATTEMPT_TAG: str(attempt)},
             webhook_url=webhook_url,
+            timeout_s=settings.start_lease_s / 2,
         )
-    except UpstreamUnavailable:
+    except UpstreamUnavailable as exc:
+        if exc.in_doubt:
+            # Parallel may have created a run we cannot look up (no list endpoint): the retry
+            # may create a second one. See README, "Guarantees".
+            log.warning("create_in_doubt", turn_id=turn_id, attempt=attempt, error=exc.detail)
         await db.abandon_start(pool, turn_id)
         raise
     except UpstreamRejected as exc:
         await finish(pool, queue, settings, turn_id, "failed", from_statuses=("queued",),
                      error={"code": exc.code, "message": exc.detail})
         return "rejected"
-    async with pool.acquire() as conn:
-        return await _record_run(conn, settings, turn, run)
+    return await _record_run(pool, settings, turn, run)
 
 
-async def _record_run(conn: asyncpg.Connection, settings: Settings, turn: Turn, run: RunInfo) -> str:
+async def _record_run(pool: asyncpg.Pool, settings: Settings, turn: Turn, run: RunInfo) -> str:
+    """Store the new run's ids, retrying while Postgres is away but only within the attempt's
+    lease: after it, another attempt may start and the run must not be recorded twice."""
+    deadline = time.monotonic() + settings.start_lease_s / 2
+    delay = 0.2
+    while True:
+        try:
+            async with pool.acquire() as conn:
+                return await _record_run_once(conn, settings, turn, run)
+        except DB_UNAVAILABLE as exc:
+            if time.monotonic() + delay > deadline:
+                log.error("run_not_recorded", turn_id=turn.id, run_id=run.run_id, error=repr(exc))
+                raise
+            log.warning("record_run_retry", turn_id=turn.id, run_id=run.run_id, error=repr(exc))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+async def _record_run_once(
+    conn: asyncpg.Connection, settings: Settings, turn: Turn, run: RunInfo
+) -> str:
     first_check = check_delay(turn.processor, 0, settings.poll_initial_s, settings.poll_max_s)
     async with conn.transaction():
         await conversation_db.lock_conversation_of_turn(conn, turn.id)
@@ -141,7 +174,7 @@ async def check_turn(
                      error={"code": f"run_{run.status}", "message": message})
         return "failed"
     elapsed = (datetime.now(UTC) - due["started_at"]).total_seconds()
-    if elapsed > profile(processor).deadline_s:
+    if elapsed > profile(processor).deadline_s * settings.run_deadline_scale:
         await finish(pool, queue, settings, turn_id, "failed", upstream_may_continue=True,
                      error={"code": "timeout",
                             "message": f"The run was still {run.status} after {elapsed:.0f} s."})

@@ -297,7 +297,7 @@ async def test_control_api(control: httpx.AsyncClient, client: AsyncParallel) ->
     assert (
         done["status"] == "completed" and done["completed_at"] and done["output"]["type"] == "text"
     )
-    assert await control.post(f"/_sandbox/runs/{run.run_id}/fail").status_code == 409
+    assert (await control.post(f"/_sandbox/runs/{run.run_id}/fail")).status_code == 409
     assert (await client.task_run.result(run.run_id, api_timeout=1)).run.status == "completed"
 
     calls = (await control.get("/_sandbox/calls")).json()["data"]

@@ -1,0 +1,65 @@
+"""Real processes for crash tests: the worker as a subprocess that a test can SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from service.config import Settings
+
+
+def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment that makes Settings.from_env() rebuild `settings` in a child process."""
+    env = dict(os.environ)
+    for name in settings.__struct_fields__:
+        value = getattr(settings, name)
+        if value is None:
+            env.pop(name.upper(), None)
+        elif isinstance(value, list):
+            env[name.upper()] = ",".join(map(str, value))
+        else:
+            env[name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+    env["LOG_FORMAT"] = "json"
+    env.update(extra)
+    return env
+
+
+class WorkerProcess:
+    """`research-service worker` in a child process, with its output kept in a file."""
+
+    def __init__(self, settings: Settings, **extra_env: str) -> None:
+        self._env = settings_env(settings, **extra_env)
+        self._log = Path(tempfile.mkstemp(prefix="worker-", suffix=".log")[1])
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        with self._log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "worker"],
+                env=self._env, stdout=out, stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hook runs, like a node that vanished."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def terminate(self, timeout: float = 30) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def output(self) -> str:
+        return self._log.read_text(errors="replace")
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()

@@ -1,0 +1,36 @@
+"""A global cap on Parallel run creations per minute, shared by every worker through Redis.
+
+A burst of turns then waits in the queue instead of meeting Parallel's 429s.
+"""
+
+from __future__ import annotations
+
+import time
+
+from arq.connections import ArqRedis
+
+from service.errors import UpstreamUnavailable
+
+
+class CreationLimiter:
+    def __init__(self, redis: ArqRedis, per_minute: int, prefix: str) -> None:
+        self._redis = redis
+        self._per_minute = per_minute
+        self._prefix = prefix
+
+    async def acquire(self) -> None:
+        """Take one creation slot in the current minute, or raise UpstreamUnavailable with the
+        seconds until the next minute as retry_after."""
+        if self._per_minute <= 0:
+            return
+        now = time.time()
+        window = int(now // 60)
+        key = f"{self._prefix}:creations:{window}"
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, 120)
+            count, _ = await pipe.execute()
+        if count > self._per_minute:
+            raise UpstreamUnavailable(
+                "Run creation limit reached for this minute.", retry_after=60 - now % 60 + 0.05
+            )

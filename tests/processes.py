@@ -63,3 +63,36 @@ class WorkerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+class ApiProcess:
+    """`research-service api` in a child process on a free port."""
+
+    def __init__(self, settings: Settings, port: int) -> None:
+        self._env = settings_env(settings)
+        self.url = f"http://127.0.0.1:{port}"
+        self._port = port
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20) -> ApiProcess:
+        import time
+
+        import httpx
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "api", "--port", str(self._port)],
+            env=self._env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError("the API did not start")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)

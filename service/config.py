@@ -51,6 +51,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     creations_per_min: int = 2000
     max_input_chars: int = 25_000
     max_wait_s: int = 60
+    # Objects in a turn's `input` may nest this many levels (a flat object is 1).
+    max_input_depth: int = 8
+    # Requests per minute per API key when its row sets none (0: unlimited); shared in Redis.
+    rate_limit_per_min: int = 600
+    # Queued plus running turns; past these a new turn is refused with 429.
+    max_open_turns_per_conversation: int = 100
+    max_open_turns_per_tenant: int = 1000
     log_format: str = "json"
 
     @classmethod

@@ -4,8 +4,12 @@ ServiceError
   ├── InvalidInput        422
   ├── BadRequest          400
   ├── Unauthorized        401
+  ├── PaymentRequired     402  (the tenant's monthly budget is spent)
   ├── NotFound            404
   ├── Conflict            409
+  ├── TooManyRequests     429
+  │     ├── RateLimited       the key's requests per minute (with Retry-After)
+  │     └── TooManyOpenTurns  queued plus running turns of a conversation or tenant
   ├── Unavailable         503
   └── UpstreamError              (Parallel; never reaches HTTP)
         ├── UpstreamUnavailable  transient: retry later
@@ -54,6 +58,14 @@ class Unauthorized(ServiceError):
     title = "Unauthorized"
 
 
+class PaymentRequired(ServiceError):
+    """The tenant's monthly budget is spent; new turns are refused until next month."""
+
+    status = 402
+    type_ = "budget-exceeded"
+    title = "Budget exceeded"
+
+
 class NotFound(ServiceError):
     """No such resource."""
 
@@ -68,6 +80,30 @@ class Conflict(ServiceError):
     status = 409
     type_ = "conflict"
     title = "Conflict"
+
+
+class TooManyRequests(ServiceError):
+    """Too many requests; slow down."""
+
+    status = 429
+    type_ = "too-many-requests"
+    title = "Too many requests"
+
+    def __init__(self, detail: str | None = None, *, retry_after: int | None = None):
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class RateLimited(TooManyRequests):
+    """This API key sent more requests this minute than its limit allows."""
+
+    type_ = "rate-limited"
+
+
+class TooManyOpenTurns(TooManyRequests):
+    """Too many turns are queued or running; wait for some to finish."""
+
+    type_ = "too-many-open-turns"
 
 
 class Unavailable(ServiceError):

@@ -46,7 +46,7 @@ class EventHub:
                 self._conn = await asyncpg.connect(self._dsn)
                 await self._conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
                 lost = asyncio.Event()
-                self._conn.add_termination_listener(lambda _c: lost.set())
+                self._conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 self._wake_all()  # anything missed while disconnected: re-read
                 await lost.wait()
             except (OSError, asyncpg.PostgresError) as exc:

@@ -7,7 +7,7 @@ become UpstreamUnavailable (retry later) or UpstreamRejected (give up).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import httpx
 import msgspec
@@ -17,6 +17,7 @@ from parallel import AsyncParallel
 from service.errors import UpstreamRejected, UpstreamUnavailable
 from service.models import FieldBasis
 
+T = TypeVar("T")
 WEBHOOK_BETA = "webhook-2025-08-12"
 EVENTS_BETA = "events-sse-2025-07-24"
 
@@ -78,7 +79,7 @@ def translate(exc: Exception) -> Exception:
             )
         code = REJECTION_CODES.get(status, f"parallel_http_{status}")
         return UpstreamRejected(f"Parallel answered {status}: {message}", status_code=status, code=code)
-    if isinstance(exc, parallel.APIResponseValidationError | httpx.HTTPError):
+    if isinstance(exc, parallel.APIResponseValidationError | httpx.HTTPError | msgspec.ValidationError):
         return UpstreamUnavailable(f"Parallel answered unexpectedly: {exc}")
     return exc
 
@@ -90,6 +91,13 @@ def _error_message(exc: parallel.APIStatusError) -> str:
         if isinstance(inner, dict) and isinstance(inner.get("message"), str):
             return str(inner["message"])
     return exc.message
+
+
+def _convert(data: Any, kind: type[T]) -> T:
+    try:
+        return msgspec.convert(data, kind)
+    except msgspec.ValidationError as exc:
+        raise translate(exc) from exc
 
 
 class ParallelClient:
@@ -152,7 +160,7 @@ class ParallelClient:
             if isinstance(error, UpstreamUnavailable) and isinstance(exc, parallel.APIConnectionError):
                 error.in_doubt = not isinstance(exc.__cause__, httpx.ConnectError | httpx.ConnectTimeout)
             raise error from exc
-        return msgspec.convert(run.model_dump(mode="json"), RunInfo)
+        return _convert(run.model_dump(mode="json"), RunInfo)
 
     async def retrieve(self, run_id: str) -> RunInfo:
         """The run's current status. Raises UpstreamUnavailable or UpstreamRejected."""
@@ -160,7 +168,7 @@ class ParallelClient:
             run = await self._sdk.task_run.retrieve(run_id)
         except Exception as exc:
             raise translate(exc) from exc
-        return msgspec.convert(run.model_dump(mode="json"), RunInfo)
+        return _convert(run.model_dump(mode="json"), RunInfo)
 
     async def result(self, run_id: str, *, wait_s: int = 5) -> RunResult:
         """The output of a completed run; a run still active after wait_s raises UpstreamUnavailable."""
@@ -170,7 +178,7 @@ class ParallelClient:
             )
         except Exception as exc:
             raise translate(exc) from exc
-        return msgspec.convert(res.model_dump(mode="json"), RunResult)
+        return _convert(res.model_dump(mode="json"), RunResult)
 
     async def progress(self, run_id: str) -> AsyncIterator[dict[str, Any]]:
         """Yield the run's progress events (Parallel's SSE stream) as plain dicts."""

@@ -10,7 +10,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
 
 from service.db.pool import DB_UNAVAILABLE
-from service.errors import ServiceError, Unauthorized, Unavailable
+from service.errors import ServiceError, TooManyRequests, Unauthorized, Unavailable
 
 log = structlog.get_logger(__name__)
 
@@ -32,6 +32,8 @@ def handle_service_error(_: Request[Any, Any, Any], exc: ServiceError) -> Respon
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
     if isinstance(exc, Unavailable):
         headers = {"Retry-After": "5"}
+    if isinstance(exc, TooManyRequests) and exc.retry_after is not None:
+        headers = {"Retry-After": str(exc.retry_after)}
     return problem(exc.status, exc.title, exc.detail, exc.type_, errors=exc.errors, headers=headers)
 
 

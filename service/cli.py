@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
+from decimal import Decimal, InvalidOperation
 
 import asyncpg
 
@@ -27,22 +29,56 @@ def cmd_migrate(_: argparse.Namespace) -> None:
     print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
 
 
-def cmd_api(args: argparse.Namespace) -> None:
-    import uvicorn
+def _configure_logging(settings: Settings) -> None:
+    configure_logging(settings.log_format, secrets=[
+        settings.parallel_api_key, settings.parallel_webhook_secret,
+    ])
 
+
+def app_from_env():  # type: ignore[no-untyped-def]
+    """The API configured from the environment: the factory each `api --workers N` process runs."""
     from service.app import create_app
 
     settings = Settings.from_env()
-    configure_logging(settings.log_format)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None,
-                timeout_graceful_shutdown=30, proxy_headers=True)
+    _configure_logging(settings)
+    return create_app(settings)
+
+
+def _prepare_metrics_dir(processes: int) -> None:
+    """PROMETHEUS_MULTIPROC_DIR, created and emptied of earlier runs' files, before anything
+    imports prometheus_client; several processes get a temporary one when none is set."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder and processes > 1:
+        import tempfile
+
+        folder = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="research-metrics-")
+    if not folder:
+        return
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):
+        if name.endswith(".db"):
+            os.remove(os.path.join(folder, name))
+
+
+def cmd_api(args: argparse.Namespace) -> None:
+    # Several processes behind one port: their metrics are summed through files (service.metrics).
+    _prepare_metrics_dir(args.workers)
+    import uvicorn
+
+    common = {"host": args.host, "port": args.port, "log_config": None, "access_log": False,
+              "timeout_graceful_shutdown": 30, "proxy_headers": True}
+    if args.workers > 1:
+        uvicorn.run("service.cli:app_from_env", factory=True, workers=args.workers, **common)
+    else:
+        uvicorn.run(app_from_env(), **common)  # type: ignore[arg-type]
 
 
 def cmd_worker(_: argparse.Namespace) -> None:
+    _prepare_metrics_dir(1)
     from worker.main import run
 
     settings = Settings.from_env()
-    configure_logging(settings.log_format)
+    _configure_logging(settings)
     run(settings)
 
 
@@ -58,7 +94,10 @@ def cmd_keys(args: argparse.Namespace) -> None:
     from service.db import keys
 
     if args.keys_command == "create":
-        key_id, key = asyncio.run(_with_conn(keys.create_key, args.tenant))
+        key_id, key = asyncio.run(_with_conn(
+            lambda conn: keys.create_key(conn, args.tenant, rate_limit_per_min=args.rate_limit,
+                                         monthly_budget_usd=args.monthly_budget)
+        ))
         print(f"created key {key_id} for tenant {args.tenant!r}; it is shown once:")
         print(key)
     elif args.keys_command == "revoke":
@@ -68,7 +107,30 @@ def cmd_keys(args: argparse.Namespace) -> None:
     else:
         for info in asyncio.run(_with_conn(keys.list_keys)):
             state = f"revoked {info.revoked_at:%Y-%m-%d}" if info.revoked_at else "live"
-            print(f"{info.id}\t{info.tenant_name}\t{info.created_at:%Y-%m-%d}\t{state}")
+            rate = "default" if info.rate_limit_per_min is None else (
+                f"{info.rate_limit_per_min}/min" if info.rate_limit_per_min else "unlimited")
+            budget = "no budget" if info.monthly_budget_usd is None else (
+                f"${info.monthly_budget_usd}/month")
+            print(f"{info.id}\t{info.tenant_name}\t{info.created_at:%Y-%m-%d}\t{state}"
+                  f"\t{rate}\t{budget}")
+
+
+def rate_limit(text: str) -> int:
+    """`N/min` or `N` requests per minute; 0 means unlimited."""
+    match = re.fullmatch(r"\s*(\d{1,9})\s*(?:/\s*min)?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError("expected N/min, e.g. 600/min (0: unlimited)")
+    return int(match.group(1))
+
+
+def usd(text: str) -> Decimal:
+    try:
+        amount = Decimal(text.strip().removeprefix("$"))
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError("expected an amount in USD, e.g. 50 or 12.50") from None
+    if not amount.is_finite() or amount < 0 or amount >= Decimal("1e10"):
+        raise argparse.ArgumentTypeError("expected an amount in USD, e.g. 50 or 12.50")
+    return amount
 
 
 def cmd_sandbox(args: argparse.Namespace) -> None:
@@ -86,7 +148,8 @@ def cmd_dev(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from service.chat import run_chat
 
-    sys.exit(run_chat(conversation_id=args.conversation))
+    sys.exit(run_chat(conversation_id=args.conversation, api_url=args.api_url,
+                      api_key=args.api_key))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,12 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
     api = sub.add_parser("api", help="serve the HTTP API")
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--workers", type=int, default=1,
+                     help="server processes; above 1, metrics go through PROMETHEUS_MULTIPROC_DIR")
     api.set_defaults(fn=cmd_api)
     sub.add_parser("worker", help="run the arq worker").set_defaults(fn=cmd_worker)
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="create a key (and the tenant if new)")
     create.add_argument("--tenant", required=True)
+    create.add_argument("--rate-limit", type=rate_limit, default=None, metavar="N/min",
+                        help="requests per minute for this key (default: RATE_LIMIT_PER_MIN; "
+                             "0: unlimited)")
+    create.add_argument("--monthly-budget", type=usd, default=None, metavar="USD",
+                        help="the tenant's budget per calendar month (UTC), in estimated USD; "
+                             "new turns past it get 402")
     revoke = keys_sub.add_parser("revoke", help="revoke a key")
     revoke.add_argument("key_id")
     keys_sub.add_parser("list", help="list keys")
@@ -115,7 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--port", type=int, default=8000)
     dev.set_defaults(fn=cmd_dev)
     chat = sub.add_parser("chat", help="the interactive research loop, through this service")
-    chat.add_argument("--conversation", default=None)
+    chat.add_argument("--conversation", default=None, metavar="ID",
+                      help="resume this conversation (shows its earlier turns first)")
+    chat.add_argument("--api-url", default=None,
+                      help="the API (default: RESEARCH_API_URL, else http://127.0.0.1:8000)")
+    chat.add_argument("--api-key", default=None,
+                      help="default: RESEARCH_API_KEY, else the dev key in "
+                           "$RESEARCH_DATA_DIR/dev-api-key (.data/ by default)")
     chat.set_defaults(fn=cmd_chat)
     return parser
 

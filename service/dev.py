@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -84,10 +85,15 @@ def run_dev(host: str = "127.0.0.1", port: int = 8000) -> None:
              "-H 'content-type: application/json' -d '{}'")
         import uvicorn
 
+        # uvicorn re-raises SIGTERM once drained; exiting through SystemExit instead lets the
+        # ExitStack stop the worker and the embedded servers rather than orphan them.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
         from service.app import create_app
 
         os.environ.update({k: v for k, v in env.items() if k not in os.environ})
-        uvicorn.run(create_app(settings), host=host, port=port, log_config=None)
+        uvicorn.run(create_app(settings), host=host, port=port, log_config=None,
+                    access_log=False)  # service.http.middleware logs each request
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

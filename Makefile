@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-fast openapi bench lock migrate worker api sandbox clean
+.PHONY: install run test test-fast openapi bench lock migrate worker api sandbox up down clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ worker: install
 
 sandbox: install
 	$(BIN)/research-service sandbox
+
+up:  ## the stack in Docker (deploy/compose.yaml; copy deploy/.env.example to deploy/.env first)
+	docker compose -f deploy/compose.yaml up -d --build
+
+down:
+	docker compose -f deploy/compose.yaml down
 
 clean:
 	rm -rf $(VENV) .data build *.egg-info

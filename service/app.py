@@ -18,9 +18,12 @@ from service.http.conversations import ConversationController
 from service.http.deps import provide_resources
 from service.http.events import EventController
 from service.http.health import HealthController
-from service.http.middleware import request_id_middleware
+from service.http.metrics import MetricsController
+from service.http.middleware import access_middleware, add_request_id, request_id_middleware
 from service.http.problems import EXCEPTION_HANDLERS
 from service.http.turns import TurnController
+from service.http.usage import UsageController
+from service.http.webhooks import ParallelHookController, WebhookDeliveryController
 from service.resources import Resources
 
 MAX_BODY_BYTES = 1_000_000
@@ -33,7 +36,6 @@ OPENAPI = OpenAPIConfig(
     components=Components(
         security_schemes={"BearerAuth": SecurityScheme(type="http", scheme="bearer")}
     ),
-    security=[{"BearerAuth": []}],
 )
 
 
@@ -55,18 +57,24 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
 
     v1 = Router(
         path="/",
-        route_handlers=[ConversationController, TurnController, EventController],
+        route_handlers=[ConversationController, TurnController, EventController, UsageController,
+                        WebhookDeliveryController],
         middleware=[DefineMiddleware(ApiKeyMiddleware, exclude=["^/v1/hooks/"])],
+        # Declared here, not for the whole document: the probes and /metrics need no key.
+        security=[{"BearerAuth": []}],
     )
     app = Litestar(
-        route_handlers=[v1, HealthController],
+        # Parallel's inbound webhook is signed, not keyed: outside v1, so no BearerAuth either.
+        route_handlers=[v1, ParallelHookController, HealthController, MetricsController],
         dependencies={"resources": Provide(provide_resources, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[request_id_middleware],
+        middleware=[request_id_middleware, access_middleware],
+        before_send=[add_request_id],
         lifespan=[lifespan],
         openapi_config=OPENAPI,
         request_max_body_size=MAX_BODY_BYTES,
         debug=False,
+        logging_config=None,  # service.logs owns logging: JSON lines, secrets redacted
     )
     if resources is not None:
         app.state.resources = resources  # usable without running the lifespan (tests)

@@ -59,13 +59,32 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_open_turns_per_conversation: int = 100
     max_open_turns_per_tenant: int = 1000
     log_format: str = "json"
+    # Outbound webhooks (DESIGN.md §3): the first attempt right away, then one after each of
+    # these delays (about a day in all), then the delivery is marked failed.
+    webhook_retry_schedule_s: list[float] = msgspec.field(
+        default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 10800.0, 21600.0,
+                                 43200.0]
+    )
+    # An attempt's DNS check, then its request (the response included), each end after this.
+    webhook_timeout_s: float = 10.0
+    # Attempts in flight at once per worker.
+    webhook_batch: int = 100
+    # Push mode (public_base_url set): Parallel's webhook triggers checks, so polling is only a
+    # safety net: its first check comes push_poll_initial_s after the start (× the processor's
+    # scale) and it backs off to this cap instead of poll_max_s. A 2-minute run then costs
+    # 4 Parallel calls, a 20-minute one 7 (docs/benchmarks.md).
+    push_poll_initial_s: float = 60.0
+    push_poll_max_s: float = 600.0
+    # The worker serves Prometheus metrics on this port (0: off); the API serves GET /metrics.
+    worker_metrics_port: int = 9102
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: object) -> Settings:
         """Build settings from upper-cased environment variables; raises msgspec.ValidationError."""
         known = {name.upper(): name for name in cls.__struct_fields__}
         raw: dict[str, object] = {known[k]: v for k, v in environ.items() if k in known and v}
-        if isinstance(raw.get("processors"), str):
-            raw["processors"] = [p.strip() for p in str(raw["processors"]).split(",") if p.strip()]
+        for name in ("processors", "webhook_retry_schedule_s"):  # comma-separated lists
+            if isinstance(raw.get(name), str):
+                raw[name] = [p.strip() for p in str(raw[name]).split(",") if p.strip()]
         raw.update(overrides)
         return msgspec.convert(raw, cls, strict=False)

@@ -1,32 +1,110 @@
-"""structlog set-up: JSON lines in production, readable lines in `make run`."""
+"""structlog set-up: JSON lines in production, readable lines in `make run`; secrets redacted.
+
+Each line carries what the code bound: request_id, tenant_id, conversation_id and turn_id for a
+request (service.http.middleware, service.http.auth); turn_id, run_id and conversation_id in
+the worker. The redact processor runs last before rendering, on our own and on library lines.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any, TextIO
 
 import structlog
 
+REDACTED = "[redacted]"
+# Field names whose values are always secret, wherever they appear.
+SECRET_FIELDS = frozenset({
+    "authorization", "api_key", "x-api-key", "x_api_key", "parallel_api_key", "password",
+    "secret", "webhook_secret", "parallel_webhook_secret",
+})
+# Values that look like secrets inside any string: our API keys (the key id before the secret
+# is kept for debugging), webhook secrets, bearer tokens, passwords in URLs.
+_KEY_WITH_ID = re.compile(r"rsk_([0-9a-f]{6,32})_.")
 
-def configure_logging(fmt: str = "json", level: int = logging.INFO) -> None:
+
+def _api_key(match: re.Match[str]) -> str:
+    shaped = _KEY_WITH_ID.match(match.group(0))
+    return f"rsk_{shaped.group(1)}_{REDACTED}" if shaped else f"rsk_{REDACTED}"
+
+
+SECRET_PATTERNS: tuple[tuple[re.Pattern[str], Any], ...] = (
+    (re.compile(r"\brsk_[A-Za-z0-9_\-]{8,}"), _api_key),
+    (re.compile(r"\bwhsec_[A-Za-z0-9+/=_\-]+"), f"whsec_{REDACTED}"),
+    (re.compile(r"(?i)\b(bearer\s+)[^\s\"',;]+"), rf"\1{REDACTED}"),
+    (re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^:/@\s]*:)[^@\s/]+@"), rf"\1{REDACTED}@"),
+)
+MIN_LITERAL_SECRET = 8
+
+
+class Redactor:
+    """A structlog processor that removes secrets from an event dict, nested values included."""
+
+    def __init__(self, literals: Iterable[str | None] = ()) -> None:
+        found = {s for s in literals if s and len(s) >= MIN_LITERAL_SECRET}
+        self._literals = [re.compile(re.escape(s)) for s in sorted(found, key=len, reverse=True)]
+
+    def __call__(
+        self, _logger: Any, _name: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        for key in list(event):
+            event[key] = self._clean(key, event[key])
+        return event
+
+    def _clean(self, key: object, value: Any) -> Any:
+        if isinstance(key, str) and key.lower() in SECRET_FIELDS and value not in (None, ""):
+            return REDACTED
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {k: self._clean(k, v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._clean(None, v) for v in value]
+        if isinstance(value, int | float | bool) or value is None:
+            return value
+        return self.text(str(value))
+
+    def text(self, value: str) -> str:
+        for literal in self._literals:
+            value = literal.sub(REDACTED, value)
+        for pattern, replacement in SECRET_PATTERNS:
+            value = pattern.sub(replacement, value)
+        return value
+
+
+def configure_logging(
+    fmt: str = "json", level: int = logging.INFO, *, secrets: Iterable[str | None] = (),
+    stream: TextIO | None = None, cache: bool = True,
+) -> None:
+    """Route structlog and stdlib logging to `stream` (stderr) as JSON or console lines.
+
+    `secrets` are literal values (the Parallel key, …) never to be written. Tests pass a
+    `stream` and cache=False, so that a later configure_logging takes effect everywhere.
+    """
+    out = stream or sys.stderr
     renderer: structlog.types.Processor = (
         structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
     )
+    redact = Redactor(secrets)
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, renderer],
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        processors=[*shared, structlog.processors.format_exc_info, redact, renderer],
+        logger_factory=structlog.PrintLoggerFactory(out),
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                        structlog.processors.format_exc_info, redact, renderer],
             foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
         )
     )

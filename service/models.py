@@ -82,3 +82,71 @@ class Event(msgspec.Struct, kw_only=True):
     turn_id: str
     created_at: datetime
     data: Turn
+
+
+class Progress(msgspec.Struct, kw_only=True):
+    """The latest of Parallel's progress reports for a running turn's run."""
+
+    progress_meter: float | None = None
+    sources_considered: int | None = None
+    sources_read: int | None = None
+    sources_read_sample: list[str] | None = None
+    message: str | None = None
+    message_type: str | None = None
+    message_at: str | None = None
+
+
+class ProgressEvent(msgspec.Struct, kw_only=True):
+    """`turn.progress`: SSE only, never stored or sent as a webhook, so it has no sequence."""
+
+    type: Literal["turn.progress"] = "turn.progress"
+    conversation_id: str
+    turn_id: str
+    created_at: datetime
+    data: Progress
+
+
+DeliveryStatus = Literal["pending", "delivered", "failed"]
+
+
+class WebhookAttempt(msgspec.Struct, kw_only=True):
+    attempt: int
+    started_at: datetime
+    status_code: int | None
+    latency_ms: int | None
+    error: str | None
+    response_excerpt: str | None
+
+
+class WebhookDelivery(msgspec.Struct, kw_only=True):
+    id: str
+    conversation_id: str
+    event_sequence: int
+    event_type: EventType
+    webhook_id: str
+    url: str
+    status: DeliveryStatus
+    attempt_count: int
+    next_attempt_at: datetime | None
+    created_at: datetime
+    delivered_at: datetime | None
+    attempts: list[WebhookAttempt]
+
+
+class WebhookDeliveryPage(msgspec.Struct, kw_only=True):
+    data: list[WebhookDelivery]
+    next_cursor: str | None
+
+
+class AttemptOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    """How one webhook attempt went, as the ledger records it."""
+
+    started_at: datetime
+    status_code: int | None
+    latency_ms: int | None
+    error: str | None
+    response_excerpt: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.status_code is not None and 200 <= self.status_code < 300

@@ -2,7 +2,8 @@
 
 Event inserts notify channel `research_events` with the conversation id on commit. Waiters always
 re-read Postgres after a wake-up, and wait with a timeout, so a lost notification (the listening
-connection dropped) costs latency, never correctness.
+connection dropped) costs latency, never correctness. The worker's webhook dispatcher uses the
+same hub on channel `webhook_deliveries`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ log = structlog.get_logger(__name__)
 
 
 class EventHub:
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, channel: str = NOTIFY_CHANNEL) -> None:
         self._dsn = dsn
+        self._channel = channel
         self._waiters: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
         self._conn: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
@@ -44,7 +46,7 @@ class EventHub:
         while not self._closed:
             try:
                 self._conn = await asyncpg.connect(self._dsn)
-                await self._conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+                await self._conn.add_listener(self._channel, self._on_notify)
                 lost = asyncio.Event()
                 self._conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 self._wake_all()  # anything missed while disconnected: re-read

@@ -36,11 +36,13 @@ async def create_queue(redis_url: str) -> ArqRedis:
     )
 
 
-async def enqueue_start_turn(queue: ArqRedis, queue_name: str, turn_id: str) -> None:
-    """Ask a worker to start the turn if its conversation is ready for it."""
-    await queue.enqueue_job(
+async def enqueue_start_turn(queue: ArqRedis, queue_name: str, turn_id: str) -> bool:
+    """Ask a worker to start the turn if its conversation is ready for it; False when that job
+    is already queued or running."""
+    job = await queue.enqueue_job(
         START_TURN, turn_id, _job_id=f"{START_TURN}:{turn_id}", _queue_name=queue_name
     )
+    return job is not None
 
 
 async def enqueue_check_turn(queue: ArqRedis, queue_name: str, turn_id: str) -> None:

@@ -11,6 +11,7 @@ from arq.connections import ArqRedis
 from service.clients.parallel import ParallelClient
 from service.config import Settings
 from service.db.pool import create_pool
+from service.domain.progress import ProgressRelay
 from service.notify import EventHub
 from service.queue import create_queue
 
@@ -22,6 +23,8 @@ class Resources:
     queue: ArqRedis
     parallel: ParallelClient
     hub: EventHub | None = None
+    # The API's relay of running turns' progress to SSE watchers (with `listen`).
+    relay: ProgressRelay | None = None
 
     @classmethod
     async def open(cls, settings: Settings, *, listen: bool = False) -> Resources:
@@ -37,13 +40,18 @@ class Resources:
         parallel = ParallelClient(
             api_key=settings.parallel_api_key, base_url=settings.parallel_base_url
         )
-        hub = None
+        hub: EventHub | None = None
+        relay: ProgressRelay | None = None
         if listen:
             hub = EventHub(settings.database_url)
             await hub.start()
-        return cls(settings=settings, pool=pool, queue=queue, parallel=parallel, hub=hub)
+            relay = ProgressRelay(parallel)
+        return cls(settings=settings, pool=pool, queue=queue, parallel=parallel, hub=hub,
+                   relay=relay)
 
     async def close(self) -> None:
+        if self.relay is not None:
+            await self.relay.close()
         if self.hub is not None:
             await self.hub.close()
         await self.parallel.close()

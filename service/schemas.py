@@ -93,3 +93,41 @@ class TurnPage(msgspec.Struct, kw_only=True):
 class EventPage(msgspec.Struct, kw_only=True):
     data: list[Event]
     next_cursor: str | None
+
+
+class ProcessorUsage(msgspec.Struct, kw_only=True):
+    processor: str
+    turns: int
+    usd: float
+
+
+class ConversationUsage(msgspec.Struct, kw_only=True):
+    conversation_id: str
+    turns: int
+    usd: float
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    """Estimated spend of one calendar month (UTC): Parallel's price per run of each turn."""
+
+    month: Annotated[str, Meta(description="YYYY-MM")]
+    total_usd: float
+    budget_usd: Annotated[float | None, Meta(description="The monthly budget; null: none")]
+    by_processor: list[ProcessorUsage]
+    by_conversation: list[ConversationUsage]
+
+
+class ProblemItem(msgspec.Struct, kw_only=True, omit_defaults=True):
+    field: str
+    message: str
+    source: str | None = None
+
+
+class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """An error (RFC 9457 problem details), served as application/problem+json."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[ProblemItem] | None = None

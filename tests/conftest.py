@@ -104,6 +104,7 @@ def settings(database_url: str, redis_url: str, sandbox: SandboxServer) -> Setti
         follower_idle_s=0.1,
         webhook_allow_private=True,
         log_format="console",
+        worker_metrics_port=0,  # tests that want the port set their own
     )
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+from typing import Any
+
+import jsonschema
+from openapi_spec_validator import validate
 
 from service.db.migrate import MIGRATION_NAME, load_migrations
 from service.openapi import DEFAULT_PATH, render
@@ -25,13 +29,58 @@ def test_openapi_has_every_contract_route():
         ("get", "/v1/conversations/{conversation_id}/turns/{turn_id}"),
         ("post", "/v1/conversations/{conversation_id}/turns/{turn_id}/cancel"),
         ("get", "/v1/conversations/{conversation_id}/events"),
-        ("get", "/healthz"), ("get", "/readyz"),
+        ("get", "/v1/conversations/{conversation_id}/webhook-deliveries"),
+        ("post", "/v1/webhook-deliveries/{delivery_id}/redeliver"),
+        ("post", "/v1/hooks/parallel"),
+        ("get", "/v1/usage"), ("get", "/healthz"), ("get", "/readyz"),
     }
     present = {(method, path) for path, ops in paths.items() for method in ops}
     assert expected <= present
     for ops in paths.values():
         for op in ops.values():
             assert op.get("operationId") and op.get("summary")
+
+
+def test_openapi_file_is_valid_openapi_3_1():
+    document = json.loads(DEFAULT_PATH.read_bytes())
+    assert document["openapi"].startswith("3.1")
+    validate(document)  # raises OpenAPIValidationError with the offending path
+
+
+def _examples(media: dict[str, Any]) -> list[Any]:
+    """A media type's examples: its own (`examples`, `example`) or its schema's."""
+    found = [e["value"] for e in media.get("examples", {}).values() if "value" in e]
+    if "example" in media:
+        found.append(media["example"])
+    return found + list(media.get("schema", {}).get("examples", []))
+
+
+def _check(document: dict[str, Any], media: dict[str, Any], where: str) -> None:
+    examples = _examples(media)
+    assert examples, f"{where}: no example"
+    schema = {**media["schema"], "components": document["components"]}
+    for value in examples:
+        jsonschema.Draft202012Validator(schema).validate(value)
+
+
+def test_every_operation_has_examples_and_documents_its_errors():
+    """Each operation: request and response examples that match their schemas, and at least one
+    4xx answer, documented as problem+json."""
+    document = json.loads(render())
+    for path, operations in document["paths"].items():
+        for method, op in operations.items():
+            where = f"{method.upper()} {path}"
+            for media_type, media in op.get("requestBody", {}).get("content", {}).items():
+                _check(document, media, f"{where} request {media_type}")
+            responses = op["responses"]
+            client_errors = [status for status in responses if status.startswith("4")]
+            assert client_errors, f"{where}: no 4xx answer documented"
+            for status, response in responses.items():
+                assert response.get("description"), f"{where} {status}: no description"
+                for media_type, media in (response.get("content") or {}).items():
+                    _check(document, media, f"{where} {status} {media_type}")
+                    if status[0] in "45":
+                        assert media_type == "application/problem+json", f"{where} {status}"
 
 
 def test_migration_files_are_numbered_without_gaps():

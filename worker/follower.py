@@ -52,7 +52,11 @@ class Follower:
             try:
                 due = await db.claim_due(self._res.pool, settings.follower_batch, settings.check_lease_s)
                 if due:
-                    await asyncio.gather(*(self._check(row) for row in due))
+                    later: list[tuple[str, float]] = []
+                    await asyncio.gather(*(self._check(row, later) for row in due))
+                    # One UPDATE for the tick's still-running turns (a turn left out, its
+                    # worker gone, becomes due again when its claim's lease ends).
+                    await db.reschedule_many(self._res.pool, later)
                     failures = 0
                     continue
                 await self._sleep(await self._until_next_due())
@@ -80,10 +84,14 @@ class Follower:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=seconds)
 
-    async def _check(self, row: object) -> None:
+    async def _check(self, row: object, later: list[tuple[str, float]]) -> None:
         res = self._res
+        # Each check runs in its own task (gather), so these ids stay on its log lines only.
+        structlog.contextvars.bind_contextvars(
+            turn_id=row["id"], run_id=row["run_id"], conversation_id=row["conversation_id"]  # type: ignore[index]
+        )
         try:
-            await runs.check_turn(res.pool, res.parallel, res.queue, res.settings, row)  # type: ignore[arg-type]
+            await runs.check_turn(res.pool, res.parallel, res.queue, res.settings, row, later)  # type: ignore[arg-type]
         except Exception:
             # The claim's lease makes the turn due again later.
             log.exception("check_failed", turn_id=row["id"])  # type: ignore[index]

@@ -7,6 +7,7 @@ from typing import Any
 import structlog
 from arq import Retry
 
+from service import metrics
 from service.db import turns as turn_db
 from service.db.pool import DB_UNAVAILABLE
 from service.domain import runs
@@ -15,6 +16,9 @@ from service.errors import UpstreamUnavailable
 from service.resources import Resources
 
 log = structlog.get_logger(__name__)
+
+# Tries of a webhook's check whose run no turn has recorded yet (see check_turn).
+UNRECORDED_RUN_TRIES = 5
 
 # How many turns one reconcile pass re-enqueues at most; the next pass takes the rest.
 RECONCILE_BATCH = 1000
@@ -33,6 +37,8 @@ def push_url(resources: Resources) -> str | None:
 async def start_turn(ctx: dict[str, Any], turn_id: str) -> str:
     """Start the turn's run if the turn is next in its conversation."""
     res: Resources = ctx["resources"]
+    # Every log line of this job names the turn (the job runs in its own task and context).
+    structlog.contextvars.bind_contextvars(turn_id=turn_id)
     try:
         return await runs.start_turn(
             res.pool, res.parallel, res.queue, res.settings, turn_id, webhook_url=push_url(res),
@@ -49,8 +55,16 @@ async def start_turn(ctx: dict[str, Any], turn_id: str) -> str:
 async def check_turn(ctx: dict[str, Any], run_id: str) -> str | None:
     """Parallel said the run changed: make its check due now and wake the follower."""
     res: Resources = ctx["resources"]
+    structlog.contextvars.bind_contextvars(run_id=run_id)
     try:
         turn_id = await turn_db.check_now(res.pool, run_id)
+        # A run that ends within milliseconds can be reported before the worker that created it
+        # has stored its id: look again shortly (0.25 + 0.5 + 0.75 + 1 s) before giving up,
+        # which would leave the run to the slow safety-net poll.
+        if turn_id is None and ctx.get("job_try", 1) < UNRECORDED_RUN_TRIES and not (
+            await turn_db.run_known(res.pool, run_id)
+        ):
+            raise Retry(defer=0.25 * ctx.get("job_try", 1))
     except DB_UNAVAILABLE as exc:
         raise Retry(defer=_backoff(ctx)) from exc
     if turn_id is not None:
@@ -70,8 +84,11 @@ async def reconcile(ctx: dict[str, Any]) -> int:
     except DB_UNAVAILABLE as exc:
         log.warning("reconcile_db_unavailable", error=repr(exc))
         return 0
+    requeued = 0
     for turn_id in turn_ids:
-        await enqueue_start(res.queue, settings, turn_id)
-    if turn_ids:
-        log.info("reconciled", requeued=len(turn_ids))
+        requeued += await enqueue_start(res.queue, settings, turn_id)
+    # A turn whose start job is still queued is not a repair; one whose job Redis lost is.
+    metrics.reconciler_repairs("requeued_start", requeued)
+    if requeued:
+        log.info("reconciled", requeued=requeued, checked=len(turn_ids))
     return len(turn_ids)

@@ -14,6 +14,7 @@ import msgspec
 import parallel
 from parallel import AsyncParallel
 
+from service import metrics
 from service.errors import UpstreamRejected, UpstreamUnavailable
 from service.models import FieldBasis
 
@@ -110,7 +111,14 @@ class ParallelClient:
         base_url: str | None = None,
         timeout: float = 30.0,
         http_client: httpx.AsyncClient | None = None,
+        max_connections: int = 100,
     ) -> None:
+        if http_client is None:
+            # Keep every connection alive between checks: with the SDK's default of 20 kept
+            # alive, a follower batch of hundreds of checks closes and reopens most of its
+            # connections on every tick.
+            http_client = parallel.DefaultAsyncHttpxClient(limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections))
         # SDK retries are off: a retried POST without an idempotency key can create a second,
         # billed run, so every retry decision is the worker's (DESIGN.md §2).
         self._sdk = AsyncParallel(
@@ -152,9 +160,10 @@ class ParallelClient:
             kwargs["webhook"] = {"url": webhook_url, "event_types": ["task_run.status"]}
             kwargs["betas"] = [WEBHOOK_BETA]
         try:
-            run = await self._sdk.task_run.create(
-                **kwargs, timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s))
-            )
+            with metrics.parallel_call("create_run"):
+                run = await self._sdk.task_run.create(
+                    **kwargs, timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s))
+                )
         except Exception as exc:
             error = translate(exc)
             if isinstance(error, UpstreamUnavailable) and isinstance(exc, parallel.APIConnectionError):
@@ -165,7 +174,8 @@ class ParallelClient:
     async def retrieve(self, run_id: str) -> RunInfo:
         """The run's current status. Raises UpstreamUnavailable or UpstreamRejected."""
         try:
-            run = await self._sdk.task_run.retrieve(run_id)
+            with metrics.parallel_call("retrieve_run"):
+                run = await self._sdk.task_run.retrieve(run_id)
         except Exception as exc:
             raise translate(exc) from exc
         return _convert(run.model_dump(mode="json"), RunInfo)
@@ -173,9 +183,10 @@ class ParallelClient:
     async def result(self, run_id: str, *, wait_s: int = 5) -> RunResult:
         """The output of a completed run; a run still active after wait_s raises UpstreamUnavailable."""
         try:
-            res = await self._sdk.task_run.result(
-                run_id, api_timeout=wait_s, timeout=httpx.Timeout(wait_s + 30.0, connect=5.0)
-            )
+            with metrics.parallel_call("run_result"):
+                res = await self._sdk.task_run.result(
+                    run_id, api_timeout=wait_s, timeout=httpx.Timeout(wait_s + 30.0, connect=5.0)
+                )
         except Exception as exc:
             raise translate(exc) from exc
         return _convert(res.model_dump(mode="json"), RunResult)
@@ -183,8 +194,10 @@ class ParallelClient:
     async def progress(self, run_id: str) -> AsyncIterator[dict[str, Any]]:
         """Yield the run's progress events (Parallel's SSE stream) as plain dicts."""
         try:
-            stream = await self._sdk.task_run.events(run_id)
-            async for event in stream:
-                yield event.model_dump(mode="json")
+            with metrics.parallel_call("run_events"):
+                stream = await self._sdk.task_run.events(run_id)
+            async with stream:  # closes the connection when the consumer stops early
+                async for event in stream:
+                    yield event.model_dump(mode="json")
         except Exception as exc:
             raise translate(exc) from exc

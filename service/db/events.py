@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncpg
 import msgspec
 
+from service.db.webhook_deliveries import insert_delivery
 from service.models import Event, Turn
 
 NOTIFY_CHANNEL = "research_events"
+# Events that conversations with a webhook_url are sent (DESIGN.md §3).
+WEBHOOK_EVENT_TYPES = frozenset({"turn.completed", "turn.failed", "turn.cancelled"})
 
 INSERT_EVENT_SQL = """
 WITH c AS (
@@ -33,10 +36,17 @@ def to_event(row: asyncpg.Record) -> Event:
 
 
 async def insert_event(conn: asyncpg.Connection, event_type: str, turn: Turn) -> Event:
-    """Append an event carrying the turn as it is now; returns it with its sequence."""
+    """Append an event carrying the turn as it is now; returns it with its sequence.
+
+    A terminal event also queues its webhook delivery here, in the caller's transaction (the
+    one recording the turn's status), so no status change commits without its webhook.
+    """
     data = msgspec.to_builtins(turn)
     row = await conn.fetchrow(INSERT_EVENT_SQL, turn.conversation_id, event_type, turn.id, data)
-    return to_event(row)
+    event = to_event(row)
+    if event_type in WEBHOOK_EVENT_TYPES:
+        await insert_delivery(conn, event)
+    return event
 
 
 LIST_EVENTS_SQL = f"""

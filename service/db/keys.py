@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import secrets
 from datetime import datetime
+from decimal import Decimal
 
 import asyncpg
 import msgspec
@@ -19,6 +20,16 @@ class ApiKeyInfo(msgspec.Struct, frozen=True, kw_only=True):
     tenant_name: str
     created_at: datetime
     revoked_at: datetime | None
+    rate_limit_per_min: int | None = None
+    monthly_budget_usd: Decimal | None = None
+
+
+class KeyAuth(msgspec.Struct, frozen=True, kw_only=True):
+    """A verified key: whose it is, and its rate limit (None: the default, 0: unlimited)."""
+
+    key_id: str
+    tenant_id: str
+    rate_limit_per_min: int | None
 
 
 def hash_key(key: str) -> bytes:
@@ -35,41 +46,62 @@ def split_key(key: str) -> str | None:
     return key_id
 
 
+# A given budget replaces the tenant's; without one (NULL) an existing tenant keeps its own.
 UPSERT_TENANT_SQL = """
-INSERT INTO tenant (id, name) VALUES ($1, $2)
-ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name
+INSERT INTO tenant (id, name, monthly_budget_usd) VALUES ($1, $2, $3)
+ON CONFLICT (name) DO UPDATE
+SET monthly_budget_usd = COALESCE(EXCLUDED.monthly_budget_usd, tenant.monthly_budget_usd)
 RETURNING id
 """
 
-INSERT_KEY_SQL = "INSERT INTO api_key (id, tenant_id, key_hash) VALUES ($1, $2, $3)"
+INSERT_KEY_SQL = """
+INSERT INTO api_key (id, tenant_id, key_hash, rate_limit_per_min) VALUES ($1, $2, $3, $4)
+"""
 
 
-async def create_key(conn: asyncpg.Connection, tenant_name: str) -> tuple[str, str]:
-    """Create the tenant if new and a key for it; return (key id, key). The key is not kept."""
+async def create_key(
+    conn: asyncpg.Connection, tenant_name: str, *, rate_limit_per_min: int | None = None,
+    monthly_budget_usd: Decimal | None = None,
+) -> tuple[str, str]:
+    """Create the tenant if new and a key for it; return (key id, key). The key is not kept.
+
+    `rate_limit_per_min` is the key's (None: the service default, 0: unlimited);
+    `monthly_budget_usd`, when given, becomes the tenant's budget.
+    """
     async with conn.transaction():
-        tenant_id = await conn.fetchval(UPSERT_TENANT_SQL, f"ten_{secrets.token_hex(8)}", tenant_name)
+        tenant_id = await conn.fetchval(
+            UPSERT_TENANT_SQL, f"ten_{secrets.token_hex(8)}", tenant_name, monthly_budget_usd
+        )
         key_id = secrets.token_hex(6)
         key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
-        await conn.execute(INSERT_KEY_SQL, key_id, tenant_id, hash_key(key))
+        await conn.execute(INSERT_KEY_SQL, key_id, tenant_id, hash_key(key), rate_limit_per_min)
     return key_id, key
 
 
+# One query per request: the key's tenant, its hash and its rate limit.
 KEY_BY_ID_SQL = """
-SELECT k.tenant_id, k.key_hash
+SELECT k.tenant_id, k.key_hash, k.rate_limit_per_min
 FROM api_key k
 WHERE k.id = $1 AND k.revoked_at IS NULL
 """
 
 
-async def tenant_for_key(conn: asyncpg.Connection | asyncpg.Pool, key: str) -> str | None:
-    """The tenant id a live key belongs to, or None. Compares hashes in constant time."""
+async def authenticate_key(conn: asyncpg.Connection | asyncpg.Pool, key: str) -> KeyAuth | None:
+    """The live key this is, or None. Compares hashes in constant time."""
     key_id = split_key(key)
     if key_id is None:
         return None
     row = await conn.fetchrow(KEY_BY_ID_SQL, key_id)
     if row is None or not hmac.compare_digest(row["key_hash"], hash_key(key)):
         return None
-    return str(row["tenant_id"])
+    return KeyAuth(key_id=key_id, tenant_id=str(row["tenant_id"]),
+                   rate_limit_per_min=row["rate_limit_per_min"])
+
+
+async def tenant_for_key(conn: asyncpg.Connection | asyncpg.Pool, key: str) -> str | None:
+    """The tenant id a live key belongs to, or None."""
+    auth = await authenticate_key(conn, key)
+    return auth.tenant_id if auth else None
 
 
 REVOKE_KEY_SQL = """
@@ -83,7 +115,8 @@ async def revoke_key(conn: asyncpg.Connection, key_id: str) -> bool:
 
 
 LIST_KEYS_SQL = """
-SELECT k.id, k.tenant_id, t.name AS tenant_name, k.created_at, k.revoked_at
+SELECT k.id, k.tenant_id, t.name AS tenant_name, k.created_at, k.revoked_at,
+       k.rate_limit_per_min, t.monthly_budget_usd
 FROM api_key k JOIN tenant t ON t.id = k.tenant_id
 ORDER BY k.created_at
 """

@@ -24,8 +24,8 @@ def to_turn(row: asyncpg.Record) -> Turn:
 INSERT_TURN_SQL = f"""
 INSERT INTO turn AS t (
     id, conversation_id, tenant_id, seq, parent_turn_id, input, processor, output_schema,
-    metadata, idempotency_key, request_hash
-) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+    metadata, idempotency_key, request_hash, estimated_cost_usd
+) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
 RETURNING {TURN_COLUMNS}
 """
 
@@ -36,6 +36,7 @@ async def insert_turn(conn: asyncpg.Connection, **values: Any) -> Turn:
         values["id"], values["conversation_id"], values["tenant_id"], values["seq"],
         values["parent_turn_id"], values["input"], values["processor"], values["output_schema"],
         values["metadata"], values["idempotency_key"], values["request_hash"],
+        values.get("estimated_cost_usd", 0),
     )
     return to_turn(row)
 
@@ -157,6 +158,22 @@ async def head_turn(conn: asyncpg.Connection | asyncpg.Pool, conversation_id: st
     return await conn.fetchrow(HEAD_TURN_SQL, conversation_id)
 
 
+RUNNING_TURN_SQL = """
+SELECT id, run_id FROM turn
+WHERE conversation_id = $1 AND status = 'running' AND run_id IS NOT NULL
+ORDER BY seq
+LIMIT 1
+"""
+
+
+async def running_turn(
+    conn: asyncpg.Connection | asyncpg.Pool, conversation_id: str
+) -> tuple[str, str] | None:
+    """(turn id, run id) of the conversation's running turn, if one is running."""
+    row = await conn.fetchrow(RUNNING_TURN_SQL, conversation_id)
+    return (row["id"], row["run_id"]) if row else None
+
+
 # Walk up from the parent; stop at the first completed turn (a failed or cancelled one gives
 # no context, so its children chain past it).
 PREVIOUS_INTERACTION_SQL = """
@@ -238,14 +255,31 @@ async def claim_due(conn: asyncpg.Connection | asyncpg.Pool, limit: int, lease_s
     return await conn.fetch(CLAIM_DUE_SQL, limit, lease_s)
 
 
+# `next_check_at > now()`: the check still holds its claim's lease. A webhook that made the
+# check due again meanwhile (check_now sets it to now()) must not be pushed back.
 RESCHEDULE_SQL = """
 UPDATE turn SET next_check_at = now() + make_interval(secs => $2)
-WHERE id = $1 AND status = 'running'
+WHERE id = $1 AND status = 'running' AND next_check_at > now()
 """
 
 
 async def reschedule(conn: asyncpg.Connection | asyncpg.Pool, turn_id: str, delay_s: float) -> None:
     await conn.execute(RESCHEDULE_SQL, turn_id, delay_s)
+
+
+RESCHEDULE_MANY_SQL = """
+UPDATE turn AS t SET next_check_at = now() + make_interval(secs => d.delay_s)
+FROM unnest($1::text[], $2::float8[]) AS d(id, delay_s)
+WHERE t.id = d.id AND t.status = 'running' AND t.next_check_at > now()
+"""
+
+
+async def reschedule_many(
+    conn: asyncpg.Connection | asyncpg.Pool, delays: list[tuple[str, float]]
+) -> None:
+    """Reschedule a follower tick's still-running turns in one statement: (turn id, delay s)."""
+    if delays:
+        await conn.execute(RESCHEDULE_MANY_SQL, [t for t, _ in delays], [d for _, d in delays])
 
 
 CHECK_NOW_SQL = """
@@ -256,6 +290,14 @@ UPDATE turn SET next_check_at = now() WHERE run_id = $1 AND status = 'running' R
 async def check_now(conn: asyncpg.Connection | asyncpg.Pool, run_id: str) -> str | None:
     """Make a running turn's check due now (Parallel said its run changed)."""
     return await conn.fetchval(CHECK_NOW_SQL, run_id)
+
+
+RUN_KNOWN_SQL = "SELECT EXISTS (SELECT 1 FROM turn WHERE run_id = $1)"
+
+
+async def run_known(conn: asyncpg.Connection | asyncpg.Pool, run_id: str) -> bool:
+    """Whether some turn has recorded this run (running or not)."""
+    return bool(await conn.fetchval(RUN_KNOWN_SQL, run_id))
 
 
 NEXT_DUE_SQL = "SELECT min(next_check_at) FROM turn WHERE status = 'running'"

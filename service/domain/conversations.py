@@ -11,9 +11,11 @@ import msgspec
 
 from service.config import Settings
 from service.db import conversations as db
+from service.db import usage as usage_db
 from service.domain import turns as turn_domain
 from service.domain.cursors import decode_cursor, encode_cursor
 from service.domain.validation import check_processor
+from service.domain.webhook_urls import check_webhook_url
 from service.errors import InvalidInput, NotFound
 from service.models import Conversation
 from service.schemas import ConversationCreate, ConversationPage, ConversationUpdate
@@ -36,6 +38,8 @@ async def create_conversation(
     """Create a conversation; returns it and its webhook secret when it has a webhook URL."""
     processor = data.processor or settings.default_processor
     check_processor(settings, processor)
+    if data.webhook_url:
+        await check_webhook_url(data.webhook_url, settings.webhook_allow_private)
     secret = new_webhook_secret() if data.webhook_url else None
     conversation = await db.insert_conversation(
         pool,
@@ -78,6 +82,8 @@ async def update_conversation(
         check_processor(settings, changes["processor"])
     if "processor" in changes and changes["processor"] is None:
         raise InvalidInput("processor cannot be null.")
+    if changes.get("webhook_url"):
+        await check_webhook_url(changes["webhook_url"], settings.webhook_allow_private)
     async with pool.acquire() as conn, conn.transaction():
         current = await db.lock_conversation(conn, tenant_id, conversation_id)
         if current is None:
@@ -103,8 +109,13 @@ async def rotate_webhook_secret(pool: asyncpg.Pool, tenant_id: str, conversation
 async def delete_conversation(
     pool: asyncpg.Pool, tenant_id: str, conversation_id: str
 ) -> None:
-    """Cancel the conversation's open turns, then delete it with everything it holds."""
+    """Cancel the conversation's open turns, then delete it with everything it holds.
+
+    Its spend is kept (deleted_usage): deleting a conversation gives no budget back.
+    """
     await turn_domain.cancel_open_turns(pool, tenant_id, conversation_id)
-    async with pool.acquire() as conn:
-        if not await db.delete_conversation(conn, tenant_id, conversation_id):
+    async with pool.acquire() as conn, conn.transaction():
+        if await db.lock_conversation(conn, tenant_id, conversation_id) is None:
             raise NotFound(f"Conversation {conversation_id!r} not found.")
+        await usage_db.archive_usage(conn, tenant_id, conversation_id)
+        await db.delete_conversation(conn, tenant_id, conversation_id)

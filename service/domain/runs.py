@@ -16,13 +16,14 @@ import msgspec
 import structlog
 from arq.connections import ArqRedis
 
+from service import metrics
 from service.clients.parallel import ParallelClient, RunInfo
 from service.config import Settings
 from service.db import conversations as conversation_db
 from service.db import events as event_db
 from service.db import turns as db
 from service.db.pool import DB_UNAVAILABLE
-from service.domain.schedule import check_delay, profile
+from service.domain.schedule import check_delay, poll_cap, poll_start, profile
 from service.domain.turns import enqueue_start
 from service.errors import UpstreamRejected, UpstreamUnavailable
 from service.models import Turn
@@ -110,7 +111,7 @@ async def _record_run(pool: asyncpg.Pool, settings: Settings, turn: Turn, run: R
 async def _record_run_once(
     conn: asyncpg.Connection, settings: Settings, turn: Turn, run: RunInfo
 ) -> str:
-    first_check = check_delay(turn.processor, 0, settings.poll_initial_s, settings.poll_max_s)
+    first_check = check_delay(turn.processor, 0, poll_start(settings), poll_cap(settings))
     async with conn.transaction():
         await conversation_db.lock_conversation_of_turn(conn, turn.id)
         recorded = await db.record_run(conn, turn.id, run.run_id, run.interaction_id, first_check)
@@ -120,6 +121,8 @@ async def _record_run_once(
         if recorded.status == "running":
             await event_db.insert_event(conn, "turn.running", recorded)
     log.info("run_started", turn_id=turn.id, run_id=run.run_id, status=recorded.status)
+    if recorded.status == "running":
+        metrics.turn_transition(recorded)
     return "started" if recorded.status == "running" else recorded.status
 
 
@@ -139,6 +142,7 @@ async def finish(
         await event_db.insert_event(conn, f"turn.{status}", turn)
         head = await db.head_turn(conn, conversation_id)
     log.info("turn_finished", turn_id=turn_id, status=status)
+    metrics.turn_transition(turn)
     if head is not None and head["status"] == "queued":
         await enqueue_start(queue, settings, head["id"])
     return turn
@@ -146,18 +150,22 @@ async def finish(
 
 async def check_turn(
     pool: asyncpg.Pool, parallel: ParallelClient, queue: ArqRedis | None, settings: Settings,
-    due: asyncpg.Record,
+    due: asyncpg.Record, later: list[tuple[str, float]] | None = None,
 ) -> str:
-    """Check one claimed run once: reschedule it, or record its output or failure."""
+    """Check one claimed run once: reschedule it, or record its output or failure.
+
+    With `later`, a still-running turn's (turn id, delay) is appended there instead of being
+    written, so the follower reschedules a whole tick in one statement.
+    """
     turn_id, run_id, processor = due["id"], due["run_id"], due["processor"]
     try:
         run = await parallel.retrieve(run_id)
         if run.status == "completed":
             result = await parallel.result(run_id)
     except UpstreamUnavailable as exc:
-        delay = exc.retry_after or check_delay(processor, due["check_count"], settings.poll_initial_s,
-                                               settings.poll_max_s)
-        await db.reschedule(pool, turn_id, delay)
+        delay = exc.retry_after or check_delay(processor, due["check_count"], poll_start(settings),
+                                               poll_cap(settings))
+        await _reschedule(pool, turn_id, delay, later)
         return "retry"
     except UpstreamRejected as exc:
         await finish(pool, queue, settings, turn_id, "failed",
@@ -179,6 +187,15 @@ async def check_turn(
                      error={"code": "timeout",
                             "message": f"The run was still {run.status} after {elapsed:.0f} s."})
         return "timeout"
-    delay = check_delay(processor, due["check_count"], settings.poll_initial_s, settings.poll_max_s)
-    await db.reschedule(pool, turn_id, delay)
+    delay = check_delay(processor, due["check_count"], poll_start(settings), poll_cap(settings))
+    await _reschedule(pool, turn_id, delay, later)
     return "active"
+
+
+async def _reschedule(
+    pool: asyncpg.Pool, turn_id: str, delay: float, later: list[tuple[str, float]] | None
+) -> None:
+    if later is None:
+        await db.reschedule(pool, turn_id, delay)
+    else:
+        later.append((turn_id, delay))

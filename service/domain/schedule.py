@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
+from service.config import Settings
+
 
 class ProcessorProfile(msgspec.Struct, frozen=True):
     # Multiplies the first-check delay: slow processors are not worth checking early.
@@ -36,3 +38,20 @@ def check_delay(processor: str, checks_done: int, initial_s: float, max_s: float
     """Seconds until the next check: doubling from the first (1, 2, 4, … × first), capped at max_s."""
     first = initial_s * profile(processor).check_scale
     return min(max_s, first * 2 ** min(checks_done, 30))
+
+
+def poll_start(settings: Settings) -> float:
+    """Seconds to the first check of a run (before the processor's scale). In push mode the
+    webhook reports the run's end, so the safety net starts late: no check for a run shorter
+    than that, one for a run of two minutes, a handful for one of twenty (with poll_cap)."""
+    if settings.public_base_url:
+        return max(settings.poll_initial_s, settings.push_poll_initial_s)
+    return settings.poll_initial_s
+
+
+def poll_cap(settings: Settings) -> float:
+    """The longest wait between two checks of a run. In push mode Parallel's webhook triggers
+    a check as soon as the run ends, so polling is only a safety net and backs off further."""
+    if settings.public_base_url:
+        return max(settings.poll_max_s, settings.push_poll_max_s)
+    return settings.poll_max_s

@@ -12,12 +12,14 @@ import msgspec
 import structlog
 from arq.connections import ArqRedis
 
+from service import metrics
 from service import queue as jobs
 from service.config import Settings
 from service.db import conversations as conversation_db
 from service.db import events as event_db
 from service.db import turns as db
 from service.domain.cursors import decode_cursor, encode_cursor
+from service.domain.usage import check_quotas, estimate_cost
 from service.domain.validation import check_turn_request
 from service.errors import Conflict, InvalidInput, NotFound
 from service.models import TERMINAL_STATUSES, Turn
@@ -45,7 +47,7 @@ async def create_turn(
     """Append a queued turn and ask a worker to start it when its conversation is ready.
 
     The same Idempotency-Key with the same body returns the first answer; with another body,
-    Conflict. Raises NotFound, InvalidInput.
+    Conflict. Raises NotFound, InvalidInput, TooManyOpenTurns, PaymentRequired.
     """
     if idempotency_key is not None and not 0 < len(idempotency_key) <= IDEMPOTENCY_KEY_MAX:
         raise InvalidInput(f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters.")
@@ -68,6 +70,8 @@ async def create_turn(
                 "parent_turn_id must name a turn of this conversation.",
                 errors=[{"field": "parent_turn_id", "message": "no such turn in this conversation"}],
             )
+        cost = estimate_cost(processor)
+        await check_quotas(conn, settings, tenant_id, conversation_id, cost)
         seq = conversation["turn_count"] + 1
         turn = await db.insert_turn(
             conn,
@@ -82,6 +86,7 @@ async def create_turn(
             metadata=data.metadata,
             idempotency_key=idempotency_key,
             request_hash=digest,
+            estimated_cost_usd=cost,
         )
         await conn.execute(
             "UPDATE conversation SET turn_count = $2, last_turn_id = $3, updated_at = now() "
@@ -92,19 +97,22 @@ async def create_turn(
         if idempotency_key is not None:
             await db.set_first_response(conn, turn.id, msgspec.to_builtins(turn))
         head = await db.head_turn(conn, conversation_id)
+    metrics.turn_transition(turn)
     if head is not None and head["id"] == turn.id:
         await enqueue_start(queue, settings, turn.id)
     return turn
 
 
-async def enqueue_start(queue: ArqRedis | None, settings: Settings, turn_id: str) -> None:
-    """Enqueue a start; if Redis is down the reconciler finds the turn later, so only log."""
+async def enqueue_start(queue: ArqRedis | None, settings: Settings, turn_id: str) -> bool:
+    """Enqueue a start; if Redis is down the reconciler finds the turn later, so only log.
+    True when a job was added (False: already queued, or Redis is down)."""
     if queue is None:
-        return
+        return False
     try:
-        await jobs.enqueue_start_turn(queue, settings.queue_name, turn_id)
+        return await jobs.enqueue_start_turn(queue, settings.queue_name, turn_id)
     except (OSError, ConnectionError, TimeoutError) as exc:
         log.warning("enqueue_failed", turn_id=turn_id, error=str(exc))
+        return False
 
 
 async def _lock_conversation(conn: asyncpg.Connection, tenant_id: str, conversation_id: str) -> asyncpg.Record:
@@ -172,6 +180,7 @@ async def cancel_turn(
         assert cancelled is not None
         await event_db.insert_event(conn, "turn.cancelled", cancelled)
         head = await db.head_turn(conn, conversation_id)
+    metrics.turn_transition(cancelled)
     if head is not None and head["status"] == "queued":
         await enqueue_start(queue, settings, head["id"])
     return cancelled
@@ -179,6 +188,7 @@ async def cancel_turn(
 
 async def cancel_open_turns(pool: asyncpg.Pool, tenant_id: str, conversation_id: str) -> None:
     """Cancel every open turn of the conversation, newest first, without starting others."""
+    done: list[Turn] = []
     async with pool.acquire() as conn, conn.transaction():
         await _lock_conversation(conn, tenant_id, conversation_id)
         for row in reversed(await db.open_turns(conn, conversation_id)):
@@ -188,3 +198,6 @@ async def cancel_open_turns(pool: asyncpg.Pool, tenant_id: str, conversation_id:
             )
             if cancelled is not None:
                 await event_db.insert_event(conn, "turn.cancelled", cancelled)
+                done.append(cancelled)
+    for cancelled in done:
+        metrics.turn_transition(cancelled)

@@ -12,6 +12,9 @@ from service.schemas import JsonSchema, TextSchema, TurnCreate
 
 # Parallel refuses output schemas nested deeper than this (parallel-api.md §1.2).
 MAX_SCHEMA_DEPTH = 3
+# Raw nesting (objects and arrays) allowed in a json_schema: room for a 3-deep schema with
+# arrays and combinators, and a bound for the recursive checks below.
+MAX_SCHEMA_NESTING = 16
 
 
 def check_processor(settings: Settings, processor: str) -> None:
@@ -20,6 +23,22 @@ def check_processor(settings: Settings, processor: str) -> None:
             f"Unknown processor {processor!r}.",
             errors=[{"field": "processor", "message": f"one of: {', '.join(settings.processors)}"}],
         )
+
+
+def json_depth(value: Any, cap: int) -> int:
+    """Levels of objects and arrays in a JSON value (a flat object is 1); stops counting past cap."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > cap:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def schema_depth(schema: Any) -> int:
@@ -46,9 +65,19 @@ def spec_size(data: TurnCreate) -> int:
 def check_turn_request(settings: Settings, data: TurnCreate, processor: str) -> None:
     """Refuse what Parallel would refuse (parallel-api.md §1.2). Raises InvalidInput."""
     check_processor(settings, processor)
+    if json_depth(data.input, settings.max_input_depth) > settings.max_input_depth:
+        raise InvalidInput(
+            f"input nests objects and arrays deeper than {settings.max_input_depth} levels.",
+            errors=[{"field": "input", "message": f"at most {settings.max_input_depth} levels"}],
+        )
     schema = data.output_schema
     if isinstance(schema, JsonSchema):
         js = schema.json_schema
+        if json_depth(js, MAX_SCHEMA_NESTING) > MAX_SCHEMA_NESTING:
+            raise InvalidInput(
+                f"output_schema.json_schema nests deeper than {MAX_SCHEMA_NESTING} levels.",
+                errors=[{"field": "output_schema.json_schema", "message": "too deep"}],
+            )
         if js.get("type") != "object" or not isinstance(js.get("properties"), dict):
             raise InvalidInput(
                 "output_schema.json_schema must be a JSON schema of type object with properties.",

@@ -1,12 +1,15 @@
-"""Bearer API keys: every /v1 route but Parallel's inbound webhook needs one."""
+"""Bearer API keys: every /v1 route but Parallel's inbound webhook needs one, within its rate limit."""
 
 from __future__ import annotations
 
+import structlog
 from litestar.connection import ASGIConnection
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 
-from service.db.keys import tenant_for_key
+from service.db.keys import authenticate_key
+from service.domain.ratelimits import check_rate
 from service.errors import Unauthorized
+from service.resources import Resources
 
 
 class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
@@ -15,7 +18,15 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
         scheme, _, key = header.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise Unauthorized()
-        tenant_id = await tenant_for_key(connection.app.state.resources.pool, key.strip())
-        if tenant_id is None:
+        resources: Resources = connection.app.state.resources
+        auth = await authenticate_key(resources.pool, key.strip())
+        if auth is None:
             raise Unauthorized("The API key is not valid or has been revoked.")
-        return AuthenticationResult(user=tenant_id, auth=tenant_id)
+        # The request's log lines name the tenant (request_id_middleware unbinds it afterwards).
+        structlog.contextvars.bind_contextvars(tenant_id=auth.tenant_id)
+        limit = auth.rate_limit_per_min
+        await check_rate(
+            resources.queue, auth.key_id,
+            resources.settings.rate_limit_per_min if limit is None else limit,
+        )
+        return AuthenticationResult(user=auth.tenant_id, auth=auth.tenant_id)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Controller, Request, delete, get, patch, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
 from service.domain import conversations
+from service.http import examples as ex
 from service.http.deps import Cursor, Limit, tenant_of
+from service.http.problems import problem_responses
 from service.models import Conversation
 from service.resources import Resources
 from service.schemas import (
@@ -30,33 +32,48 @@ class ConversationController(Controller):
     path = "/v1/conversations"
     tags = ["conversations"]
 
-    @post(operation_id="CreateConversation", summary="Create a conversation", status_code=201)
+    @post(operation_id="CreateConversation", summary="Create a conversation", status_code=201,
+          responses={**problem_responses(413), **ex.answer(
+              201, ConversationCreated, "The conversation; `webhook_secret` only here, once",
+              ex.example("created", "With a webhook URL", ex.NEW_CONVERSATION))})
     async def create(
-        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], data: ConversationCreate
+        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources],
+        data: Annotated[ConversationCreate, ex.body(*ex.CREATE_CONVERSATION)],
     ) -> ConversationCreated:
         conversation, secret = await conversations.create_conversation(
             resources.pool, resources.settings, tenant_of(request), data
         )
         return _with_secret(conversation, secret)
 
-    @get(operation_id="ListConversations", summary="List conversations, newest first")
+    @get(operation_id="ListConversations", summary="List conversations, newest first",
+         responses={**problem_responses(), **ex.answer(
+             200, ConversationPage, "A page of conversations; pass `next_cursor` as `cursor`",
+             ex.example("page", "One conversation, no more pages",
+                        {"data": [ex.CONVERSATION], "next_cursor": None}))})
     async def list(
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], limit: Limit = 20,
         cursor: Cursor = None,
     ) -> ConversationPage:
         return await conversations.list_conversations(resources.pool, tenant_of(request), limit, cursor)
 
-    @get("/{conversation_id:str}", operation_id="GetConversation", summary="Get a conversation")
+    @get("/{conversation_id:str}", operation_id="GetConversation", summary="Get a conversation",
+         responses={**problem_responses(404), **ex.answer(
+             200, Conversation, "The conversation",
+             ex.example("conversation", "Two turns, both ended", ex.CONVERSATION))})
     async def get(
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str]
     ) -> Conversation:
         return await conversations.get_conversation(resources.pool, tenant_of(request), conversation_id)
 
     @patch("/{conversation_id:str}", operation_id="UpdateConversation",
-           summary="Change a conversation's title, processor, metadata or webhook URL")
+           summary="Change a conversation's title, processor, metadata or webhook URL",
+           responses={**problem_responses(404, 413), **ex.answer(
+               200, ConversationCreated,
+               "The conversation; `webhook_secret` once, when a webhook URL is set where none was",
+               ex.example("updated", "Retitled", {**ex.CONVERSATION, "title": "Milano Cortina 2026"}))})
     async def update(
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str],
-        data: ConversationUpdate,
+        data: Annotated[ConversationUpdate, ex.body(*ex.UPDATE_CONVERSATION)],
     ) -> ConversationCreated:
         conversation, secret = await conversations.update_conversation(
             resources.pool, resources.settings, tenant_of(request), conversation_id, data
@@ -64,7 +81,11 @@ class ConversationController(Controller):
         return _with_secret(conversation, secret)
 
     @post("/{conversation_id:str}/webhook-secret/rotate", operation_id="RotateWebhookSecret",
-          summary="Rotate the webhook secret; the old one signs too for 24 h", status_code=200)
+          summary="Rotate the webhook secret; the old one signs too for 24 h", status_code=200,
+          responses={**problem_responses(404), **ex.answer(
+              200, WebhookSecret, "The new secret, shown once",
+              ex.example("rotated", "A new secret",
+                         {"webhook_secret": "whsec_Jr1zXh0sPq3pVw9UuO1tKb5EaMd8Yn2C"}))})
     async def rotate_secret(
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str]
     ) -> WebhookSecret:
@@ -74,7 +95,8 @@ class ConversationController(Controller):
         return WebhookSecret(webhook_secret=secret)
 
     @delete("/{conversation_id:str}", operation_id="DeleteConversation",
-            summary="Cancel a conversation's open turns and delete it")
+            summary="Cancel a conversation's open turns and delete it",
+            responses=problem_responses(404))
     async def delete(
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str]
     ) -> None:

@@ -8,13 +8,71 @@ from typing import Any
 import structlog
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
 
 from service.db.pool import DB_UNAVAILABLE
 from service.errors import ServiceError, TooManyRequests, Unauthorized, Unavailable
+from service.http.examples import example
+from service.schemas import Problem
 
 log = structlog.get_logger(__name__)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+PROBLEM_DESCRIPTIONS = {
+    400: "The request could not be understood (malformed JSON, a bad cursor)",
+    401: "No valid API key (missing, malformed, unknown or revoked)",
+    402: "The tenant's monthly budget is spent",
+    404: "No such resource, or another tenant's",
+    409: "Conflicts with the resource's state",
+    413: "The body is larger than 1 MB",
+    422: "A value is not acceptable; `errors` lists the fields",
+    429: "Rate limit (with Retry-After) or open-turn limit reached",
+    503: "Postgres or Redis is unavailable; retry shortly",
+    405: "The route answers other methods only",
+}
+
+
+def _example(status: int, slug: str, title: str, detail: str, **extra: Any) -> dict[str, Any]:
+    return {"type": f"/problems/{slug}", "title": title, "status": status, "detail": detail, **extra}
+
+
+# One typical answer per status, as the handlers below write it (the OpenAPI examples).
+PROBLEM_EXAMPLES = {
+    400: _example(400, "bad-request", "Bad request", "The body is not valid JSON."),
+    401: _example(401, "unauthorized", "Unauthorized",
+                  "A valid API key is required: send `Authorization: Bearer <key>`."),
+    402: _example(402, "budget-exceeded", "Budget exceeded",
+                  "The tenant's monthly budget is spent; new turns are refused until next month."),
+    404: _example(404, "not-found", "Not found",
+                  "Conversation 'conv_5d3aaf9f42be041f26853248' not found."),
+    405: _example(405, "method-not-allowed", "Method Not Allowed", "Method Not Allowed"),
+    409: _example(409, "conflict", "Conflict", "The turn already ended: it is completed."),
+    413: _example(413, "request-entity-too-large", "Request Entity Too Large",
+                  "Request Entity Too Large"),
+    422: _example(422, "validation-error", "Invalid request",
+                  "input: Expected `str | object`, got `int`",
+                  errors=[{"field": "input", "message": "Expected `str | object`, got `int`",
+                           "source": "body"}]),
+    429: _example(429, "rate-limited", "Too many requests",
+                  "This API key sent more requests this minute than its limit allows."),
+    503: _example(503, "unavailable", "Service unavailable",
+                  "A backing service is unavailable; retry shortly."),
+}
+
+
+def problem_responses(*statuses: int, auth: bool = True) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for a route's problem+json answers; /v1 routes add the ones all can give."""
+    common = (400, 401, 422, 429, 503) if auth else (503,)
+    return {
+        status: ResponseSpec(
+            data_container=Problem, media_type=PROBLEM_MEDIA_TYPE,
+            description=PROBLEM_DESCRIPTIONS[status], generate_examples=False,
+            examples=[example(PROBLEM_EXAMPLES[status]["type"].rsplit("/", 1)[1],
+                              PROBLEM_EXAMPLES[status]["title"], PROBLEM_EXAMPLES[status])],
+        )
+        for status in sorted({*common, *statuses})
+    }
 
 
 def problem(
@@ -80,6 +138,13 @@ def handle_unavailable(_: Request[Any, Any, Any], exc: Exception) -> Response[di
     return handle_service_error(_, Unavailable())
 
 
+def handle_too_deep(request: Request[Any, Any, Any], exc: RecursionError) -> Response[dict[str, Any]]:
+    # msgspec refuses JSON nested past the interpreter's recursion limit this way, before any
+    # validation runs: the body is at fault, not the server.
+    log.warning("body_too_deep", path=request.url.path, error=str(exc))
+    return problem(400, "Bad request", "The body nests too deeply to be read.", "bad-request")
+
+
 def handle_internal(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     if isinstance(exc, DB_UNAVAILABLE):
         return handle_unavailable(request, exc)
@@ -102,5 +167,6 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     ValidationException: handle_validation,
     HTTPException: handle_http_exception,
     **{exc: handle_unavailable for exc in DB_UNAVAILABLE},
+    RecursionError: handle_too_deep,
     Exception: handle_internal,
 }

@@ -9,7 +9,9 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, HeaderParameter, QueryParameter
 
 from service.domain import turns
+from service.http import examples as ex
 from service.http.deps import Cursor, Limit, tenant_of
+from service.http.problems import problem_responses
 from service.models import Turn
 from service.resources import Resources
 from service.schemas import TurnCreate, TurnPage
@@ -27,10 +29,15 @@ class TurnController(Controller):
     path = "/v1/conversations/{conversation_id:str}/turns"
     tags = ["turns"]
 
-    @post(operation_id="CreateTurn", summary="Ask a question (a new turn)", status_code=202)
+    @post(operation_id="CreateTurn", summary="Ask a question (a new turn)", status_code=202,
+          responses={**problem_responses(402, 404, 409, 413), **ex.answer(
+              202, Turn, "The queued turn; `Location` names it. The same Idempotency-Key and body "
+              "answer the first response again",
+              ex.example("queued", "Queued behind the conversation's previous turn",
+                         ex.QUEUED_TURN))})
     async def create(
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str],
-        data: TurnCreate, idempotency_key: IdempotencyKey = None,
+        data: Annotated[TurnCreate, ex.body(*ex.CREATE_TURN)], idempotency_key: IdempotencyKey = None,
     ) -> Response[Turn]:
         turn = await turns.create_turn(
             resources.pool, resources.queue, resources.settings, tenant_of(request),
@@ -39,7 +46,14 @@ class TurnController(Controller):
         location = f"/v1/conversations/{conversation_id}/turns/{turn.id}"
         return Response(turn, status_code=202, headers={"Location": location})
 
-    @get(operation_id="ListTurns", summary="List a conversation's turns, oldest first")
+    @get(operation_id="ListTurns", summary="List a conversation's turns, oldest first",
+         responses={**problem_responses(404), **ex.answer(
+             200, TurnPage, "A page of turns; pass `next_cursor` as `cursor`",
+             ex.example("page", "A completed turn and a queued one",
+                        {"data": [{**ex.COMPLETED_TURN, "id": ex.TURN_1, "seq": 1,
+                                   "parent_turn_id": None, "previous_interaction_id": None,
+                                   "input": "Which country won the most medals in 2026?"},
+                                  ex.QUEUED_TURN], "next_cursor": None}))})
     async def list(
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str],
         limit: Limit = 20, cursor: Cursor = None,
@@ -49,7 +63,11 @@ class TurnController(Controller):
         )
 
     @get("/{turn_id:str}", operation_id="GetTurn",
-         summary="Get a turn; with ?wait=, long-poll until it ends")
+         summary="Get a turn; with ?wait=, long-poll until it ends",
+         responses={**problem_responses(404), **ex.answer(
+             200, Turn, "The turn: terminal, or as it is when `wait` runs out",
+             ex.example("completed", "Completed, with output and citations", ex.COMPLETED_TURN),
+             ex.example("failed", "Failed: the run outlived its deadline", ex.FAILED_TURN))})
     async def get(
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str],
         turn_id: FromPath[str], wait: Wait = 0,
@@ -62,7 +80,9 @@ class TurnController(Controller):
         return await turns.get_turn(resources.pool, tenant_id, conversation_id, turn_id)
 
     @post("/{turn_id:str}/cancel", operation_id="CancelTurn", summary="Cancel a turn",
-          status_code=200)
+          status_code=200, responses={**problem_responses(404, 409), **ex.answer(
+              200, Turn, "The cancelled turn (again, if it already was)",
+              ex.example("cancelled", "Cancelled while queued", ex.CANCELLED_TURN))})
     async def cancel(
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str],
         turn_id: FromPath[str],

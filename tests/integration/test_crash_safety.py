@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 def fast_recovery(settings, **changes):
     """Short leases and timeouts, so recovery after a kill takes seconds, not minutes."""
     return msgspec.structs.replace(
-        settings, start_lease_s=4.0, check_lease_s=3.0, job_timeout_s=5, reconcile_interval_s=2,
+        settings, start_lease_s=8.0, check_lease_s=3.0, job_timeout_s=5, reconcile_interval_s=2,
         poll_initial_s=0.2, poll_max_s=1.0, shutdown_grace_s=5, **changes,
     )
 

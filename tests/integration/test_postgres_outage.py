@@ -34,7 +34,7 @@ async def test_api_answers_503_while_postgres_is_down_and_all_turns_complete(set
         try:
             await migrate(url)
             settings = msgspec.structs.replace(
-                settings, database_url=url, start_lease_s=4.0, check_lease_s=3.0, job_timeout_s=5,
+                settings, database_url=url, start_lease_s=8.0, check_lease_s=3.0, job_timeout_s=5,
                 reconcile_interval_s=2, poll_initial_s=0.2, poll_max_s=1.0)
             resources = await Resources.open(settings, listen=True)
             async with resources.pool.acquire() as conn:

@@ -1,0 +1,151 @@
+"""Benchmark 3: end-to-end overhead of a turn, against the loop a user would otherwise write.
+
+C conversations × K chained turns with an instant sandbox (its own process). Baseline: the
+README's loop calling the SDK directly (create, then result, chaining previous_interaction_id),
+C of them concurrently. Service: POST the turn, then GET it with ?wait= until it ends, then the
+next; API and worker are processes of their own. Per-turn latency is from sending the question
+to holding the answer; the added latency is service minus baseline at the same percentile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+from parallel import AsyncParallel
+
+from bench.harness import (
+    Row, bench_settings, free_port, make_conversations, make_tenants, ratio, scratch_database,
+    summarize,
+)
+from bench.inflight import WEBHOOK_SECRET, _wait_worker, push_available
+from bench.procs import api_proc, sandbox_proc, worker_proc
+
+GOAL_ADDED_P50_MS = 50
+
+
+async def sdk_loop(base_url: str, conversations: int, turns: int) -> tuple[list[float], float]:
+    """The README's loop, `conversations` at once; (per-turn latencies in s, wall time)."""
+    client = AsyncParallel(api_key="bench-key", base_url=base_url)
+    latencies: list[float] = []
+
+    async def conversation(c: int) -> None:
+        previous = None
+        for k in range(turns):
+            t0 = time.perf_counter()
+            run = await client.task_run.create(
+                input=f"conversation {c} question {k}", processor="lite",
+                previous_interaction_id=previous,
+            )
+            await client.task_run.result(run.run_id, api_timeout=600)
+            previous = run.interaction_id
+            latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    try:
+        await asyncio.gather(*(conversation(c) for c in range(conversations)))
+    finally:
+        await client.close()
+    return latencies, time.perf_counter() - t0
+
+
+async def service_loop(api_url: str, convs: list[tuple[str, int]], keys: list[str], turns: int
+                       ) -> tuple[list[float], float]:
+    """The same conversations through the service: POST, then long-poll until the turn ends."""
+    latencies: list[float] = []
+    limits = httpx.Limits(max_connections=len(convs) + 10, max_keepalive_connections=len(convs) + 10)
+    async with httpx.AsyncClient(base_url=api_url, limits=limits, timeout=90) as client:
+
+        async def conversation(c: int, conv: str, tenant: int) -> None:
+            auth = {"Authorization": f"Bearer {keys[tenant]}"}
+            for k in range(turns):
+                t0 = time.perf_counter()
+                r = await client.post(f"/v1/conversations/{conv}/turns", headers=auth,
+                                      json={"input": f"conversation {c} question {k}"})
+                if r.status_code != 202:
+                    raise RuntimeError(f"POST turn answered {r.status_code}: {r.text[:300]}")
+                turn = r.json()
+                while turn["status"] not in ("completed", "failed", "cancelled"):
+                    r = await client.get(f"/v1/conversations/{conv}/turns/{turn['id']}",
+                                         params={"wait": 30}, headers=auth)
+                    turn = r.json()
+                if turn["status"] != "completed":
+                    raise RuntimeError(f"turn ended {turn['status']}: {turn.get('error')}")
+                latencies.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(conversation(i, c, t) for i, (c, t) in enumerate(convs)))
+    return latencies, time.perf_counter() - t0
+
+
+async def run_mode(mode: str, conversations: int, turns: int) -> dict[str, Any]:
+    async with scratch_database("e2e") as dsn:
+        tenants = await make_tenants(dsn, max(1, conversations // 50))
+        ids, keys = [t for t, _ in tenants], [k for _, k in tenants]
+        convs = await make_conversations(dsn, ids, conversations, "conv_")
+        sandbox_port, api_port = free_port(), free_port()
+        sandbox_url = f"http://127.0.0.1:{sandbox_port}"
+        settings = bench_settings(dsn, sandbox_url)
+        env = {"WORKER_METRICS_PORT": "0", "RATE_LIMIT_PER_MIN": "1000000000"}
+        if mode == "push":
+            env |= {"PUBLIC_BASE_URL": f"http://127.0.0.1:{api_port}",
+                    "PARALLEL_WEBHOOK_SECRET": WEBHOOK_SECRET}
+        sandbox = sandbox_proc(sandbox_port, 0.0, WEBHOOK_SECRET).start()
+        api = api_proc(settings, api_port, **env).start()
+        worker = worker_proc(settings, **env).start()
+        try:
+            sandbox.wait_http(f"{sandbox_url}/_sandbox/health")
+            api.wait_http(f"http://127.0.0.1:{api_port}/healthz")
+            if mode == "push" and not await push_available(f"http://127.0.0.1:{api_port}"):
+                return {"mode": mode, "conversations": conversations, "turns": turns,
+                        "unavailable": True}
+            await _wait_worker(worker)
+            # Baseline and service take turns on the same machine, the baseline first.
+            base_lat, base_wall = await sdk_loop(sandbox_url, conversations, turns)
+            svc_lat, svc_wall = await service_loop(f"http://127.0.0.1:{api_port}", convs, keys, turns)
+        finally:
+            for proc in (worker, api, sandbox):
+                proc.stop()
+    base, svc = summarize(base_lat), summarize(svc_lat)
+    return {
+        "mode": mode, "conversations": conversations, "turns": turns,
+        "baseline_s": base, "service_s": svc, "baseline_wall_s": base_wall, "service_wall_s": svc_wall,
+        "added_p50_ms": 1000 * (svc["p50"] - base["p50"]),
+        "added_p95_ms": 1000 * (svc["p95"] - base["p95"]),
+    }
+
+
+def rows_for(f: dict[str, Any]) -> list[Row]:
+    label = f"{f['mode']} {f['conversations']}×{f['turns']}"
+    if f.get("unavailable"):
+        return [Row(bench="e2e", measure=f"{label}: no /v1/hooks/parallel route (push mode)",
+                    value=float("nan"), ok=False)]
+    base, svc = f["baseline_s"], f["service_s"]
+    return [
+        Row(bench="e2e", measure=f"{label}: turn latency p50", value=1000 * svc["p50"], unit="ms",
+            baseline=1000 * base["p50"], ratio=ratio(svc["p50"], base["p50"]),
+            goal=f"added ≤ {GOAL_ADDED_P50_MS} ms", ok=f["added_p50_ms"] <= GOAL_ADDED_P50_MS),
+        Row(bench="e2e", measure=f"{label}: turn latency p95", value=1000 * svc["p95"], unit="ms",
+            baseline=1000 * base["p95"], ratio=ratio(svc["p95"], base["p95"])),
+        Row(bench="e2e", measure=f"{label}: added per turn p50 / p95", value=f["added_p50_ms"],
+            unit="ms", baseline=f["added_p95_ms"], goal="baseline column: p95"),
+        Row(bench="e2e", measure=f"{label}: wall time", value=f["service_wall_s"], unit="s",
+            baseline=f["baseline_wall_s"], ratio=ratio(f["service_wall_s"], f["baseline_wall_s"])),
+    ]
+
+
+async def run(size: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
+    results = [await run_mode(mode, size["conversations"], size["turns"]) for mode in size["modes"]]
+    return [row for f in results for row in rows_for(f)], {"modes": results}
+
+
+if __name__ == "__main__":
+    import sys
+
+    from bench.harness import render_table
+
+    table_rows, raw = asyncio.run(run({"modes": sys.argv[1].split(","),
+                                       "conversations": int(sys.argv[2]), "turns": 5}))
+    print(render_table(table_rows))

@@ -1,0 +1,129 @@
+"""Closed-loop HTTP load: wrk when installed (C, so the load generator is not the bottleneck),
+else an asyncio httpx generator. Both cycle through a list of (path, API key) targets and report
+req/s and latency percentiles in milliseconds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.harness import percentile
+
+# Each wrk thread walks the path list with a stride of the thread count, so no two requests of
+# a run share a path until the list wraps around.
+WRK_SCRIPT = r"""
+local paths = {}
+local keys = {}
+local nthreads = 1
+local n = 0
+local threads = {}
+function setup(thread)
+  thread:set("tid", #threads)
+  table.insert(threads, thread)
+end
+function init(args)
+  for line in io.lines(args[1]) do
+    local path, key = line:match("^([^\t]*)\t(.*)$")
+    table.insert(paths, path)
+    table.insert(keys, key)
+  end
+  nthreads = tonumber(args[2])
+  wrk.method = args[3]
+  if args[4] ~= "" then wrk.body = args[4] end
+  n = tid
+end
+function request()
+  local i = (n % #paths) + 1
+  n = n + nthreads
+  return wrk.format(nil, paths[i], {["Authorization"] = "Bearer " .. keys[i],
+                                    ["Content-Type"] = "application/json"})
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '@@{"requests":%d,"duration_s":%f,"errors":%d,"status_errors":%d,"p50":%f,"p90":%f,"p99":%f}\n',
+    summary.requests, summary.duration / 1e6,
+    e.connect + e.read + e.write + e.status + e.timeout, e.status,
+    latency:percentile(50) / 1000, latency:percentile(90) / 1000,
+    latency:percentile(99) / 1000))
+end
+"""
+
+
+def have_wrk() -> bool:
+    return shutil.which("wrk") is not None
+
+
+Target = tuple[str, str]  # (path, API key)
+
+
+def run_load(
+    base_url: str, method: str, targets: list[Target], *, body: bytes = b"",
+    duration_s: float, connections: int = 32,
+) -> dict[str, float]:
+    """Load base_url for duration_s; returns {rps, p50, p90, p99 (ms), requests, errors}."""
+    if have_wrk():
+        return _run_wrk(base_url, method, targets, body, duration_s, connections)
+    return asyncio.run(_run_httpx(base_url, method, targets, body, duration_s, connections))
+
+
+def _run_wrk(
+    base_url: str, method: str, targets: list[Target], body: bytes, duration_s: float,
+    connections: int,
+) -> dict[str, float]:
+    threads = 2
+    folder = Path(tempfile.mkdtemp(prefix="bench-wrk-"))
+    (folder / "paths.txt").write_text("".join(f"{path}\t{key}\n" for path, key in targets))
+    (folder / "load.lua").write_text(WRK_SCRIPT)
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
+            "--timeout", "10s", "-s", str(folder / "load.lua")]
+    argv += [base_url, "--", str(folder / "paths.txt"), str(threads), method, body.decode()]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 60, check=True)
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("@@"))
+    stats = json.loads(line[2:])
+    shutil.rmtree(folder, ignore_errors=True)
+    return {
+        "rps": stats["requests"] / stats["duration_s"], "p50": stats["p50"], "p90": stats["p90"],
+        "p99": stats["p99"], "requests": stats["requests"], "errors": stats["errors"],
+        "generator": "wrk",
+    }
+
+
+async def _run_httpx(
+    base_url: str, method: str, targets: list[Target], body: bytes, duration_s: float,
+    connections: int,
+) -> dict[str, float]:
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    headers = {"Content-Type": "application/json"}
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits) as client:
+        deadline = time.perf_counter() + duration_s
+
+        async def loop(start: int) -> None:
+            nonlocal errors
+            n = start
+            while time.perf_counter() < deadline:
+                path, key = targets[n % len(targets)]
+                n += connections
+                t0 = time.perf_counter()
+                response = await client.request(method, path, content=body or None,
+                                                headers={"Authorization": f"Bearer {key}"})
+                latencies.append((time.perf_counter() - t0) * 1000)
+                errors += response.status_code >= 400
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(loop(i) for i in range(connections)))
+        elapsed = time.perf_counter() - t0
+    return {
+        "rps": len(latencies) / elapsed, "p50": percentile(latencies, 50),
+        "p90": percentile(latencies, 90), "p99": percentile(latencies, 99),
+        "requests": len(latencies), "errors": errors, "generator": "httpx",
+    }

@@ -1,0 +1,175 @@
+"""The processes a benchmark runs: the API, the worker, the floor app and the sandbox.
+
+Each runs as its own process (so its CPU and memory are its own), with its output in a log file.
+`python -m bench.procs sandbox --port N --latency S` serves the sandbox without access logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from service.config import Settings
+from tests.processes import settings_env
+
+
+class Proc:
+    """A child process with a sampler for its peak RSS and a reading of its CPU seconds."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.log = Path(tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")[1])
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.peak_rss = 0
+        self._cpu_at_mark = 0.0
+        self._sampler: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> Proc:
+        with self.log.open("ab") as out:
+            self.popen = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+        return self
+
+    def _tree(self) -> list[psutil.Process]:
+        assert self.popen is not None
+        try:
+            root = psutil.Process(self.popen.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.25):
+            try:
+                rss = sum(p.memory_info().rss for p in self._tree())
+            except psutil.NoSuchProcess:
+                continue
+            self.peak_rss = max(self.peak_rss, rss)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the process (and any children) so far."""
+        total = 0.0
+        for p in self._tree():
+            try:
+                t = p.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += t.user + t.system
+        return total
+
+    def mark(self) -> None:
+        """Start counting CPU and peak RSS from now (after start-up)."""
+        self._cpu_at_mark = self.cpu_seconds()
+        self.peak_rss = 0
+
+    def cpu_since_mark(self) -> float:
+        return self.cpu_seconds() - self._cpu_at_mark
+
+    def wait_http(self, url: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.popen is not None
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.output()[-3000:]}")
+            try:
+                if httpx.get(url, timeout=1.0).status_code < 500:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.name} did not answer {url}:\n{self.output()[-3000:]}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        self._stop.set()
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        # Under py-spy the worker is the child: stop it, and py-spy writes its profile and exits.
+        for p in self._tree()[1:] if self.argv[0] == "py-spy" else self._tree()[:1]:
+            p.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
+
+    def __enter__(self) -> Proc:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _profiled(name: str, argv: list[str]) -> list[str]:
+    """Profiling aid: with BENCH_PYSPY_<NAME>=file (and py-spy installed), record the process's
+    collapsed stacks there, for flame graphs."""
+    if out := os.environ.get(f"BENCH_PYSPY_{name.upper()}"):
+        return ["py-spy", "record", "-o", out, "--format", "raw", "--rate", "100", "--", *argv]
+    return argv
+
+
+def api_proc(settings: Settings, port: int, **env: str) -> Proc:
+    argv = [sys.executable, "-m", "service.cli", "api", "--port", str(port)]
+    return Proc("api", _profiled("api", argv), settings_env(settings, **env))
+
+
+def floor_proc(settings: Settings, port: int, tenant_id: str) -> Proc:
+    return Proc("floor", [sys.executable, "-m", "bench.floor", "--port", str(port)],
+                settings_env(settings, BENCH_TENANT_ID=tenant_id))
+
+
+def worker_proc(settings: Settings, **env: str) -> Proc:
+    argv = [sys.executable, "-m", "service.cli", "worker"]
+    return Proc("worker", _profiled("worker", argv), settings_env(settings, **env))
+
+
+def sandbox_proc(port: int, latency_s: float, webhook_secret: str = "bench_webhook_secret") -> Proc:
+    argv = [sys.executable, "-m", "bench.procs", "sandbox", "--port", str(port),
+            "--latency", str(latency_s), "--webhook-secret", webhook_secret]
+    return Proc("sandbox", argv)
+
+
+def _serve_sandbox(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from sandbox.app import create_app
+    from sandbox.config import SandboxConfig
+
+    config = SandboxConfig(
+        default_latency_s=args.latency, queued_s=min(0.05, args.latency),
+        webhook_secret=args.webhook_secret, webhook_concurrency=64,
+        max_log_entries=1_000_000,
+    )
+    uvicorn.run(create_app(config), host="127.0.0.1", port=args.port, log_level="warning",
+                access_log=False, backlog=4096, timeout_graceful_shutdown=2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.procs")
+    sub = parser.add_subparsers(dest="what", required=True)
+    sandbox = sub.add_parser("sandbox")
+    sandbox.add_argument("--port", type=int, required=True)
+    sandbox.add_argument("--latency", type=float, default=0.0)
+    sandbox.add_argument("--webhook-secret", default="bench_webhook_secret")
+    args = parser.parse_args()
+    _serve_sandbox(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Prometheus metrics of the API (`GET /metrics`) and the worker (its own port), all defined here.
+
+Counters and histograms count what this process did. With PROMETHEUS_MULTIPROC_DIR set,
+prometheus_client keeps them in files in that folder and every scrape adds up all the processes
+that share it (several API processes behind one port), so totals stay right. Gauges of shared
+state (turns by status, queue depth) are not kept in any process: the API computes them from
+Postgres and Redis when scraped, so they are right whichever replica answers (aggregate them
+with max(), not sum()). docs/operations.md lists every metric and the alerts worth setting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from service.db import stats
+
+if TYPE_CHECKING:
+    import asyncpg
+    from arq.connections import ArqRedis
+
+    from service.models import Turn
+
+log = structlog.get_logger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+TURN_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+STATE_QUERY_TIMEOUT_S = 2.0
+
+HTTP_REQUESTS = Counter(
+    "research_http_requests_total", "HTTP requests answered, by route template and status.",
+    ["method", "route", "status"],
+)
+HTTP_DURATION = Histogram(
+    "research_http_request_duration_seconds", "Time to answer an HTTP request (SSE: the stream).",
+    ["method", "route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+TURN_TRANSITIONS = Counter(
+    "research_turn_transitions_total", "Turns that entered a status, where the change happened.",
+    ["status", "processor"],
+)
+TURN_DURATION = Histogram(
+    "research_turn_duration_seconds", "From a turn's creation to its terminal status.",
+    ["status", "processor"],
+    buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400),
+)
+PARALLEL_REQUESTS = Counter(
+    "research_parallel_requests_total",
+    "Calls to Parallel's Task API by endpoint and outcome: ok, the HTTP status of an error "
+    "answer, or the error class when there was no answer.",
+    ["endpoint", "status"],
+)
+PARALLEL_DURATION = Histogram(
+    "research_parallel_request_duration_seconds", "Time of a call to Parallel's Task API.",
+    ["endpoint"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+WEBHOOK_DELIVERIES = Counter(
+    "research_webhook_deliveries_total", "Webhook delivery attempts to clients, by outcome.",
+    ["outcome"],
+)
+WEBHOOK_DURATION = Histogram(
+    "research_webhook_delivery_duration_seconds", "Time of a webhook delivery attempt.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+RECONCILER_REPAIRS = Counter(
+    "research_reconciler_repairs_total",
+    "Things the reconciler put right, by kind (requeued_start: a turn whose job Redis lost).",
+    ["kind"],
+)
+
+
+def turn_transition(turn: Turn) -> None:
+    """Count a turn entering its current status (call after the change committed)."""
+    TURN_TRANSITIONS.labels(turn.status, turn.processor).inc()
+    if turn.status in TERMINAL and turn.completed_at is not None:
+        seconds = (turn.completed_at - turn.created_at).total_seconds()
+        TURN_DURATION.labels(turn.status, turn.processor).observe(max(0.0, seconds))
+
+
+def record_webhook_delivery(outcome: str, seconds: float | None = None) -> None:
+    """Count one delivery attempt: outcome is e.g. delivered, failed (will retry), gave_up."""
+    WEBHOOK_DELIVERIES.labels(outcome).inc()
+    if seconds is not None:
+        WEBHOOK_DURATION.observe(seconds)
+
+
+def reconciler_repairs(kind: str, count: int) -> None:
+    if count:
+        RECONCILER_REPAIRS.labels(kind).inc(count)
+
+
+def http_request(method: str, route: str, status: int, seconds: float) -> None:
+    HTTP_REQUESTS.labels(method, route, str(status)).inc()
+    HTTP_DURATION.labels(method, route).observe(seconds)
+
+
+def call_outcome(exc: BaseException) -> str:
+    """The `status` label of a failed call: the answer's HTTP status, else the error's class."""
+    status = getattr(exc, "status_code", None)
+    return str(status) if isinstance(status, int) else type(exc).__name__
+
+
+@contextlib.contextmanager
+def parallel_call(endpoint: str) -> Iterator[None]:
+    """Time and count one call to Parallel (service.clients.parallel wraps each SDK call)."""
+    start = time.perf_counter()
+    outcome = "ok"
+    try:
+        yield
+    except BaseException as exc:
+        outcome = call_outcome(exc)
+        raise
+    finally:
+        PARALLEL_REQUESTS.labels(endpoint, outcome).inc()
+        PARALLEL_DURATION.labels(endpoint).observe(time.perf_counter() - start)
+
+
+def process_registry() -> CollectorRegistry:
+    """What this process (or, in multiprocess mode, every process sharing the folder) counted."""
+    if not os.environ.get(MULTIPROC_ENV):
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry
+
+
+class _Snapshot(Collector):
+    """Gauges measured just now, exposed once."""
+
+    def __init__(self, families: list[Any]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Any]:
+        yield from self._families
+
+
+async def shared_state(pool: asyncpg.Pool, queue: ArqRedis, queue_name: str) -> list[Any]:
+    """Turns by status and the queue depth, from Postgres and Redis, as metric families.
+
+    research_state_up is 0 (and the others are missing) when either could not be read.
+    """
+    up = GaugeMetricFamily("research_state_up", "1 when Postgres and Redis answered this scrape.")
+    try:
+        counts = await stats.turn_counts(pool, STATE_QUERY_TIMEOUT_S)
+        due = await stats.due_checks(pool, STATE_QUERY_TIMEOUT_S)
+        jobs = int(await queue.zcard(queue_name))
+    except Exception as exc:
+        log.warning("metrics_state_unavailable", error=repr(exc))
+        up.add_metric([], 0)
+        return [up]
+    up.add_metric([], 1)
+    turns = GaugeMetricFamily(
+        "research_turns", "Turns by status and processor (all tenants), counted in Postgres.",
+        labels=["status", "processor"],
+    )
+    found = {(status, processor): n for status, processor, n in counts}
+    for processor in sorted({processor for _, processor in found}):
+        for status in TURN_STATUSES:
+            turns.add_metric([status, processor], found.get((status, processor), 0))
+    return [
+        up,
+        turns,
+        GaugeMetricFamily("research_queue_jobs", "Jobs in the arq queue (ZCARD).", value=jobs),
+        GaugeMetricFamily("research_due_checks", "Running turns whose check is due.", value=due),
+        GaugeMetricFamily(
+            "research_queue_depth", "Work waiting for workers: queue jobs plus due checks.",
+            value=jobs + due,
+        ),
+    ]
+
+
+async def render(pool: asyncpg.Pool, queue: ArqRedis, queue_name: str) -> bytes:
+    """The API's /metrics page: process counters plus the shared state measured now."""
+    snapshot = CollectorRegistry(auto_describe=False)
+    snapshot.register(_Snapshot(await shared_state(pool, queue, queue_name)))
+    return generate_latest(process_registry()) + generate_latest(snapshot)
+
+
+def start_worker_server(port: int) -> Any:
+    """Serve this worker's metrics on `port` (0: off). A port in use is logged, not fatal."""
+    if port <= 0:
+        return None
+    try:
+        server, _thread = start_http_server(port, registry=process_registry())
+    except OSError as exc:
+        log.warning("metrics_port_unavailable", port=port, error=repr(exc))
+        return None
+    log.info("metrics_serving", port=port)
+    return server

@@ -1,0 +1,131 @@
+"""Log lines are JSON, carry the ids of what they concern, and never carry a secret."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import structlog
+
+from service.logs import Redactor, configure_logging
+from tests.helpers import create_conversation, post_turn, wait_turn
+
+
+class LogBuffer:
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+
+    def text(self) -> str:
+        return self.stream.getvalue()
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def logs(settings) -> Iterator[LogBuffer]:
+    """JSON logging as `research-service api` and `worker` set it up, written to a buffer."""
+    buffer = LogBuffer()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    configure_logging("json", stream=buffer.stream, cache=False,
+                      secrets=[settings.parallel_api_key, settings.parallel_webhook_secret])
+    try:
+        yield buffer
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:], root.level = handlers, level
+
+
+def find(lines: list[dict[str, Any]], event: str, **fields: Any) -> list[dict[str, Any]]:
+    return [line for line in lines
+            if line.get("event") == event and all(line.get(k) == v for k, v in fields.items())]
+
+
+async def test_a_workload_logs_json_lines_with_ids_and_no_secrets(logs, api, api_key, worker):
+    conversation = await create_conversation(api, webhook_url="http://127.0.0.1:9/hook")
+    secret = conversation["webhook_secret"]
+    turn = await post_turn(api, conversation["id"], "Who won the 2026 Winter Olympics?")
+    done = await wait_turn(api, turn)
+    assert done["status"] == "completed"
+    bad_key = api_key[:-4] + "zzzz"
+    response = await api.get("/v1/conversations", headers={"Authorization": f"Bearer {bad_key}"})
+    assert response.status_code == 401
+    # Code that carelessly logs a secret still writes none.
+    structlog.get_logger("careless").warning("oops", authorization=f"Bearer {api_key}",
+                                             note=f"key={api_key} secret={secret}")
+    logging.getLogger("careless.stdlib").warning("key %s secret %s", api_key, secret)
+
+    lines = logs.lines()  # every line parses as JSON
+    text = logs.text()
+    assert api_key not in text and bad_key not in text
+    assert api_key.rsplit("_", 1)[1] not in text, "not even the secret half of the key"
+    assert secret not in text and "test-key" not in text
+    key_id = api_key.split("_")[1]
+    assert find(lines, "oops", authorization="[redacted]",
+                note=f"key=rsk_{key_id}_[redacted] secret=whsec_[redacted]")
+    assert find(lines, f"key rsk_{key_id}_[redacted] secret whsec_[redacted]")
+
+    tenant_id = find(lines, "request", route="/v1/conversations", status=201)[0]["tenant_id"]
+    assert tenant_id.startswith("ten_")
+    created = find(lines, "request", route="/v1/conversations/{conversation_id}/turns", status=202)
+    assert created and created[0]["conversation_id"] == conversation["id"]
+    assert created[0]["tenant_id"] == tenant_id and created[0]["request_id"].startswith("req_")
+    polled = find(lines, "request", route="/v1/conversations/{conversation_id}/turns/{turn_id}")
+    assert polled and all(line["turn_id"] == turn["id"] for line in polled)
+    assert all(line["level"] and line["timestamp"] for line in lines)
+
+    started = find(lines, "run_started", turn_id=turn["id"])
+    assert started and started[0]["run_id"] == done["run_id"]
+    finished = find(lines, "turn_finished", turn_id=turn["id"], status="completed")
+    assert finished and finished[0]["run_id"] == done["run_id"]
+    assert finished[0]["conversation_id"] == conversation["id"]
+
+    refused = find(lines, "request", status=401)
+    assert refused and "tenant_id" not in refused[0], "no tenant for a refused key"
+    # tenant_id is unbound when a request ends: later lines outside requests carry none.
+    assert "tenant_id" not in find(lines, "oops")[0]
+
+
+async def test_request_id_from_the_client_is_kept(logs, api):
+    response = await api.get("/v1/conversations", headers={"X-Request-ID": "client-req-42"})
+    assert response.headers["X-Request-ID"] == "client-req-42"
+    assert find(logs.lines(), "request", request_id="client-req-42", status=200)
+
+
+def test_redactor_removes_secrets_wherever_they_are():
+    redact = Redactor(["parallel-key-0123456789"])
+    event = redact(None, "info", {
+        "event": "calling with parallel-key-0123456789",
+        "headers": {"Authorization": "Bearer rsk_abc_def", "x-api-key": "whatever-it-is"},
+        "args": ["rsk_0123abcd_SeCrEt-value", "whsec_c2VjcmV0"],
+        "dsn": "postgresql://app:hunter22@db:5432/app",
+        "count": 3,
+    })
+    assert event == {
+        "event": "calling with [redacted]",
+        "headers": {"Authorization": "[redacted]", "x-api-key": "[redacted]"},
+        "args": ["rsk_0123abcd_[redacted]", "whsec_[redacted]"],
+        "dsn": "postgresql://app:[redacted]@db:5432/app",
+        "count": 3,
+    }
+
+
+def test_console_format_is_for_people():
+    stream = io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    configure_logging("console", stream=stream, cache=False)
+    try:
+        structlog.get_logger("dev").info("turn_finished", turn_id="turn_1")
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:], root.level = handlers, level
+    line = stream.getvalue()
+    assert "turn_finished" in line and "turn_id" in line and "turn_1" in line
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(line)

@@ -1,0 +1,219 @@
+"""/metrics after a workload shows what that workload did; so does the worker's metrics port.
+
+Counters live in the test process's registry, which earlier tests also fed, so these tests
+compare scrapes taken before and after; gauges of shared state come from this test's database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service import metrics
+from service.config import Settings
+from tests.helpers import create_conversation, post_turn, wait_turn
+from tests.processes import settings_env
+from worker import jobs
+from worker.main import build_worker
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Samples:
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def scrape(client: httpx.AsyncClient) -> Samples:
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return parse(response.text)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[object]:
+    w = build_worker(settings, handle_signals=False)
+    task = asyncio.create_task(w.async_run())
+    try:
+        yield w
+    finally:
+        await w.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_metrics_count_a_workload(api, client, settings):
+    before = await scrape(client)
+    # One turn cancelled while still queued (no worker yet), then two that complete.
+    other = await create_conversation(api)
+    doomed = await post_turn(api, other["id"], "Never mind")
+    cancel = await api.post(f"/v1/conversations/{other['id']}/turns/{doomed['id']}/cancel")
+    assert cancel.status_code == 200
+    conversation = await create_conversation(api, title="Metrics")
+    posted = [await post_turn(api, conversation["id"], q) for q in ("First?", "Second?")]
+    assert (await api.get("/v1/conversations/conv_missing")).status_code == 404
+    async with running_worker(settings):
+        done = [await wait_turn(api, turn) for turn in posted]
+    assert [t["status"] for t in done] == ["completed", "completed"]
+    metrics.record_webhook_delivery("delivered", 0.05)  # the webhook worker calls this
+
+    after = await scrape(client)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    http = "research_http_requests_total"
+    assert delta(http, method="POST", route="/v1/conversations", status="201") == 2
+    assert delta(http, method="POST", route="/v1/conversations/{conversation_id}/turns",
+                 status="202") == 3
+    assert delta(http, method="GET", route="/v1/conversations/{conversation_id}",
+                 status="404") == 1
+    assert delta(http, method="POST", route="/v1/conversations/{conversation_id}/turns/"
+                 "{turn_id}/cancel", status="200") == 1
+    assert not any(
+        name == http and "conv_missing" in dict(labels).get("route", "") for name, labels in after
+    ), "routes are labelled by template, not by path"
+    assert delta("research_http_request_duration_seconds_count", method="POST",
+                 route="/v1/conversations") == 2
+
+    moved = "research_turn_transitions_total"
+    assert delta(moved, status="queued", processor="lite") == 3
+    assert delta(moved, status="running", processor="lite") == 2
+    assert delta(moved, status="completed", processor="lite") == 2
+    assert delta(moved, status="cancelled", processor="lite") == 1
+    assert delta(moved, status="failed", processor="lite") == 0
+    assert delta("research_turn_duration_seconds_count", status="completed", processor="lite") == 2
+    seconds = delta("research_turn_duration_seconds_sum", status="completed", processor="lite")
+    assert 0 < seconds < 60
+
+    # Turns by status are counted in this test's database: exact, not deltas.
+    assert value(after, "research_turns", status="completed", processor="lite") == 2
+    assert value(after, "research_turns", status="cancelled", processor="lite") == 1
+    assert value(after, "research_turns", status="queued", processor="lite") == 0
+    assert value(after, "research_state_up") == 1
+
+    parallel = "research_parallel_requests_total"
+    assert delta(parallel, endpoint="create_run", status="ok") == 2
+    assert delta(parallel, endpoint="run_result", status="ok") == 2
+    assert delta(parallel, endpoint="retrieve_run", status="ok") >= 2
+    assert delta("research_webhook_deliveries_total", outcome="delivered") == 1
+
+
+async def test_queue_depth_counts_queued_jobs_and_due_checks(api, client, resources):
+    turns = []
+    for i in range(3):
+        conversation = await create_conversation(api)
+        turns.append(await post_turn(api, conversation["id"], f"Question {i}"))
+    samples = await scrape(client)
+    assert value(samples, "research_queue_jobs") == 3  # no worker: every start job waits
+    assert value(samples, "research_due_checks") == 0
+    assert value(samples, "research_queue_depth") == 3
+
+    await resources.pool.execute(
+        "UPDATE turn SET status = 'running', run_id = 'trun_x', next_check_at = now() - "
+        "interval '1 second', started_at = now() WHERE id = $1", turns[0]["id"],
+    )
+    samples = await scrape(client)
+    assert value(samples, "research_due_checks") == 1
+    assert value(samples, "research_queue_depth") == 4
+    assert value(samples, "research_turns", status="running", processor="lite") == 1
+    assert value(samples, "research_turns", status="queued", processor="lite") == 2
+
+
+async def test_reconciler_repairs_count_only_lost_jobs(api, client, resources, settings):
+    conversation = await create_conversation(api)
+    lost = await post_turn(api, conversation["id"], "Lost in Redis?")
+    kept_conversation = await create_conversation(api)
+    kept = await post_turn(api, kept_conversation["id"], "Still queued")
+    await resources.pool.execute("UPDATE turn SET created_at = now() - interval '1 minute'")
+    # Redis loses one start job (as after a failover); the other is still queued.
+    await resources.queue.zrem(settings.queue_name, f"start_turn:{lost['id']}")
+    await resources.queue.delete(f"arq:job:start_turn:{lost['id']}")
+    before = await scrape(client)
+
+    assert await jobs.reconcile({"resources": resources}) == 2  # both looked at
+    assert await jobs.reconcile({"resources": resources}) == 2  # the job is back: no repair
+
+    after = await scrape(client)
+    name = "research_reconciler_repairs_total"
+    kind = {"kind": "requeued_start"}
+    assert value(after, name, **kind) - value(before, name, **kind) == 1
+    queued = await resources.queue.zrange(settings.queue_name, 0, -1)
+    assert {f"start_turn:{lost['id']}".encode(), f"start_turn:{kept['id']}".encode()} <= set(queued)
+
+
+async def test_worker_serves_metrics_on_its_port(settings):
+    port = free_port()
+    response = None
+    async with (
+        running_worker(msgspec.structs.replace(settings, worker_metrics_port=port)),
+        httpx.AsyncClient() as http,
+    ):
+        for _ in range(50):
+            with contextlib.suppress(httpx.HTTPError):
+                response = await http.get(f"http://127.0.0.1:{port}/metrics")
+                break
+            await asyncio.sleep(0.1)
+    assert response is not None and response.status_code == 200
+    assert "research_turn_transitions_total" in response.text
+    assert "research_parallel_requests_total" in response.text
+    assert "research_reconciler_repairs_total" in response.text
+
+
+@pytest.mark.slow
+def test_api_processes_share_their_totals(settings, tmp_path: Path):
+    """`api --workers 2`: whichever process answers the scrape, totals cover both."""
+    port = free_port()
+    env = settings_env(settings, PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    api = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "api", "--port", str(port), "--workers", "2"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "the API did not start"
+            time.sleep(0.2)
+        requests = 40
+        for _ in range(requests):
+            # A new connection each time, so both processes get some.
+            assert httpx.get(f"{url}/healthz", headers={"connection": "close"}).status_code == 200
+        pids = {path.name.split("_")[-1] for path in tmp_path.glob("counter_*.db")}
+        assert len(pids) == 2, "both processes counted requests"
+        for _ in range(6):
+            samples = parse(httpx.get(f"{url}/metrics", headers={"connection": "close"}).text)
+            total = value(samples, "research_http_requests_total", method="GET", route="/healthz",
+                          status="200")
+            assert total == requests
+    finally:
+        api.terminate()
+        api.wait(timeout=30)

@@ -1,0 +1,111 @@
+"""Push mode: Parallel's webhook (sent by the sandbox) ends a turn long before polling would,
+and a forged or replayed one is refused and changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import asyncpg
+import httpx
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
+from service.app import create_app
+from service.domain.push import parallel_signature
+from service.resources import Resources
+from tests.helpers import create_conversation, post_turn, wait_turn
+from tests.receivers import serve
+from worker.main import build_worker
+
+SANDBOX_SECRET = "sandbox_webhook_secret"  # SandboxConfig.webhook_secret's default
+
+
+@pytest.fixture
+async def push(settings, api_key):
+    """The API under uvicorn with push mode on, and a worker whose polls are 30 s apart."""
+    api_settings = msgspec.structs.replace(settings, parallel_webhook_secret=SANDBOX_SECRET)
+    resources = await Resources.open(api_settings, listen=True)
+    try:
+        async with serve(create_app(api_settings, resources=resources)) as url:
+            worker_settings = msgspec.structs.replace(
+                api_settings, public_base_url=url, poll_initial_s=30.0, poll_max_s=30.0)
+            worker = build_worker(worker_settings, handle_signals=False)
+            task = asyncio.create_task(worker.async_run())
+            async with httpx.AsyncClient(
+                base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30
+            ) as http:
+                yield http
+            await worker.close()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await resources.close()
+
+
+def hook_headers(body: bytes, *, secret: str = SANDBOX_SECRET, age_s: float = 0) -> dict[str, str]:
+    webhook_id, ts = "whevent_test", str(int(time.time() - age_s))
+    return {"content-type": "application/json", "webhook-id": webhook_id, "webhook-timestamp": ts,
+            "webhook-signature": parallel_signature(secret, webhook_id, ts, body)}
+
+
+async def test_a_turn_completes_from_parallels_webhook_before_any_poll(push, sandbox):
+    conversation = await create_conversation(push)
+    started = time.monotonic()
+    turn = await wait_turn(push, await post_turn(push, conversation["id"], "Pushed, not polled"),
+                           timeout=15)
+    assert turn["status"] == "completed"
+    assert time.monotonic() - started < 10, "the first poll would come after 30 s"
+    hooks = httpx.get(f"{sandbox.url}/_sandbox/webhooks").json()["data"]
+    mine = [h for h in hooks if h["run_id"] == turn["run_id"]]
+    assert mine and mine[-1]["status_code"] == 204 and mine[-1]["ok"]
+
+
+async def test_forged_and_replayed_webhooks_are_refused_and_change_nothing(
+    push, database_url, redis_url
+):
+    conversation = await create_conversation(push)
+    turn = await wait_turn(push, await post_turn(push, conversation["id"], "[sandbox:slow=3] Slow"),
+                           statuses={"running"})
+    body = json.dumps({"timestamp": "2026-01-01T00:00:00Z", "type": "task_run.status",
+                       "data": {"run_id": turn["run_id"], "status": "completed"}}).encode()
+    conn = await asyncpg.connect(database_url)
+    try:
+        before = await conn.fetchval("SELECT next_check_at FROM turn WHERE id = $1", turn["id"])
+        forged = hook_headers(body, secret="not-the-secret")
+        replayed = hook_headers(body, age_s=600)  # a captured delivery, sent again later
+        other_body = hook_headers(b"{}")["webhook-signature"]
+        tampered = {**hook_headers(body), "webhook-signature": other_body}
+        for headers in (forged, replayed, tampered, {"content-type": "application/json"}):
+            response = await post_hook(push, body, headers)
+            assert response.status_code == 401, response.text
+            assert response.headers["content-type"].startswith("application/problem+json")
+        await asyncio.sleep(0.3)
+        after = await conn.fetchrow("SELECT status, next_check_at FROM turn WHERE id = $1",
+                                    turn["id"])
+        assert after["status"] == "running" and after["next_check_at"] == before
+    finally:
+        await conn.close()
+    redis = aioredis.from_url(redis_url)
+    assert not await redis.exists(f"arq:job:check_turn:{turn['run_id']}")
+    await redis.aclose()
+
+    # The genuine webhook, when the run ends, still completes the turn at once.
+    done = await wait_turn(push, turn, timeout=15)
+    assert done["status"] == "completed"
+
+
+async def test_a_signed_webhook_needs_no_api_key_and_must_be_a_task_run_status(push):
+    body = json.dumps({"timestamp": "2026-01-01T00:00:00Z", "type": "task_run.status",
+                       "data": {"run_id": "trun_unknown", "status": "completed"}}).encode()
+    assert (await post_hook(push, body, hook_headers(body))).status_code == 204
+    bad = await post_hook(push, b"not json", hook_headers(b"not json"))
+    assert bad.status_code == 400
+
+
+async def post_hook(api: httpx.AsyncClient, body: bytes, headers: dict[str, str]) -> httpx.Response:
+    """POST to the inbound route as Parallel does: no API key."""
+    async with httpx.AsyncClient(base_url=str(api.base_url)) as anonymous:
+        return await anonymous.post("/v1/hooks/parallel", content=body, headers=headers)

@@ -1,0 +1,254 @@
+"""Rate limits per key (shared through Redis), monthly budgets per tenant, the usage report."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from decimal import Decimal
+
+import asyncpg
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from service.app import create_app
+from service.db.keys import create_key
+from service.domain.ratelimits import check_rate, retry_after_s
+from service.errors import RateLimited
+from service.resources import Resources
+from tests.helpers import create_conversation, post_turn, wait_turn
+from tests.integration.test_bad_input import assert_problem
+from tests.integration.test_limits import counts, settings_of
+
+
+async def key_for(resources: Resources, tenant: str, **options) -> dict[str, str]:
+    async with resources.pool.acquire() as conn:
+        key = (await create_key(conn, tenant, **options))[1]
+    return {"Authorization": f"Bearer {key}"}
+
+
+# Rate limits
+
+
+async def test_the_request_past_the_limit_is_429_and_another_key_is_unaffected(client, resources):
+    limited = await key_for(resources, "acme", rate_limit_per_min=5)
+    other = await key_for(resources, "acme")
+    for _ in range(5):
+        assert (await client.get("/v1/conversations", headers=limited)).status_code == 200
+    refused = await client.get("/v1/conversations", headers=limited)
+    problem = assert_problem(refused, 429)
+    assert problem["type"].endswith("rate-limited")
+    assert 1 <= int(refused.headers["retry-after"]) <= 120
+    assert refused.headers["x-request-id"]
+    assert (await client.get("/v1/conversations", headers=other)).status_code == 200
+    # Refused requests are not counted, but the key stays limited for the rest of the window.
+    assert_problem(await client.get("/v1/conversations", headers=limited), 429)
+
+
+async def test_a_refused_write_writes_nothing(client, resources, database_url):
+    limited = await key_for(resources, "acme", rate_limit_per_min=1)
+    assert (await client.post("/v1/conversations", json={}, headers=limited)).status_code == 201
+    before = await counts(database_url)
+    assert_problem(await client.post("/v1/conversations", json={}, headers=limited), 429)
+    assert await counts(database_url) == before
+
+
+async def test_the_default_limit_comes_from_settings_and_zero_is_unlimited(client, resources):
+    settings_of(resources, rate_limit_per_min=3)
+    default = await key_for(resources, "acme")
+    unlimited = await key_for(resources, "acme", rate_limit_per_min=0)
+    statuses = [(await client.get("/v1/conversations", headers=default)).status_code
+                for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+    for _ in range(10):
+        assert (await client.get("/v1/conversations", headers=unlimited)).status_code == 200
+
+
+async def test_the_count_is_shared_by_api_processes(client, settings, resources):
+    headers = await key_for(resources, "acme", rate_limit_per_min=4)
+    second = await Resources.open(settings)  # another process's pool and Redis connection
+    try:
+        transport = httpx.ASGITransport(app=create_app(settings, resources=second))
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as other:
+            statuses = []
+            for api in (client, other, client, other, client, other):
+                statuses.append((await api.get("/v1/conversations", headers=headers)).status_code)
+    finally:
+        await second.close()
+    assert statuses == [200, 200, 200, 200, 429, 429]
+
+
+async def test_without_redis_requests_are_let_through(client, resources):
+    headers = await key_for(resources, "acme", rate_limit_per_min=1)
+    working, resources.queue = resources.queue, Redis.from_url(
+        "redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    try:
+        for _ in range(3):
+            assert (await client.get("/v1/conversations", headers=headers)).status_code == 200
+    finally:
+        await resources.queue.aclose()
+        resources.queue = working
+
+
+async def test_the_window_slides_across_minutes(resources):
+    key_id = secrets.token_hex(6)
+    start = 6_000_000 * 60.0  # the start of a minute
+    for _ in range(10):
+        await check_rate(resources.queue, key_id, 10, now=start + 1)
+    with pytest.raises(RateLimited) as refused:
+        await check_rate(resources.queue, key_id, 10, now=start + 2)
+    # 58 s to the next minute, then 6 s more until 10 * (1 - elapsed) + 1 <= 10.
+    assert refused.value.retry_after == 64
+    # Half-way through the next minute the last one's 10 count for 5: 5 more fit, not 6.
+    for _ in range(5):
+        await check_rate(resources.queue, key_id, 10, now=start + 90)
+    with pytest.raises(RateLimited) as refused:
+        await check_rate(resources.queue, key_id, 10, now=start + 90)
+    assert refused.value.retry_after == retry_after_s(10, 5, 10, 0.5) == 6
+
+
+# Budgets
+
+
+async def test_a_tenant_at_its_budget_gets_402_and_another_is_unaffected(
+    client, resources, database_url
+):
+    # Three lite turns ($0.005 each) fit in $0.015; the fourth does not.
+    acme = await key_for(resources, "acme", monthly_budget_usd=Decimal("0.015"))
+    globex = await key_for(resources, "globex", monthly_budget_usd=Decimal("0.015"))
+    mine = (await client.post("/v1/conversations", json={}, headers=acme)).json()
+    path = f"/v1/conversations/{mine['id']}/turns"
+    for question in ("one", "two", "three"):
+        response = await client.post(path, json={"input": question}, headers=acme)
+        assert response.status_code == 202
+    before = await counts(database_url)
+    problem = assert_problem(await client.post(path, json={"input": "four"}, headers=acme), 402)
+    assert problem["type"].endswith("budget-exceeded")
+    assert "$0.0150 of $0.0150 is used" in problem["detail"]
+    assert await counts(database_url) == before
+    theirs = (await client.post("/v1/conversations", json={}, headers=globex)).json()
+    response = await client.post(f"/v1/conversations/{theirs['id']}/turns", json={"input": "q"},
+                                 headers=globex)
+    assert response.status_code == 202
+
+
+async def test_a_turn_that_would_pass_the_budget_is_refused_a_cheaper_one_fits(client, resources):
+    acme = await key_for(resources, "acme", monthly_budget_usd=Decimal("0.03"))
+    conversation = (await client.post("/v1/conversations", json={}, headers=acme)).json()
+    path = f"/v1/conversations/{conversation['id']}/turns"
+    assert (await client.post(path, json={"input": "q", "processor": "core"},
+                              headers=acme)).status_code == 202  # $0.025
+    assert_problem(await client.post(path, json={"input": "q", "processor": "core"},
+                                     headers=acme), 402)
+    assert (await client.post(path, json={"input": "q"}, headers=acme)).status_code == 202
+
+
+async def test_turns_cancelled_before_a_run_give_the_budget_back(client, resources):
+    acme = await key_for(resources, "acme", monthly_budget_usd=Decimal("0.005"))
+    conversation = (await client.post("/v1/conversations", json={}, headers=acme)).json()
+    path = f"/v1/conversations/{conversation['id']}/turns"
+    turn = (await client.post(path, json={"input": "q"}, headers=acme)).json()
+    assert_problem(await client.post(path, json={"input": "q"}, headers=acme), 402)
+    await client.post(f"{path}/{turn['id']}/cancel", headers=acme)  # no worker: never ran
+    assert (await client.post(path, json={"input": "q"}, headers=acme)).status_code == 202
+
+
+async def test_concurrent_turns_cannot_both_take_the_last_of_the_budget(client, resources):
+    acme = await key_for(resources, "acme", monthly_budget_usd=Decimal("0.01"))
+    conversations = [(await client.post("/v1/conversations", json={}, headers=acme)).json()
+                     for _ in range(6)]
+    responses = await asyncio.gather(*(
+        client.post(f"/v1/conversations/{c['id']}/turns", json={"input": "q"}, headers=acme)
+        for c in conversations
+    ))
+    assert sorted(r.status_code for r in responses) == [202, 202, 402, 402, 402, 402]
+
+
+async def test_an_idempotent_replay_is_answered_even_at_the_budget(client, resources):
+    acme = await key_for(resources, "acme", monthly_budget_usd=Decimal("0.005"))
+    conversation = (await client.post("/v1/conversations", json={}, headers=acme)).json()
+    path = f"/v1/conversations/{conversation['id']}/turns"
+    headers = {**acme, "Idempotency-Key": "k"}
+    first = await client.post(path, json={"input": "q"}, headers=headers)
+    again = await client.post(path, json={"input": "q"}, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert first.json() == again.json()
+
+
+async def test_usage_adds_up_to_the_turns_estimated_costs(api, worker, database_url):
+    first = await create_conversation(api)
+    second = await create_conversation(api, processor="core")
+    done = await wait_turn(api, await post_turn(api, first["id"], "ran"))  # lite, has a run
+    await post_turn(api, first["id"], "queued", processor="pro")  # a reservation: counts
+    await post_turn(api, second["id"], "core one")
+    doomed = await create_conversation(api)
+    await wait_turn(api, await post_turn(api, doomed["id"], "ran, then deleted"))
+    assert (await api.delete(f"/v1/conversations/{doomed['id']}")).status_code == 204
+    refused = await post_turn(api, second["id"], "refused by Parallel")
+    conn = await asyncpg.connect(database_url)
+    try:
+        # Failed without a run (Parallel refused to create it), so never billed: not counted.
+        await conn.execute("UPDATE turn SET status = 'failed' WHERE id = $1", refused["id"])
+    finally:
+        await conn.close()
+
+    usage = (await api.get("/v1/usage")).json()
+    assert done["status"] == "completed"
+    assert usage["budget_usd"] is None
+    assert usage["total_usd"] == pytest.approx(0.005 + 0.100 + 0.025 + 0.005)
+    assert {p["processor"]: (p["turns"], p["usd"]) for p in usage["by_processor"]} == {
+        "lite": (2, pytest.approx(0.010)), "pro": (1, pytest.approx(0.100)),
+        "core": (1, pytest.approx(0.025)),
+    }
+    assert {c["conversation_id"]: (c["turns"], c["usd"]) for c in usage["by_conversation"]} == {
+        first["id"]: (2, pytest.approx(0.105)), second["id"]: (1, pytest.approx(0.025)),
+        doomed["id"]: (1, pytest.approx(0.005)),
+    }
+    for part in ("by_processor", "by_conversation"):
+        assert sum(p["usd"] for p in usage[part]) == pytest.approx(usage["total_usd"])
+
+
+async def test_usage_is_per_calendar_month(api, database_url):
+    conversation = await create_conversation(api)
+    await post_turn(api, conversation["id"], "last month")
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "UPDATE turn SET created_at = date_trunc('month', now()) - interval '1 day'")
+        last_month = await conn.fetchval(
+            "SELECT to_char(date_trunc('month', now()) - interval '1 day', 'YYYY-MM')")
+    finally:
+        await conn.close()
+    await post_turn(api, conversation["id"], "this month", processor="base")
+    this = (await api.get("/v1/usage")).json()
+    before = (await api.get("/v1/usage", params={"month": last_month})).json()
+    assert (this["total_usd"], before["total_usd"]) == (pytest.approx(0.010), pytest.approx(0.005))
+    assert before["month"] == last_month
+    assert [p["processor"] for p in this["by_processor"]] == ["base"]
+    for bad in ("2026-13", "26-01", "soon", "0000-01"):
+        response = await api.get("/v1/usage", params={"month": bad})
+        assert_problem(response, response.status_code)
+        assert 400 <= response.status_code < 500
+
+
+# The command line
+
+
+async def test_keys_create_sets_a_rate_limit_and_a_monthly_budget(client, database_url,
+                                                                    monkeypatch, capsys):
+    from service import cli
+
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    await asyncio.to_thread(cli.main, ["keys", "create", "--tenant", "acme", "--rate-limit",
+                                       "3/min", "--monthly-budget", "0.005"])
+    headers = {"Authorization": f"Bearer {capsys.readouterr().out.splitlines()[-1]}"}
+    conversation = (await client.post("/v1/conversations", json={}, headers=headers)).json()
+    path = f"/v1/conversations/{conversation['id']}/turns"
+    assert (await client.post(path, json={"input": "q"}, headers=headers)).status_code == 202
+    assert_problem(await client.post(path, json={"input": "q"}, headers=headers), 402)
+    assert_problem(await client.get("/v1/usage", headers=headers), 429)
+    await asyncio.to_thread(cli.main, ["keys", "list"])
+    assert "\t3/min\t$0.0050/month" in capsys.readouterr().out
+    for bad in (["--rate-limit", "fast"], ["--monthly-budget", "-1"], ["--monthly-budget", "NaN"]):
+        with pytest.raises(SystemExit):
+            cli.main(["keys", "create", "--tenant", "acme", *bad])

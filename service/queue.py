@@ -45,8 +45,8 @@ async def enqueue_start_turn(queue: ArqRedis, queue_name: str, turn_id: str) -> 
     return job is not None
 
 
-async def enqueue_check_turn(queue: ArqRedis, queue_name: str, turn_id: str) -> None:
-    """Ask a worker to check the turn's run now (Parallel told us it changed)."""
+async def enqueue_check_turn(queue: ArqRedis, queue_name: str, run_id: str) -> None:
+    """Ask a worker to check the run's turn now (Parallel told us the run changed)."""
     await queue.enqueue_job(
-        CHECK_TURN, turn_id, _job_id=f"{CHECK_TURN}:{turn_id}", _queue_name=queue_name
+        CHECK_TURN, run_id, _job_id=f"{CHECK_TURN}:{run_id}", _queue_name=queue_name
     )

@@ -10,6 +10,7 @@ to holding the answer; the added latency is service minus baseline at the same p
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -21,7 +22,7 @@ from bench.harness import (
     summarize,
 )
 from bench.inflight import WEBHOOK_SECRET, _wait_worker, push_available
-from bench.procs import api_proc, sandbox_proc, worker_proc
+from bench.procs import Proc, api_proc, sandbox_proc, worker_proc
 
 GOAL_ADDED_P50_MS = 50
 
@@ -80,7 +81,21 @@ async def service_loop(api_url: str, convs: list[tuple[str, int]], keys: list[st
     return latencies, time.perf_counter() - t0
 
 
-async def run_mode(mode: str, conversations: int, turns: int) -> dict[str, Any]:
+class _Cpu:
+    """CPU seconds each process spent since the previous lap."""
+
+    def __init__(self, procs: dict[str, Proc]) -> None:
+        self.procs = procs
+        self.last = {name: p.cpu_seconds() for name, p in procs.items()}
+
+    def lap(self) -> dict[str, float]:
+        now = {name: p.cpu_seconds() for name, p in self.procs.items()}
+        spent = {name: now[name] - self.last[name] for name in now}
+        self.last = now
+        return spent
+
+
+async def run_mode(mode: str, conversations: int, turns: int, serial: int) -> dict[str, Any]:
     async with scratch_database("e2e") as dsn:
         tenants = await make_tenants(dsn, max(1, conversations // 50))
         ids, keys = [t for t, _ in tenants], [k for _, k in tenants]
@@ -102,15 +117,27 @@ async def run_mode(mode: str, conversations: int, turns: int) -> dict[str, Any]:
                 return {"mode": mode, "conversations": conversations, "turns": turns,
                         "unavailable": True}
             await _wait_worker(worker)
-            # Baseline and service take turns on the same machine, the baseline first.
+            # Baseline and service take turns on the same machine, the baseline first. Then the
+            # same with one conversation (`serial` turns): the hops alone, without CPU queueing.
+            me = Proc("bench", [])
+            me.popen = type("P", (), {"pid": os.getpid()})()  # psutil view of this process
+            cpu = _Cpu({"sandbox": sandbox, "api": api, "worker": worker, "client": me})
             base_lat, base_wall = await sdk_loop(sandbox_url, conversations, turns)
+            base_cpu = cpu.lap()
             svc_lat, svc_wall = await service_loop(f"http://127.0.0.1:{api_port}", convs, keys, turns)
+            svc_cpu = cpu.lap()
+            serial_base, _ = await sdk_loop(sandbox_url, 1, serial)
+            serial_svc, _ = await service_loop(f"http://127.0.0.1:{api_port}", convs[:1], keys, serial)
         finally:
             for proc in (worker, api, sandbox):
                 proc.stop()
     base, svc = summarize(base_lat), summarize(svc_lat)
+    n = conversations * turns
     return {
-        "mode": mode, "conversations": conversations, "turns": turns,
+        "mode": mode, "conversations": conversations, "turns": turns, "serial_turns": serial,
+        "serial_baseline_s": summarize(serial_base), "serial_service_s": summarize(serial_svc),
+        "cpu_ms_per_turn": {"baseline": {k: 1000 * v / n for k, v in base_cpu.items()},
+                            "service": {k: 1000 * v / n for k, v in svc_cpu.items()}},
         "baseline_s": base, "service_s": svc, "baseline_wall_s": base_wall, "service_wall_s": svc_wall,
         "added_p50_ms": 1000 * (svc["p50"] - base["p50"]),
         "added_p95_ms": 1000 * (svc["p95"] - base["p95"]),
@@ -122,7 +149,8 @@ def rows_for(f: dict[str, Any]) -> list[Row]:
     if f.get("unavailable"):
         return [Row(bench="e2e", measure=f"{label}: no /v1/hooks/parallel route (push mode)",
                     value=float("nan"), ok=False)]
-    base, svc = f["baseline_s"], f["service_s"]
+    base, svc, cpu = f["baseline_s"], f["service_s"], f["cpu_ms_per_turn"]
+    added_serial = 1000 * (f["serial_service_s"]["p50"] - f["serial_baseline_s"]["p50"])
     return [
         Row(bench="e2e", measure=f"{label}: turn latency p50", value=1000 * svc["p50"], unit="ms",
             baseline=1000 * base["p50"], ratio=ratio(svc["p50"], base["p50"]),
@@ -133,11 +161,19 @@ def rows_for(f: dict[str, Any]) -> list[Row]:
             unit="ms", baseline=f["added_p95_ms"], goal="baseline column: p95"),
         Row(bench="e2e", measure=f"{label}: wall time", value=f["service_wall_s"], unit="s",
             baseline=f["baseline_wall_s"], ratio=ratio(f["service_wall_s"], f["baseline_wall_s"])),
+        Row(bench="e2e", measure=f"{label}: CPU per turn, all processes but Postgres/Redis",
+            value=sum(cpu["service"].values()), unit="ms", baseline=sum(cpu["baseline"].values()),
+            ratio=ratio(sum(cpu["service"].values()), sum(cpu["baseline"].values()))),
+        Row(bench="e2e", measure=f"{mode} 1×{f['serial_turns']} (no queueing): added per turn p50",
+            value=added_serial, unit="ms", baseline=1000 * f["serial_baseline_s"]["p50"],
+            goal=f"≤ {GOAL_ADDED_P50_MS} ms (baseline: SDK p50)",
+            ok=added_serial <= GOAL_ADDED_P50_MS),
     ]
 
 
 async def run(size: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
-    results = [await run_mode(mode, size["conversations"], size["turns"]) for mode in size["modes"]]
+    results = [await run_mode(mode, size["conversations"], size["turns"], size["serial_turns"])
+               for mode in size["modes"]]
     return [row for f in results for row in rows_for(f)], {"modes": results}
 
 
@@ -146,6 +182,6 @@ if __name__ == "__main__":
 
     from bench.harness import render_table
 
-    table_rows, raw = asyncio.run(run({"modes": sys.argv[1].split(","),
+    table_rows, raw = asyncio.run(run({"modes": sys.argv[1].split(","), "serial_turns": 10,
                                        "conversations": int(sys.argv[2]), "turns": 5}))
     print(render_table(table_rows))

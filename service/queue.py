@@ -6,6 +6,7 @@ refuses a duplicate while one is queued, and the worker treats every job as poss
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import msgspec
@@ -45,8 +46,15 @@ async def enqueue_start_turn(queue: ArqRedis, queue_name: str, turn_id: str) -> 
     return job is not None
 
 
+# arq runs due jobs in score order (the time they are due). A webhook's check is scored this
+# far in the past, so it runs before every start waiting in the queue: behind a burst of
+# 10,000 starts it would otherwise wait minutes (docs/benchmarks.md, "Runs in flight").
+CHECK_PRIORITY = timedelta(hours=1)
+
+
 async def enqueue_check_turn(queue: ArqRedis, queue_name: str, run_id: str) -> None:
     """Ask a worker to check the run's turn now (Parallel told us the run changed)."""
     await queue.enqueue_job(
-        CHECK_TURN, run_id, _job_id=f"{CHECK_TURN}:{run_id}", _queue_name=queue_name
+        CHECK_TURN, run_id, _job_id=f"{CHECK_TURN}:{run_id}", _queue_name=queue_name,
+        _defer_by=-CHECK_PRIORITY,
     )

@@ -62,6 +62,11 @@ async def running_worker(settings: Settings) -> AsyncIterator[object]:
     try:
         yield w
     finally:
+        # Let jobs in hand (the startup reconcile) end: closing cancels them, and arq re-raises.
+        for _ in range(100):
+            if all(t.done() for t in w.tasks.values()):
+                break
+            await asyncio.sleep(0.05)
         await w.close()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

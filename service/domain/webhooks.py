@@ -15,6 +15,7 @@ import asyncpg
 import msgspec
 import structlog
 
+from service import metrics
 from service.clients.webhooks import WebhookSender, signed_headers
 from service.config import Settings
 from service.db import conversations as conversation_db
@@ -65,6 +66,10 @@ async def deliver(
     log.info("webhook_attempt", delivery_id=due.id, webhook_id=due.webhook_id, attempt=attempt,
              status_code=outcome.status_code, error=outcome.error, delivery_status=status,
              retry_in_s=retry_in)
+    metrics.record_webhook_delivery(
+        {"delivered": "delivered", "pending": "failed", "failed": "gave_up"}[status],
+        outcome.latency_ms / 1000 if outcome.latency_ms is not None else None,
+    )
     return status
 
 

@@ -24,6 +24,7 @@ from service import metrics
 from service.config import Settings
 from tests.helpers import create_conversation, post_turn, wait_turn
 from tests.processes import settings_env
+from tests.receivers import Receiver, serve
 from worker import jobs
 from worker.main import build_worker
 
@@ -73,6 +74,14 @@ async def running_worker(settings: Settings) -> AsyncIterator[object]:
 
 
 async def test_metrics_count_a_workload(api, client, settings):
+    receiver = Receiver()
+    receiver.statuses = [500]  # the first webhook attempt fails, the retry is delivered
+    settings = msgspec.structs.replace(settings, webhook_retry_schedule_s=[0.2, 0.2])
+    async with serve(receiver) as url:
+        await _workload_and_scrape(api, client, settings, f"{url}/hook", receiver)
+
+
+async def _workload_and_scrape(api, client, settings, hook_url, receiver):
     before = await scrape(client)
     # One turn cancelled while still queued (no worker yet), then two that complete.
     other = await create_conversation(api)
@@ -81,11 +90,14 @@ async def test_metrics_count_a_workload(api, client, settings):
     assert cancel.status_code == 200
     conversation = await create_conversation(api, title="Metrics")
     posted = [await post_turn(api, conversation["id"], q) for q in ("First?", "Second?")]
+    hooked = await create_conversation(api, webhook_url=hook_url)
+    posted.append(await post_turn(api, hooked["id"], "Tell me by webhook"))
     assert (await api.get("/v1/conversations/conv_missing")).status_code == 404
     async with running_worker(settings):
         done = [await wait_turn(api, turn) for turn in posted]
-    assert [t["status"] for t in done] == ["completed", "completed"]
-    metrics.record_webhook_delivery("delivered", 0.05)  # the webhook worker calls this
+        await receiver.wait_for(2)
+        await asyncio.sleep(0.2)  # the attempt is counted once it is recorded
+    assert [t["status"] for t in done] == ["completed"] * 3
 
     after = await scrape(client)
 
@@ -93,9 +105,9 @@ async def test_metrics_count_a_workload(api, client, settings):
         return value(after, name, **labels) - value(before, name, **labels)
 
     http = "research_http_requests_total"
-    assert delta(http, method="POST", route="/v1/conversations", status="201") == 2
+    assert delta(http, method="POST", route="/v1/conversations", status="201") == 3
     assert delta(http, method="POST", route="/v1/conversations/{conversation_id}/turns",
-                 status="202") == 3
+                 status="202") == 4
     assert delta(http, method="GET", route="/v1/conversations/{conversation_id}",
                  status="404") == 1
     assert delta(http, method="POST", route="/v1/conversations/{conversation_id}/turns/"
@@ -104,28 +116,29 @@ async def test_metrics_count_a_workload(api, client, settings):
         name == http and "conv_missing" in dict(labels).get("route", "") for name, labels in after
     ), "routes are labelled by template, not by path"
     assert delta("research_http_request_duration_seconds_count", method="POST",
-                 route="/v1/conversations") == 2
+                 route="/v1/conversations") == 3
 
     moved = "research_turn_transitions_total"
-    assert delta(moved, status="queued", processor="lite") == 3
-    assert delta(moved, status="running", processor="lite") == 2
-    assert delta(moved, status="completed", processor="lite") == 2
+    assert delta(moved, status="queued", processor="lite") == 4
+    assert delta(moved, status="running", processor="lite") == 3
+    assert delta(moved, status="completed", processor="lite") == 3
     assert delta(moved, status="cancelled", processor="lite") == 1
     assert delta(moved, status="failed", processor="lite") == 0
-    assert delta("research_turn_duration_seconds_count", status="completed", processor="lite") == 2
+    assert delta("research_turn_duration_seconds_count", status="completed", processor="lite") == 3
     seconds = delta("research_turn_duration_seconds_sum", status="completed", processor="lite")
     assert 0 < seconds < 60
 
     # Turns by status are counted in this test's database: exact, not deltas.
-    assert value(after, "research_turns", status="completed", processor="lite") == 2
+    assert value(after, "research_turns", status="completed", processor="lite") == 3
     assert value(after, "research_turns", status="cancelled", processor="lite") == 1
     assert value(after, "research_turns", status="queued", processor="lite") == 0
     assert value(after, "research_state_up") == 1
 
     parallel = "research_parallel_requests_total"
-    assert delta(parallel, endpoint="create_run", status="ok") == 2
-    assert delta(parallel, endpoint="run_result", status="ok") == 2
-    assert delta(parallel, endpoint="retrieve_run", status="ok") >= 2
+    assert delta(parallel, endpoint="create_run", status="ok") == 3
+    assert delta(parallel, endpoint="run_result", status="ok") == 3
+    assert delta(parallel, endpoint="retrieve_run", status="ok") >= 3
+    assert delta("research_webhook_deliveries_total", outcome="failed") == 1
     assert delta("research_webhook_deliveries_total", outcome="delivered") == 1
 
 

@@ -16,7 +16,7 @@ from service.db.keys import create_key
 from service.domain.ratelimits import check_rate, retry_after_s
 from service.errors import RateLimited
 from service.resources import Resources
-from tests.helpers import create_conversation, post_turn, wait_turn
+from tests.helpers import create_conversation, post_turn, set_faults, wait_turn
 from tests.integration.test_bad_input import assert_problem
 from tests.integration.test_limits import counts, settings_of
 
@@ -175,22 +175,22 @@ async def test_an_idempotent_replay_is_answered_even_at_the_budget(client, resou
     assert first.json() == again.json()
 
 
-async def test_usage_adds_up_to_the_turns_estimated_costs(api, worker, database_url):
+async def test_usage_adds_up_to_the_turns_estimated_costs(api, worker, sandbox):
     first = await create_conversation(api)
     second = await create_conversation(api, processor="core")
     done = await wait_turn(api, await post_turn(api, first["id"], "ran"))  # lite, has a run
-    await post_turn(api, first["id"], "queued", processor="pro")  # a reservation: counts
-    await post_turn(api, second["id"], "core one")
+    reserved = await post_turn(api, first["id"], "[sandbox:slow=30] reserved", processor="pro")
+    core = await post_turn(api, second["id"], "[sandbox:slow=30] core one")
     doomed = await create_conversation(api)
     await wait_turn(api, await post_turn(api, doomed["id"], "ran, then deleted"))
     assert (await api.delete(f"/v1/conversations/{doomed['id']}")).status_code == 204
-    refused = await post_turn(api, second["id"], "refused by Parallel")
-    conn = await asyncpg.connect(database_url)
-    try:
-        # Failed without a run (Parallel refused to create it), so never billed: not counted.
-        await conn.execute("UPDATE turn SET status = 'failed' WHERE id = $1", refused["id"])
-    finally:
-        await conn.close()
+    for turn in (reserved, core):  # started: no other create may take the fault below
+        await wait_turn(api, turn, statuses={"running"})
+    # Failed without a run (Parallel refused to create it), so never billed: not counted.
+    set_faults(sandbox.url, create_status=402, create_status_count=1)
+    refusing = await create_conversation(api, processor="core")
+    refused = await wait_turn(api, await post_turn(api, refusing["id"], "refused by Parallel"))
+    assert refused["status"] == "failed" and refused["run_id"] is None
 
     usage = (await api.get("/v1/usage")).json()
     assert done["status"] == "completed"

@@ -20,7 +20,6 @@ import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import metrics
 from service.config import Settings
 from tests.helpers import create_conversation, post_turn, wait_turn
 from tests.processes import settings_env

@@ -39,10 +39,14 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "full": {
         "api": {"duration_s": 10, "rounds": 3, "connections": 64, "tenants": 200},
-        "inflight": {"configs": [
-            (mode, n, length) for length in (120.0, 1200.0) for n in (1000, 10_000)
-            for mode in ("push", "poll")
-        ]},
+        "inflight": {
+            "configs": [
+                (mode, n, length)
+                for length in (120.0, 1200.0)
+                for n in (1000, 10_000)
+                for mode in ("push", "poll")
+            ]
+        },
         "e2e": {"conversations": 200, "turns": 5, "serial_turns": 20, "modes": ["push", "poll"]},
         "dbgrowth": {"turns": 1_000_000, "duration_s": 5, "rounds": 3, "connections": 4},
     },
@@ -50,13 +54,23 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--size", choices=sorted(SIZES), default="quick")
-    parser.add_argument("--only", default=",".join(BENCHMARKS),
-                        help="comma-separated subset of: " + ", ".join(BENCHMARKS))
-    parser.add_argument("--inflight", default=None, metavar="MODE:N:SECONDS,...",
-                        help="inflight configurations instead of the size's, e.g. push:10000:120")
+    parser.add_argument(
+        "--only",
+        default=",".join(BENCHMARKS),
+        help="comma-separated subset of: " + ", ".join(BENCHMARKS),
+    )
+    parser.add_argument(
+        "--inflight",
+        default=None,
+        metavar="MODE:N:SECONDS,...",
+        help="inflight configurations instead of the size's, e.g. push:10000:120",
+    )
     parser.add_argument("--out", default="bench/results.json")
     args = parser.parse_args(argv)
     unknown = set(args.only.split(",")) - set(BENCHMARKS)
@@ -77,10 +91,16 @@ def inflight_configs(spec: str) -> list[tuple[str, int, float]]:
 
 
 def machine() -> dict[str, Any]:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip()
-    return {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "python": platform.python_version(),
-            "git_commit": commit, "load_generator": "wrk" if have_wrk() else "httpx"}
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return {
+        "cpus": os.cpu_count(),
+        "load_avg": os.getloadavg(),
+        "python": platform.python_version(),
+        "git_commit": commit,
+        "load_generator": "wrk" if have_wrk() else "httpx",
+    }
 
 
 def _clean(value: Any) -> Any:
@@ -101,8 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         sizes["inflight"]["configs"] = inflight_configs(args.inflight)
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     started, t0 = datetime.now(UTC), time.monotonic()
-    meta = {"command": command.strip(), "size": args.size, "started_at": started.isoformat(),
-            "machine_at_start": machine()}
+    meta = {
+        "command": command.strip(),
+        "size": args.size,
+        "started_at": started.isoformat(),
+        "machine_at_start": machine(),
+    }
     rows: list[Row] = []
     raw: dict[str, Any] = {}
     crashed = []
@@ -114,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             traceback.print_exc()
             crashed.append(name)
-            bench_rows, raw[name] = [Row(bench=name, measure=f"failed: {exc!r}"[:120], value=math.nan,
-                                         ok=False)], {"error": traceback.format_exc()}
+            bench_rows, raw[name] = (
+                [Row(bench=name, measure=f"failed: {exc!r}"[:120], value=math.nan, ok=False)],
+                {"error": traceback.format_exc()},
+            )
         rows += bench_rows
         raw[name + "_seconds"] = time.monotonic() - b0
         print(render_table(bench_rows), file=sys.stderr, flush=True)
@@ -123,24 +149,36 @@ def main(argv: list[str] | None = None) -> int:
     table = render_table(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_clean({"meta": meta, "rows": [msgspec.to_builtins(r) for r in rows],
-                                      "raw": raw}), indent=1, default=str))
+    out.write_text(
+        json.dumps(
+            _clean({"meta": meta, "rows": [msgspec.to_builtins(r) for r in rows], "raw": raw}),
+            indent=1,
+            default=str,
+        )
+    )
     out.with_suffix(".md").write_text(
         f"Command: `{meta['command']}` ({args.size} size), {started:%Y-%m-%d %H:%M} UTC, "
         f"{meta['duration_s'] / 60:.1f} min, {os.cpu_count()} CPUs, load average at start "
-        f"{meta['machine_at_start']['load_avg'][0]:.2f}, commit {meta['machine_at_start']['git_commit']}"
+        f"{meta['machine_at_start']['load_avg'][0]:.2f}, "
+        f"commit {meta['machine_at_start']['git_commit']}"
         f"{' + working tree' if _dirty() else ''}.\n\n{table}\n"
     )
     print(table)
-    print(f"\n{len(rows)} figures in {meta['duration_s'] / 60:.1f} min; wrote {out} and "
-          f"{out.with_suffix('.md')}")
+    print(
+        f"\n{len(rows)} figures in {meta['duration_s'] / 60:.1f} min; wrote {out} and "
+        f"{out.with_suffix('.md')}"
+    )
     # Goals not met are figures to read, not a failure of the command; a crash is.
     return 1 if crashed else 0
 
 
 def _dirty() -> bool:
-    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                            capture_output=True, text=True, check=False).stdout
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
     return bool(status.strip())
 
 

@@ -16,7 +16,13 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from bench.harness import (
-    REDIS_URL, Row, bench_settings, free_port, make_conversations, make_tenants, ratio,
+    REDIS_URL,
+    Row,
+    bench_settings,
+    free_port,
+    make_conversations,
+    make_tenants,
+    ratio,
     scratch_database,
 )
 from bench.load import run_load
@@ -38,37 +44,54 @@ async def run(size: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
         ids, keys = [t for t, _ in tenants], [k for _, k in tenants]
         per_app = int(MAX_RPS * duration * rounds) + 1000
         posts = {
-            "service": [(f"/v1/conversations/{c}/turns", keys[t])
-                        for c, t in await make_conversations(dsn, ids, per_app, "conv_s")],
-            "floor": [(f"/v1/conversations/{c}/turns", "-")
-                      for c, _ in await make_conversations(dsn, [floor_tenant], per_app, "conv_f")],
+            "service": [
+                (f"/v1/conversations/{c}/turns", keys[t])
+                for c, t in await make_conversations(dsn, ids, per_app, "conv_s")
+            ],
+            "floor": [
+                (f"/v1/conversations/{c}/turns", "-")
+                for c, _ in await make_conversations(dsn, [floor_tenant], per_app, "conv_f")
+            ],
         }
         ports = {"service": free_port(), "floor": free_port()}
         # The per-key rate limit stays on (its Redis round trip is part of the cost), set far
         # above what one key sends here.
-        procs = {"service": api_proc(settings, ports["service"], RATE_LIMIT_PER_MIN="1000000000"),
-                 "floor": floor_proc(settings, ports["floor"], floor_tenant)}
+        procs = {
+            "service": api_proc(settings, ports["service"], RATE_LIMIT_PER_MIN="1000000000"),
+            "floor": floor_proc(settings, ports["floor"], floor_tenant),
+        }
         for proc in procs.values():
             proc.start()
         try:
             for name, proc in procs.items():
                 proc.wait_http(f"http://127.0.0.1:{ports[name]}/healthz")
             results: dict[str, dict[str, list[dict[str, float]]]] = {
-                "POST": {"service": [], "floor": []}, "GET": {"service": [], "floor": []}
+                "POST": {"service": [], "floor": []},
+                "GET": {"service": [], "floor": []},
             }
             offsets = {"service": 0, "floor": 0}
             for r in range(rounds):
                 for name in ("floor", "service") if r % 2 == 0 else ("service", "floor"):
-                    stats = run_load(f"http://127.0.0.1:{ports[name]}", "POST",
-                                     posts[name][offsets[name]:], body=BODY, duration_s=duration,
-                                     connections=connections)
+                    stats = run_load(
+                        f"http://127.0.0.1:{ports[name]}",
+                        "POST",
+                        posts[name][offsets[name] :],
+                        body=BODY,
+                        duration_s=duration,
+                        connections=connections,
+                    )
                     offsets[name] += int(stats["requests"]) + 1
                     results["POST"][name].append(stats)
             gets = await _turn_targets(dsn, dict(tenants), 20_000)
             for r in range(rounds):
                 for name in ("floor", "service") if r % 2 == 0 else ("service", "floor"):
-                    stats = run_load(f"http://127.0.0.1:{ports[name]}", "GET", gets,
-                                     duration_s=duration, connections=connections)
+                    stats = run_load(
+                        f"http://127.0.0.1:{ports[name]}",
+                        "GET",
+                        gets,
+                        duration_s=duration,
+                        connections=connections,
+                    )
                     results["GET"][name].append(stats)
         finally:
             for proc in procs.values():
@@ -81,12 +104,28 @@ async def run(size: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
         svc = {k: statistics.median(s[k] for s in by_app["service"]) for k in ("rps", "p50", "p99")}
         flr = {k: statistics.median(s[k] for s in by_app["floor"]) for k in ("rps", "p50", "p99")}
         rps_ratio = ratio(svc["rps"], flr["rps"])
-        rows.append(Row(bench="api", measure=f"{label} req/s", value=svc["rps"], baseline=flr["rps"],
-                        ratio=rps_ratio, goal=f"ratio ≥ {goals[method]}",
-                        ok=rps_ratio >= goals[method]))
+        rows.append(
+            Row(
+                bench="api",
+                measure=f"{label} req/s",
+                value=svc["rps"],
+                baseline=flr["rps"],
+                ratio=rps_ratio,
+                goal=f"ratio ≥ {goals[method]}",
+                ok=rps_ratio >= goals[method],
+            )
+        )
         for pct in ("p50", "p99"):
-            rows.append(Row(bench="api", measure=f"{label} {pct}", value=svc[pct], unit="ms",
-                            baseline=flr[pct], ratio=ratio(svc[pct], flr[pct])))
+            rows.append(
+                Row(
+                    bench="api",
+                    measure=f"{label} {pct}",
+                    value=svc[pct],
+                    unit="ms",
+                    baseline=flr[pct],
+                    ratio=ratio(svc[pct], flr[pct]),
+                )
+            )
         errors = sum(s["errors"] for s in by_app["service"] + by_app["floor"])
         if errors:
             rows.append(Row(bench="api", measure=f"{label} errors", value=errors, ok=False))
@@ -99,12 +138,16 @@ async def _turn_targets(dsn: str, keys: dict[str, str], limit: int) -> list[tupl
     try:
         rows = await conn.fetch(
             "SELECT id, conversation_id, tenant_id FROM turn WHERE tenant_id = ANY($1::text[])"
-            " ORDER BY random() LIMIT $2", list(keys), limit
+            " ORDER BY random() LIMIT $2",
+            list(keys),
+            limit,
         )
     finally:
         await conn.close()
-    return [(f"/v1/conversations/{r['conversation_id']}/turns/{r['id']}", keys[r["tenant_id"]])
-            for r in rows]
+    return [
+        (f"/v1/conversations/{r['conversation_id']}/turns/{r['id']}", keys[r["tenant_id"]])
+        for r in rows
+    ]
 
 
 async def _clear_jobs(dsn: str, queue_name: str) -> None:
@@ -117,7 +160,7 @@ async def _clear_jobs(dsn: str, queue_name: str) -> None:
     client = aioredis.from_url(REDIS_URL)
     try:
         for i in range(0, len(ids), 5000):
-            await client.delete(*(f"arq:job:start_turn:{t}" for t in ids[i:i + 5000]))
+            await client.delete(*(f"arq:job:start_turn:{t}" for t in ids[i : i + 5000]))
         await client.delete(queue_name)
     finally:
         await client.aclose()
@@ -126,5 +169,7 @@ async def _clear_jobs(dsn: str, queue_name: str) -> None:
 if __name__ == "__main__":
     from bench.harness import render_table
 
-    table_rows, _ = asyncio.run(run({"duration_s": 3, "rounds": 1, "connections": 32, "tenants": 100}))
+    table_rows, _ = asyncio.run(
+        run({"duration_s": 3, "rounds": 1, "connections": 32, "tenants": 100})
+    )
     print(render_table(table_rows))

@@ -22,7 +22,12 @@ import asyncpg
 
 import service.db
 from bench.harness import (
-    Row, bench_settings, free_port, make_tenants, ratio, scratch_database,
+    Row,
+    bench_settings,
+    free_port,
+    make_tenants,
+    ratio,
+    scratch_database,
 )
 from bench.load import run_load
 from bench.procs import api_proc
@@ -51,7 +56,8 @@ SELECT 'gt_' || c || '_' || k, 'gc_' || c, ($1::text[])[1 + c % cardinality($1::
        to_jsonb('Question ' || k || ' of conversation ' || c), 'lite', '{"type": "text"}', '{}',
        'completed', 'trun_' || c || '_' || k, 'intr_' || c || '_' || k,
        CASE WHEN k > 1 THEN 'intr_' || c || '_' || (k - 1) END,
-       jsonb_build_object('type', 'text', 'content', 'Answer ' || k || ': ' || repeat('lorem ', 20)),
+       jsonb_build_object('type', 'text',
+                          'content', 'Answer ' || k || ': ' || repeat('lorem ', 20)),
        '[{"field": "output", "citations": [{"url": "https://example.com/a", "title": "A",
           "excerpts": ["An excerpt."]}], "reasoning": "Because.", "confidence": "high"}]',
        now() - make_interval(secs => c * 100 - k), now() - make_interval(secs => c * 100 - k),
@@ -71,14 +77,16 @@ WHERE t.conversation_id = ANY(SELECT 'gc_' || c FROM generate_series($1::int, $2
 
 
 async def generate(dsn: str, tenant_ids: list[str], conversations: int) -> None:
-    """conversations × TURNS_PER_CONVERSATION turns and twice as many events, in chunks."""
+    """conversations x TURNS_PER_CONVERSATION turns and twice as many events, in chunks."""
     conn = await asyncpg.connect(dsn)
     try:
         step = 5000
         for low in range(1, conversations + 1, step):
             high = min(conversations, low + step - 1)
             async with conn.transaction():
-                await conn.execute(GEN_CONVERSATIONS_SQL, tenant_ids, low, high, TURNS_PER_CONVERSATION)
+                await conn.execute(
+                    GEN_CONVERSATIONS_SQL, tenant_ids, low, high, TURNS_PER_CONVERSATION
+                )
                 await conn.execute(GEN_TURNS_SQL, tenant_ids, low, high, TURNS_PER_CONVERSATION)
                 await conn.execute(GEN_EVENTS_SQL, low, high)
         await conn.execute("ANALYZE")
@@ -92,20 +100,32 @@ def targets(conversations: int, keys: list[str], count: int) -> dict[str, list[t
     picks = [rng.randint(1, conversations) for _ in range(count)]
     key = lambda c: keys[c % len(keys)]  # noqa: E731
     return {
-        "GET turn": [(f"/v1/conversations/gc_{c}/turns/gt_{c}_{rng.randint(1, TURNS_PER_CONVERSATION)}",
-                      key(c)) for c in picks],
+        "GET turn": [
+            (
+                f"/v1/conversations/gc_{c}/turns/gt_{c}_{rng.randint(1, TURNS_PER_CONVERSATION)}",
+                key(c),
+            )
+            for c in picks
+        ],
         "list turns": [(f"/v1/conversations/gc_{c}/turns?limit=20", key(c)) for c in picks],
         "list events": [(f"/v1/conversations/gc_{c}/events?limit=100", key(c)) for c in picks],
     }
 
 
-async def measure(dbs: dict[str, tuple[str, int, list[str]]], size: dict[str, Any]
-                  ) -> dict[str, dict[str, list[dict[str, float]]]]:
+async def measure(
+    dbs: dict[str, tuple[str, int, list[str]]], size: dict[str, Any]
+) -> dict[str, dict[str, list[dict[str, float]]]]:
     """p50s of the three reads on each database; the two APIs take turns, `rounds` times."""
     ports = {label: free_port() for label in dbs}
-    procs = {label: api_proc(bench_settings(dsn, "http://127.0.0.1:9"), ports[label],
-                             RATE_LIMIT_PER_MIN="1000000000", WORKER_METRICS_PORT="0")
-             for label, (dsn, _, _) in dbs.items()}
+    procs = {
+        label: api_proc(
+            bench_settings(dsn, "http://127.0.0.1:9"),
+            ports[label],
+            RATE_LIMIT_PER_MIN="1000000000",
+            WORKER_METRICS_PORT="0",
+        )
+        for label, (dsn, _, _) in dbs.items()
+    }
     out: dict[str, dict[str, list[dict[str, float]]]] = {}
     try:
         for label, proc in procs.items():
@@ -115,9 +135,15 @@ async def measure(dbs: dict[str, tuple[str, int, list[str]]], size: dict[str, An
             out[name] = {label: [] for label in dbs}
             for r in range(size["rounds"]):
                 for label in sorted(dbs, reverse=r % 2 == 1):
-                    out[name][label].append(run_load(
-                        f"http://127.0.0.1:{ports[label]}", "GET", tgts[label][name],
-                        duration_s=size["duration_s"], connections=size["connections"]))
+                    out[name][label].append(
+                        run_load(
+                            f"http://127.0.0.1:{ports[label]}",
+                            "GET",
+                            tgts[label][name],
+                            duration_s=size["duration_s"],
+                            connections=size["connections"],
+                        )
+                    )
     finally:
         for proc in procs.values():
             proc.stop()
@@ -134,9 +160,12 @@ async def explain_all(dsn: str) -> dict[str, Any]:
     conn = await asyncpg.connect(dsn)
     report: dict[str, Any] = {}
     try:
-        rows = dict(await conn.fetch(
-            "SELECT relname, reltuples::bigint FROM pg_class WHERE relname = ANY($1::text[])",
-            list(GROWING_TABLES)))
+        rows = dict(
+            await conn.fetch(
+                "SELECT relname, reltuples::bigint FROM pg_class WHERE relname = ANY($1::text[])",
+                list(GROWING_TABLES),
+            )
+        )
         big = {t for t, n in rows.items() if n >= BIG_TABLE_ROWS}
         await conn.execute("SET plan_cache_mode = force_generic_plan")
         for info in pkgutil.iter_modules(service.db.__path__):
@@ -163,7 +192,13 @@ async def explain_all(dsn: str) -> dict[str, Any]:
 
 
 def _is_query(sql: str) -> bool:
-    return sql.lstrip().split(None, 1)[0].upper() in ("SELECT", "INSERT", "UPDATE", "DELETE", "WITH")
+    return sql.lstrip().split(None, 1)[0].upper() in (
+        "SELECT",
+        "INSERT",
+        "UPDATE",
+        "DELETE",
+        "WITH",
+    )
 
 
 def _seq_table(scan: str) -> str | None:
@@ -209,19 +244,41 @@ async def run(size: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
         big_p50 = statistics.median(s["p50"] for s in by_db["big"])
         empty_p50 = statistics.median(s["p50"] for s in by_db["empty"])
         value = ratio(big_p50, empty_p50)
-        rows.append(Row(bench="dbgrowth", measure=f"{name} p50, {size['turns']:,} turns vs empty",
-                        value=big_p50, unit="ms", baseline=empty_p50, ratio=value,
-                        goal=f"ratio ≤ {GOAL_RATIO}", ok=value <= GOAL_RATIO))
+        rows.append(
+            Row(
+                bench="dbgrowth",
+                measure=f"{name} p50, {size['turns']:,} turns vs empty",
+                value=big_p50,
+                unit="ms",
+                baseline=empty_p50,
+                ratio=value,
+                goal=f"ratio ≤ {GOAL_RATIO}",
+                ok=value <= GOAL_RATIO,
+            )
+        )
     explained = results["explain"]
     bad = sorted(k for k, v in explained.items() if v.get("seq_scans_on_growing_tables"))
     failed = sorted(k for k, v in explained.items() if "error" in v)
     audited = sum(1 for v in explained.values() if "scans" in v)
-    rows.append(Row(bench="dbgrowth", measure="SQL constants with a Seq Scan on a growing table",
-                    value=len(bad), baseline=audited, goal="0 (baseline: statements explained)",
-                    ok=not bad))
+    rows.append(
+        Row(
+            bench="dbgrowth",
+            measure="SQL constants with a Seq Scan on a growing table",
+            value=len(bad),
+            baseline=audited,
+            goal="0 (baseline: statements explained)",
+            ok=not bad,
+        )
+    )
     if failed:
-        rows.append(Row(bench="dbgrowth", measure="SQL constants EXPLAIN could not plan",
-                        value=len(failed), ok=False))
+        rows.append(
+            Row(
+                bench="dbgrowth",
+                measure="SQL constants EXPLAIN could not plan",
+                value=len(failed),
+                ok=False,
+            )
+        )
     results.update(seq_scans={k: explained[k]["scans"] for k in bad}, explain_errors=failed)
     return rows, results
 
@@ -231,7 +288,8 @@ if __name__ == "__main__":
 
     from bench.harness import render_table
 
-    table_rows, raw = asyncio.run(run({"turns": int(sys.argv[1]), "duration_s": 2, "rounds": 2,
-                                       "connections": 4}))
+    table_rows, raw = asyncio.run(
+        run({"turns": int(sys.argv[1]), "duration_s": 2, "rounds": 2, "connections": 4})
+    )
     print(json.dumps({k: raw[k] for k in ("seq_scans", "explain_errors")}, indent=1))
     print(render_table(table_rows))

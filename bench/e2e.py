@@ -1,6 +1,6 @@
 """Benchmark 3: end-to-end overhead of a turn, against the loop a user would otherwise write.
 
-C conversations × K chained turns with an instant sandbox (its own process). Baseline: the
+C conversations x K chained turns with an instant sandbox (its own process). Baseline: the
 README's loop calling the SDK directly (create, then result, chaining previous_interaction_id),
 C of them concurrently. Service: POST the turn, then GET it with ?wait= until it ends, then the
 next; API and worker are processes of their own. Per-turn latency is from sending the question
@@ -10,19 +10,26 @@ to holding the answer; the added latency is service minus baseline at the same p
 from __future__ import annotations
 
 import asyncio
-import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
+import psutil
 from parallel import AsyncParallel
 
 from bench.harness import (
-    Row, bench_settings, free_port, make_conversations, make_tenants, ratio, scratch_database,
+    Row,
+    bench_settings,
+    free_port,
+    make_conversations,
+    make_tenants,
+    ratio,
+    scratch_database,
     summarize,
 )
-from bench.inflight import WEBHOOK_SECRET, _wait_worker, push_available
-from bench.procs import Proc, api_proc, sandbox_proc, worker_proc
+from bench.inflight import WEBHOOK_SECRET
+from bench.procs import api_proc, push_available, sandbox_proc, wait_worker, worker_proc
 
 GOAL_ADDED_P50_MS = 50
 
@@ -37,7 +44,8 @@ async def sdk_loop(base_url: str, conversations: int, turns: int) -> tuple[list[
         for k in range(turns):
             t0 = time.perf_counter()
             run = await client.task_run.create(
-                input=f"conversation {c} question {k}", processor="lite",
+                input=f"conversation {c} question {k}",
+                processor="lite",
                 previous_interaction_id=previous,
             )
             await client.task_run.result(run.run_id, api_timeout=600)
@@ -52,25 +60,34 @@ async def sdk_loop(base_url: str, conversations: int, turns: int) -> tuple[list[
     return latencies, time.perf_counter() - t0
 
 
-async def service_loop(api_url: str, convs: list[tuple[str, int]], keys: list[str], turns: int
-                       ) -> tuple[list[float], float]:
+async def service_loop(
+    api_url: str, convs: list[tuple[str, int]], keys: list[str], turns: int
+) -> tuple[list[float], float]:
     """The same conversations through the service: POST, then long-poll until the turn ends."""
     latencies: list[float] = []
-    limits = httpx.Limits(max_connections=len(convs) + 10, max_keepalive_connections=len(convs) + 10)
+    limits = httpx.Limits(
+        max_connections=len(convs) + 10, max_keepalive_connections=len(convs) + 10
+    )
     async with httpx.AsyncClient(base_url=api_url, limits=limits, timeout=90) as client:
 
         async def conversation(c: int, conv: str, tenant: int) -> None:
             auth = {"Authorization": f"Bearer {keys[tenant]}"}
             for k in range(turns):
                 t0 = time.perf_counter()
-                r = await client.post(f"/v1/conversations/{conv}/turns", headers=auth,
-                                      json={"input": f"conversation {c} question {k}"})
+                r = await client.post(
+                    f"/v1/conversations/{conv}/turns",
+                    headers=auth,
+                    json={"input": f"conversation {c} question {k}"},
+                )
                 if r.status_code != 202:
                     raise RuntimeError(f"POST turn answered {r.status_code}: {r.text[:300]}")
                 turn = r.json()
                 while turn["status"] not in ("completed", "failed", "cancelled"):
-                    r = await client.get(f"/v1/conversations/{conv}/turns/{turn['id']}",
-                                         params={"wait": 30}, headers=auth)
+                    r = await client.get(
+                        f"/v1/conversations/{conv}/turns/{turn['id']}",
+                        params={"wait": 30},
+                        headers=auth,
+                    )
                     turn = r.json()
                 if turn["status"] != "completed":
                     raise RuntimeError(f"turn ended {turn['status']}: {turn.get('error')}")
@@ -81,15 +98,21 @@ async def service_loop(api_url: str, convs: list[tuple[str, int]], keys: list[st
     return latencies, time.perf_counter() - t0
 
 
+def _own_cpu_seconds() -> float:
+    """This process alone (the load generator), not its children."""
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
+
+
 class _Cpu:
     """CPU seconds each process spent since the previous lap."""
 
-    def __init__(self, procs: dict[str, Proc]) -> None:
-        self.procs = procs
-        self.last = {name: p.cpu_seconds() for name, p in procs.items()}
+    def __init__(self, readers: dict[str, Callable[[], float]]) -> None:
+        self.readers = readers
+        self.last = {name: read() for name, read in readers.items()}
 
     def lap(self) -> dict[str, float]:
-        now = {name: p.cpu_seconds() for name, p in self.procs.items()}
+        now = {name: read() for name, read in self.readers.items()}
         spent = {name: now[name] - self.last[name] for name in now}
         self.last = now
         return spent
@@ -105,8 +128,10 @@ async def run_mode(mode: str, conversations: int, turns: int, serial: int) -> di
         settings = bench_settings(dsn, sandbox_url)
         env = {"WORKER_METRICS_PORT": "0", "RATE_LIMIT_PER_MIN": "1000000000"}
         if mode == "push":
-            env |= {"PUBLIC_BASE_URL": f"http://127.0.0.1:{api_port}",
-                    "PARALLEL_WEBHOOK_SECRET": WEBHOOK_SECRET}
+            env |= {
+                "PUBLIC_BASE_URL": f"http://127.0.0.1:{api_port}",
+                "PARALLEL_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            }
         sandbox = sandbox_proc(sandbox_port, 0.0, WEBHOOK_SECRET).start()
         api = api_proc(settings, api_port, **env).start()
         worker = worker_proc(settings, **env).start()
@@ -114,66 +139,131 @@ async def run_mode(mode: str, conversations: int, turns: int, serial: int) -> di
             sandbox.wait_http(f"{sandbox_url}/_sandbox/health")
             api.wait_http(f"http://127.0.0.1:{api_port}/healthz")
             if mode == "push" and not await push_available(f"http://127.0.0.1:{api_port}"):
-                return {"mode": mode, "conversations": conversations, "turns": turns,
-                        "unavailable": True}
-            await _wait_worker(worker)
+                return {
+                    "mode": mode,
+                    "conversations": conversations,
+                    "turns": turns,
+                    "unavailable": True,
+                }
+            await wait_worker(worker)
             # Baseline and service take turns on the same machine, the baseline first. Then the
             # same with one conversation (`serial` turns): the hops alone, without CPU queueing.
-            me = Proc("bench", [])
-            me.popen = type("P", (), {"pid": os.getpid()})()  # psutil view of this process
-            cpu = _Cpu({"sandbox": sandbox, "api": api, "worker": worker, "client": me})
+            cpu = _Cpu(
+                {
+                    "sandbox": sandbox.cpu_seconds,
+                    "api": api.cpu_seconds,
+                    "worker": worker.cpu_seconds,
+                    "client": _own_cpu_seconds,
+                }
+            )
             base_lat, base_wall = await sdk_loop(sandbox_url, conversations, turns)
             base_cpu = cpu.lap()
-            svc_lat, svc_wall = await service_loop(f"http://127.0.0.1:{api_port}", convs, keys, turns)
+            svc_lat, svc_wall = await service_loop(
+                f"http://127.0.0.1:{api_port}", convs, keys, turns
+            )
             svc_cpu = cpu.lap()
             serial_base, _ = await sdk_loop(sandbox_url, 1, serial)
-            serial_svc, _ = await service_loop(f"http://127.0.0.1:{api_port}", convs[:1], keys, serial)
+            serial_svc, _ = await service_loop(
+                f"http://127.0.0.1:{api_port}", convs[:1], keys, serial
+            )
         finally:
             for proc in (worker, api, sandbox):
                 proc.stop()
     base, svc = summarize(base_lat), summarize(svc_lat)
     n = conversations * turns
     return {
-        "mode": mode, "conversations": conversations, "turns": turns, "serial_turns": serial,
-        "serial_baseline_s": summarize(serial_base), "serial_service_s": summarize(serial_svc),
-        "cpu_ms_per_turn": {"baseline": {k: 1000 * v / n for k, v in base_cpu.items()},
-                            "service": {k: 1000 * v / n for k, v in svc_cpu.items()}},
-        "baseline_s": base, "service_s": svc, "baseline_wall_s": base_wall, "service_wall_s": svc_wall,
+        "mode": mode,
+        "conversations": conversations,
+        "turns": turns,
+        "serial_turns": serial,
+        "serial_baseline_s": summarize(serial_base),
+        "serial_service_s": summarize(serial_svc),
+        "cpu_ms_per_turn": {
+            "baseline": {k: 1000 * v / n for k, v in base_cpu.items()},
+            "service": {k: 1000 * v / n for k, v in svc_cpu.items()},
+        },
+        "baseline_s": base,
+        "service_s": svc,
+        "baseline_wall_s": base_wall,
+        "service_wall_s": svc_wall,
         "added_p50_ms": 1000 * (svc["p50"] - base["p50"]),
         "added_p95_ms": 1000 * (svc["p95"] - base["p95"]),
     }
 
 
 def rows_for(f: dict[str, Any]) -> list[Row]:
-    label = f"{f['mode']} {f['conversations']}×{f['turns']}"
+    label = f"{f['mode']} {f['conversations']}x{f['turns']}"
     if f.get("unavailable"):
-        return [Row(bench="e2e", measure=f"{label}: no /v1/hooks/parallel route (push mode)",
-                    value=float("nan"), ok=False)]
+        return [
+            Row(
+                bench="e2e",
+                measure=f"{label}: no /v1/hooks/parallel route (push mode)",
+                value=float("nan"),
+                ok=False,
+            )
+        ]
     base, svc, cpu = f["baseline_s"], f["service_s"], f["cpu_ms_per_turn"]
     added_serial = 1000 * (f["serial_service_s"]["p50"] - f["serial_baseline_s"]["p50"])
     return [
-        Row(bench="e2e", measure=f"{label}: turn latency p50", value=1000 * svc["p50"], unit="ms",
-            baseline=1000 * base["p50"], ratio=ratio(svc["p50"], base["p50"]),
-            goal=f"added ≤ {GOAL_ADDED_P50_MS} ms", ok=f["added_p50_ms"] <= GOAL_ADDED_P50_MS),
-        Row(bench="e2e", measure=f"{label}: turn latency p95", value=1000 * svc["p95"], unit="ms",
-            baseline=1000 * base["p95"], ratio=ratio(svc["p95"], base["p95"])),
-        Row(bench="e2e", measure=f"{label}: added per turn p50 / p95", value=f["added_p50_ms"],
-            unit="ms", baseline=f["added_p95_ms"], goal="baseline column: p95"),
-        Row(bench="e2e", measure=f"{label}: wall time", value=f["service_wall_s"], unit="s",
-            baseline=f["baseline_wall_s"], ratio=ratio(f["service_wall_s"], f["baseline_wall_s"])),
-        Row(bench="e2e", measure=f"{label}: CPU per turn, all processes but Postgres/Redis",
-            value=sum(cpu["service"].values()), unit="ms", baseline=sum(cpu["baseline"].values()),
-            ratio=ratio(sum(cpu["service"].values()), sum(cpu["baseline"].values()))),
-        Row(bench="e2e", measure=f"{mode} 1×{f['serial_turns']} (no queueing): added per turn p50",
-            value=added_serial, unit="ms", baseline=1000 * f["serial_baseline_s"]["p50"],
+        Row(
+            bench="e2e",
+            measure=f"{label}: turn latency p50",
+            value=1000 * svc["p50"],
+            unit="ms",
+            baseline=1000 * base["p50"],
+            ratio=ratio(svc["p50"], base["p50"]),
+            goal=f"added ≤ {GOAL_ADDED_P50_MS} ms",
+            ok=f["added_p50_ms"] <= GOAL_ADDED_P50_MS,
+        ),
+        Row(
+            bench="e2e",
+            measure=f"{label}: turn latency p95",
+            value=1000 * svc["p95"],
+            unit="ms",
+            baseline=1000 * base["p95"],
+            ratio=ratio(svc["p95"], base["p95"]),
+        ),
+        Row(
+            bench="e2e",
+            measure=f"{label}: added per turn p50 / p95",
+            value=f["added_p50_ms"],
+            unit="ms",
+            baseline=f["added_p95_ms"],
+            goal="baseline column: p95",
+        ),
+        Row(
+            bench="e2e",
+            measure=f"{label}: wall time",
+            value=f["service_wall_s"],
+            unit="s",
+            baseline=f["baseline_wall_s"],
+            ratio=ratio(f["service_wall_s"], f["baseline_wall_s"]),
+        ),
+        Row(
+            bench="e2e",
+            measure=f"{label}: CPU per turn, all processes but Postgres/Redis",
+            value=sum(cpu["service"].values()),
+            unit="ms",
+            baseline=sum(cpu["baseline"].values()),
+            ratio=ratio(sum(cpu["service"].values()), sum(cpu["baseline"].values())),
+        ),
+        Row(
+            bench="e2e",
+            measure=f"{f['mode']} 1x{f['serial_turns']} (no queueing): added per turn p50",
+            value=added_serial,
+            unit="ms",
+            baseline=1000 * f["serial_baseline_s"]["p50"],
             goal=f"≤ {GOAL_ADDED_P50_MS} ms (baseline: SDK p50)",
-            ok=added_serial <= GOAL_ADDED_P50_MS),
+            ok=added_serial <= GOAL_ADDED_P50_MS,
+        ),
     ]
 
 
 async def run(size: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
-    results = [await run_mode(mode, size["conversations"], size["turns"], size["serial_turns"])
-               for mode in size["modes"]]
+    results = [
+        await run_mode(mode, size["conversations"], size["turns"], size["serial_turns"])
+        for mode in size["modes"]
+    ]
     return [row for f in results for row in rows_for(f)], {"modes": results}
 
 
@@ -182,6 +272,14 @@ if __name__ == "__main__":
 
     from bench.harness import render_table
 
-    table_rows, raw = asyncio.run(run({"modes": sys.argv[1].split(","), "serial_turns": 10,
-                                       "conversations": int(sys.argv[2]), "turns": 5}))
+    table_rows, raw = asyncio.run(
+        run(
+            {
+                "modes": sys.argv[1].split(","),
+                "serial_turns": 10,
+                "conversations": int(sys.argv[2]),
+                "turns": 5,
+            }
+        )
+    )
     print(render_table(table_rows))

@@ -54,15 +54,20 @@ def create_floor_app(settings: Settings, tenant_id: str) -> Litestar:
             await app.state.pool.close()
 
     @post("/v1/conversations/{conversation_id:str}/turns", status_code=202)
-    async def create(request: Request[Any, Any, Any], conversation_id: str, data: FloorTurn) -> Response[Turn]:
+    async def create(
+        request: Request[Any, Any, Any], conversation_id: str, data: FloorTurn
+    ) -> Response[Turn]:
         turn_id = f"turn_{secrets.token_hex(12)}"
         row = await request.app.state.pool.fetchrow(
             INSERT_SQL, turn_id, conversation_id, tenant_id, next(seqs), data.input
         )
         await jobs.enqueue_start_turn(request.app.state.queue, settings.queue_name, turn_id)
         turn = db.to_turn(row)
-        return Response(turn, status_code=202,
-                        headers={"Location": f"/v1/conversations/{conversation_id}/turns/{turn_id}"})
+        return Response(
+            turn,
+            status_code=202,
+            headers={"Location": f"/v1/conversations/{conversation_id}/turns/{turn_id}"},
+        )
 
     @get("/v1/conversations/{conversation_id:str}/turns/{turn_id:str}")
     async def read(request: Request[Any, Any, Any], conversation_id: str, turn_id: str) -> Turn:
@@ -85,8 +90,14 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     app = create_floor_app(Settings.from_env(), os.environ["BENCH_TENANT_ID"])
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_config=None,
-                timeout_graceful_shutdown=30, proxy_headers=True)
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=args.port,
+        log_config=None,
+        timeout_graceful_shutdown=30,
+        proxy_headers=True,
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import httpx
 import msgspec
 
 from service.config import Settings
@@ -24,8 +25,11 @@ from service.db.keys import create_key
 from service.db.migrate import migrate
 
 # A server the benchmarks may create databases on, and a Redis database index of their own.
-ADMIN_DSN = (os.environ.get("BENCH_DATABASE_URL") or os.environ.get("TEST_DATABASE_URL")
-             or "postgresql://postgres@127.0.0.1:5432/postgres")
+ADMIN_DSN = (
+    os.environ.get("BENCH_DATABASE_URL")
+    or os.environ.get("TEST_DATABASE_URL")
+    or "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/9")
 
 
@@ -80,7 +84,7 @@ class Row(msgspec.Struct, kw_only=True):
 def fmt(value: float | None, unit: str = "") -> str:
     """A short human figure: 3 significant digits, thousands separated."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
+        return "-"
     magnitude = abs(value)
     if magnitude >= 1000:
         text = f"{value:,.0f}"
@@ -100,7 +104,7 @@ def render_table(rows: Iterable[Row]) -> str:
         "|---|---|---:|---:|---:|---|:-:|",
     ]
     for r in rows:
-        met = "–" if r.ok is None else ("yes" if r.ok else "**no**")
+        met = "-" if r.ok is None else ("yes" if r.ok else "**no**")
         lines.append(
             f"| {r.bench} | {r.measure} | {fmt(r.value, r.unit)} | {fmt(r.baseline, r.unit)} "
             f"| {fmt(r.ratio)} | {r.goal} | {met} |"
@@ -192,13 +196,50 @@ async def make_conversations(
     return [(f"{prefix}{g:08d}", g % len(tenant_ids)) for g in range(1, count + 1)]
 
 
-async def wait_until(predicate: Any, timeout: float, interval: float = 0.5) -> bool:
-    """Await `predicate()` until it is true or `timeout` passes; returns whether it held."""
+async def wait_until(predicate: Any, timeout_s: float, interval: float = 0.5) -> bool:
+    """Await `predicate()` until it is true or `timeout_s` passes; returns whether it held."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + timeout_s
     while True:
         if await predicate():
             return True
         if loop.time() > deadline:
             return False
         await asyncio.sleep(interval)
+
+
+async def post_turns(
+    base_url: str,
+    convs: list[tuple[str, int]],
+    keys: list[str],
+    lengths: list[float],
+    concurrency: int = 32,
+) -> None:
+    """POST one turn on each conversation, `concurrency` at a time; the sandbox holds turn i's
+    run lengths[i] seconds."""
+    todo = iter(enumerate(convs))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60) as client:
+
+        async def post(i: int, conv: str, auth: dict[str, str]) -> None:
+            body = {"input": f"[sandbox:slow={lengths[i]:.2f}] bench question {i}"}
+            for _ in range(3):
+                try:
+                    r = await client.post(
+                        f"/v1/conversations/{conv}/turns", json=body, headers=auth
+                    )
+                    break
+                except httpx.TransportError:
+                    # A kept-alive connection the server closed as we reused it: post again
+                    # unless the first attempt got through.
+                    r = await client.get(f"/v1/conversations/{conv}/turns", headers=auth)
+                    if r.status_code == 200 and r.json()["data"]:
+                        return
+            if r.status_code != 202:
+                raise RuntimeError(f"POST turn answered {r.status_code}: {r.text[:300]}")
+
+        async def poster() -> None:
+            for i, (conv, tenant) in todo:
+                await post(i, conv, {"Authorization": f"Bearer {keys[tenant]}"})
+
+        await asyncio.gather(*(poster() for _ in range(concurrency)))

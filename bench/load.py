@@ -65,8 +65,13 @@ Target = tuple[str, str]  # (path, API key)
 
 
 def run_load(
-    base_url: str, method: str, targets: list[Target], *, body: bytes = b"",
-    duration_s: float, connections: int = 32,
+    base_url: str,
+    method: str,
+    targets: list[Target],
+    *,
+    body: bytes = b"",
+    duration_s: float,
+    connections: int = 32,
 ) -> dict[str, float]:
     """Load base_url for duration_s; returns {rps, p50, p90, p99 (ms), requests, errors}."""
     if have_wrk():
@@ -75,29 +80,49 @@ def run_load(
 
 
 def _run_wrk(
-    base_url: str, method: str, targets: list[Target], body: bytes, duration_s: float,
+    base_url: str,
+    method: str,
+    targets: list[Target],
+    body: bytes,
+    duration_s: float,
     connections: int,
 ) -> dict[str, float]:
     threads = 2
     folder = Path(tempfile.mkdtemp(prefix="bench-wrk-"))
     (folder / "paths.txt").write_text("".join(f"{path}\t{key}\n" for path, key in targets))
     (folder / "load.lua").write_text(WRK_SCRIPT)
-    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
-            "--timeout", "10s", "-s", str(folder / "load.lua")]
+    argv = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(duration_s))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(folder / "load.lua"),
+    ]
     argv += [base_url, "--", str(folder / "paths.txt"), str(threads), method, body.decode()]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 60, check=True)
     line = next(ln for ln in done.stdout.splitlines() if ln.startswith("@@"))
     stats = json.loads(line[2:])
     shutil.rmtree(folder, ignore_errors=True)
     return {
-        "rps": stats["requests"] / stats["duration_s"], "p50": stats["p50"], "p90": stats["p90"],
-        "p99": stats["p99"], "requests": stats["requests"], "errors": stats["errors"],
+        "rps": stats["requests"] / stats["duration_s"],
+        "p50": stats["p50"],
+        "p90": stats["p90"],
+        "p99": stats["p99"],
+        "requests": stats["requests"],
+        "errors": stats["errors"],
         "generator": "wrk",
     }
 
 
 async def _run_httpx(
-    base_url: str, method: str, targets: list[Target], body: bytes, duration_s: float,
+    base_url: str,
+    method: str,
+    targets: list[Target],
+    body: bytes,
+    duration_s: float,
     connections: int,
 ) -> dict[str, float]:
     latencies: list[float] = []
@@ -114,8 +139,9 @@ async def _run_httpx(
                 path, key = targets[n % len(targets)]
                 n += connections
                 t0 = time.perf_counter()
-                response = await client.request(method, path, content=body or None,
-                                                headers={"Authorization": f"Bearer {key}"})
+                response = await client.request(
+                    method, path, content=body or None, headers={"Authorization": f"Bearer {key}"}
+                )
                 latencies.append((time.perf_counter() - t0) * 1000)
                 errors += response.status_code >= 400
 
@@ -123,7 +149,11 @@ async def _run_httpx(
         await asyncio.gather(*(loop(i) for i in range(connections)))
         elapsed = time.perf_counter() - t0
     return {
-        "rps": len(latencies) / elapsed, "p50": percentile(latencies, 50),
-        "p90": percentile(latencies, 90), "p99": percentile(latencies, 99),
-        "requests": len(latencies), "errors": errors, "generator": "httpx",
+        "rps": len(latencies) / elapsed,
+        "p50": percentile(latencies, 50),
+        "p90": percentile(latencies, 90),
+        "p99": percentile(latencies, 99),
+        "requests": len(latencies),
+        "errors": errors,
+        "generator": "httpx",
     }

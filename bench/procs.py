@@ -7,6 +7,7 @@ Each runs as its own process (so its CPU and memory are its own), with its outpu
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import subprocess
@@ -39,7 +40,9 @@ class Proc:
 
     def start(self) -> Proc:
         with self.log.open("ab") as out:
-            self.popen = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+            self.popen = subprocess.Popen(
+                self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT
+            )
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
         return self
@@ -93,6 +96,10 @@ class Proc:
             time.sleep(0.1)
         raise TimeoutError(f"{self.name} did not answer {url}:\n{self.output()[-3000:]}")
 
+    def rss(self) -> int:
+        """Resident memory of the process (and any children) now, in bytes."""
+        return sum(p.memory_info().rss for p in self._tree())
+
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
@@ -116,6 +123,22 @@ class Proc:
         self.stop()
 
 
+async def wait_worker(worker: Proc, timeout_s: float = 30.0) -> None:
+    """Until the arq worker says it has started."""
+    deadline = time.monotonic() + timeout_s
+    while "Starting worker" not in worker.output():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"worker did not start:\n{worker.output()[-3000:]}")
+        await asyncio.sleep(0.1)
+
+
+async def push_available(api_url: str) -> bool:
+    """Whether the API has Parallel's inbound webhook route (push mode)."""
+    async with httpx.AsyncClient() as client:
+        r = await client.post(f"{api_url}/v1/hooks/parallel", content=b"{}")
+    return r.status_code not in (404, 405)
+
+
 def _profiled(name: str, argv: list[str]) -> list[str]:
     """Profiling aid: with BENCH_PYSPY_<NAME>=file (and py-spy installed), record the process's
     collapsed stacks there, for flame graphs."""
@@ -130,8 +153,11 @@ def api_proc(settings: Settings, port: int, **env: str) -> Proc:
 
 
 def floor_proc(settings: Settings, port: int, tenant_id: str) -> Proc:
-    return Proc("floor", [sys.executable, "-m", "bench.floor", "--port", str(port)],
-                settings_env(settings, BENCH_TENANT_ID=tenant_id))
+    return Proc(
+        "floor",
+        [sys.executable, "-m", "bench.floor", "--port", str(port)],
+        settings_env(settings, BENCH_TENANT_ID=tenant_id),
+    )
 
 
 def worker_proc(settings: Settings, **env: str) -> Proc:
@@ -140,8 +166,18 @@ def worker_proc(settings: Settings, **env: str) -> Proc:
 
 
 def sandbox_proc(port: int, latency_s: float, webhook_secret: str = "bench_webhook_secret") -> Proc:
-    argv = [sys.executable, "-m", "bench.procs", "sandbox", "--port", str(port),
-            "--latency", str(latency_s), "--webhook-secret", webhook_secret]
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.procs",
+        "sandbox",
+        "--port",
+        str(port),
+        "--latency",
+        str(latency_s),
+        "--webhook-secret",
+        webhook_secret,
+    ]
     return Proc("sandbox", argv)
 
 
@@ -152,12 +188,21 @@ def _serve_sandbox(args: argparse.Namespace) -> None:
     from sandbox.config import SandboxConfig
 
     config = SandboxConfig(
-        default_latency_s=args.latency, queued_s=min(0.05, args.latency),
-        webhook_secret=args.webhook_secret, webhook_concurrency=64,
+        default_latency_s=args.latency,
+        queued_s=min(0.05, args.latency),
+        webhook_secret=args.webhook_secret,
+        webhook_concurrency=64,
         max_log_entries=1_000_000,
     )
-    uvicorn.run(create_app(config), host="127.0.0.1", port=args.port, log_level="warning",
-                access_log=False, backlog=4096, timeout_graceful_shutdown=2)
+    uvicorn.run(
+        create_app(config),
+        host="127.0.0.1",
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        backlog=4096,
+        timeout_graceful_shutdown=2,
+    )
 
 
 def main() -> None:

@@ -70,9 +70,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Attempts in flight at once per worker.
     webhook_batch: int = 100
     # Push mode (public_base_url set): Parallel's webhook triggers checks, so polling is only a
-    # safety net: its first check comes push_poll_initial_s after the start (× the processor's
-    # scale) and it backs off to this cap instead of poll_max_s. A 2-minute run then costs
-    # 4 Parallel calls, a 20-minute one 7 (docs/benchmarks.md).
+    # safety net: its first check comes push_poll_initial_s after the start (times the
+    # processor's scale) and it backs off to this cap instead of poll_max_s. A 2-minute run then
+    # costs 4 Parallel calls, a 20-minute one 7 (docs/benchmarks.md).
     push_poll_initial_s: float = 60.0
     push_poll_max_s: float = 600.0
     # The worker serves Prometheus metrics on this port (0: off); the API serves GET /metrics.

@@ -46,6 +46,10 @@ class Redactor:
     def __init__(self, literals: Iterable[str | None] = ()) -> None:
         found = {s for s in literals if s and len(s) >= MIN_LITERAL_SECRET}
         self._literals = [re.compile(re.escape(s)) for s in sorted(found, key=len, reverse=True)]
+        # A substring every pattern and literal needs (a superset of what they match).
+        self._trigger = re.compile(
+            "|".join([r"(?i:rsk_|whsec_|://|bearer)", *(re.escape(s) for s in found)])
+        )
 
     def __call__(
         self, _logger: Any, _name: str, event: MutableMapping[str, Any]
@@ -68,6 +72,10 @@ class Redactor:
         return self.text(str(value))
 
     def text(self, value: str) -> str:
+        # Most values (ids, routes, numbers) contain nothing any pattern could match: one
+        # search instead of every substitution (about 5% of the API's CPU per request).
+        if not self._trigger.search(value):
+            return value
         for literal in self._literals:
             value = literal.sub(REDACTED, value)
         for pattern, replacement in SECRET_PATTERNS:

@@ -19,8 +19,13 @@ def test_percentiles_interpolate_between_ranks():
     assert percentile(values, 100) == 5.0
     assert percentile(values, 95) == pytest.approx(4.8)
     assert math.isnan(percentile([], 50))
-    assert summarize(values) == {"n": 5, "p50": 3.0, "p95": pytest.approx(4.8),
-                                 "p99": pytest.approx(4.96), "max": 5.0}
+    assert summarize(values) == {
+        "n": 5,
+        "p50": 3.0,
+        "p95": pytest.approx(4.8),
+        "p99": pytest.approx(4.96),
+        "max": 5.0,
+    }
 
 
 def test_ratio_is_nan_without_a_baseline():
@@ -33,24 +38,42 @@ def test_figures_are_short_and_the_table_marks_goals():
     assert fmt(1234.5, "ms") == "1,234 ms"
     assert fmt(12.345) == "12.3"
     assert fmt(0.1234, "s") == "0.12 s"
-    assert fmt(math.nan) == "–"
-    table = render_table([
-        Row(bench="api", measure="POST turn req/s", value=900, baseline=1000, ratio=0.9,
-            goal="ratio ≥ 0.6", ok=True),
-        Row(bench="api", measure="GET turn req/s", value=500, baseline=1000, ratio=0.5,
-            goal="ratio ≥ 0.7", ok=False),
-        Row(bench="e2e", measure="wall", value=2.0, unit="s"),
-    ])
+    assert fmt(math.nan) == "-"
+    table = render_table(
+        [
+            Row(
+                bench="api",
+                measure="POST turn req/s",
+                value=900,
+                baseline=1000,
+                ratio=0.9,
+                goal="ratio ≥ 0.6",
+                ok=True,
+            ),
+            Row(
+                bench="api",
+                measure="GET turn req/s",
+                value=500,
+                baseline=1000,
+                ratio=0.5,
+                goal="ratio ≥ 0.7",
+                ok=False,
+            ),
+            Row(bench="e2e", measure="wall", value=2.0, unit="s"),
+        ]
+    )
     lines = table.splitlines()
     assert lines[0].startswith("| benchmark | measure |")
     assert lines[2] == "| api | POST turn req/s | 900 | 1,000 | 0.90 | ratio ≥ 0.6 | yes |"
     assert lines[3].endswith("| **no** |")
-    assert lines[4] == "| e2e | wall | 2.00 s | – | – |  | – |"
+    assert lines[4] == "| e2e | wall | 2.00 s | - | - |  | - |"
 
 
 def test_inflight_configurations_parse_and_unknown_benchmarks_are_refused():
     assert inflight_configs("push:10000:120,poll:1000:30") == [
-        ("push", 10000, 120.0), ("poll", 1000, 30.0)]
+        ("push", 10000, 120.0),
+        ("poll", 1000, 30.0),
+    ]
     with pytest.raises(ValueError):
         inflight_configs("both:10:1")
     assert parse_args(["--only", "api,dbgrowth"]).only == "api,dbgrowth"
@@ -60,11 +83,20 @@ def test_inflight_configurations_parse_and_unknown_benchmarks_are_refused():
 
 def _inflight(mode: str, length_s: float, net_cpu_ms: float, calls: float, lag_p95: float):
     return {
-        "mode": mode, "n": 1000, "length_s": length_s, "posted_s": 4.0, "created_all_s": 6.0,
-        "worker_peak_rss_mb": 120.0, "worker_idle_rss_mb": 60.0, "cpu_ms_per_turn": net_cpu_ms + 1,
-        "net_cpu_ms_per_turn": net_cpu_ms, "calls_per_turn": calls, "poll_max_s": 30.0,
+        "mode": mode,
+        "n": 1000,
+        "length_s": length_s,
+        "posted_s": 4.0,
+        "created_all_s": 6.0,
+        "worker_peak_rss_mb": 120.0,
+        "worker_idle_rss_mb": 60.0,
+        "cpu_ms_per_turn": net_cpu_ms + 1,
+        "net_cpu_ms_per_turn": net_cpu_ms,
+        "calls_per_turn": calls,
+        "poll_max_s": 30.0,
         "lag_s": {"n": 1000, "p50": 0.2, "p95": lag_p95, "p99": 0.9, "max": 1.0},
-        "completed": 1000, "all_terminal": True,
+        "completed": 1000,
+        "all_terminal": True,
     }
 
 
@@ -81,15 +113,20 @@ def test_inflight_goals_depend_on_the_mode():
 def test_cpu_per_turn_must_not_grow_with_run_length():
     flat = scaling_rows([_inflight("push", 120, 5.0, 3, 0.5), _inflight("push", 1200, 5.5, 4, 0.5)])
     assert len(flat) == 1 and flat[0].ok and flat[0].ratio == pytest.approx(1.1)
-    grows = scaling_rows([_inflight("poll", 1200, 20.0, 40, 20), _inflight("poll", 120, 8.0, 11, 20)])
+    grows = scaling_rows(
+        [_inflight("poll", 1200, 20.0, 40, 20), _inflight("poll", 120, 8.0, 11, 20)]
+    )
     assert not grows[0].ok and grows[0].baseline == 8.0
 
 
 def test_explain_walk_finds_every_scan():
-    plan = {"Node Type": "Nested Loop", "Plans": [
-        {"Node Type": "Index Scan", "Relation Name": "turn", "Index Name": "turn_pkey"},
-        {"Node Type": "Seq Scan", "Relation Name": "event"},
-    ]}
+    plan = {
+        "Node Type": "Nested Loop",
+        "Plans": [
+            {"Node Type": "Index Scan", "Relation Name": "turn", "Index Name": "turn_pkey"},
+            {"Node Type": "Seq Scan", "Relation Name": "event"},
+        ],
+    }
     scans: list[str] = []
     _walk(plan, scans)
     assert scans == ["Index Scan on turn using turn_pkey", "Seq Scan on event"]

@@ -14,6 +14,11 @@ import msgspec
 import parallel
 from parallel import AsyncParallel
 
+try:
+    import aiohttp
+except ImportError:  # the SDK falls back to httpx's own transport
+    aiohttp = None  # type: ignore[assignment]
+
 from service import metrics
 from service.errors import UpstreamRejected, UpstreamUnavailable
 from service.models import FieldBasis
@@ -101,6 +106,32 @@ def _convert(data: Any, kind: type[T]) -> T:
         raise translate(exc) from exc
 
 
+def default_http_client(max_connections: int) -> httpx.AsyncClient:
+    """The SDK's aiohttp transport (its `aiohttp` extra): about a third of httpx's CPU per call
+    (0.6 ms against 1.6 ms here), and calls are most of what following runs costs a worker
+    (docs/benchmarks.md). Every connection is kept alive between checks: with the SDK's default
+    of 20, a follower tick of hundreds of checks would reopen most of its connections."""
+    limits = httpx.Limits(
+        max_connections=max_connections, max_keepalive_connections=max_connections
+    )
+    if aiohttp is None:
+        return parallel.DefaultAsyncHttpxClient(limits=limits)
+    return parallel.DefaultAioHttpClient(limits=limits)
+
+
+def _failed_to_connect(exc: BaseException) -> bool:
+    """Whether the request failed while connecting, so it never reached Parallel. The aiohttp
+    transport reports every aiohttp connection error, a server hanging up after the request
+    was sent included, as httpx.ConnectTimeout: its own cause tells them apart."""
+    cause = exc.__cause__
+    if not isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout):
+        return False
+    inner = cause.__cause__
+    if aiohttp is not None and isinstance(inner, aiohttp.ClientError):
+        return isinstance(inner, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+    return True
+
+
 class ParallelClient:
     """A narrow async client for the calls the worker makes."""
 
@@ -114,11 +145,7 @@ class ParallelClient:
         max_connections: int = 100,
     ) -> None:
         if http_client is None:
-            # Keep every connection alive between checks: with the SDK's default of 20 kept
-            # alive, a follower batch of hundreds of checks closes and reopens most of its
-            # connections on every tick.
-            http_client = parallel.DefaultAsyncHttpxClient(limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections))
+            http_client = default_http_client(max_connections)
         # SDK retries are off: a retried POST without an idempotency key can create a second,
         # billed run, so every retry decision is the worker's (DESIGN.md §2).
         self._sdk = AsyncParallel(
@@ -167,7 +194,7 @@ class ParallelClient:
         except Exception as exc:
             error = translate(exc)
             if isinstance(error, UpstreamUnavailable) and isinstance(exc, parallel.APIConnectionError):
-                error.in_doubt = not isinstance(exc.__cause__, httpx.ConnectError | httpx.ConnectTimeout)
+                error.in_doubt = not _failed_to_connect(exc)
             raise error from exc
         return _convert(run.model_dump(mode="json"), RunInfo)
 

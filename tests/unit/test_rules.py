@@ -9,7 +9,7 @@ import pytest
 
 from service.config import Settings
 from service.domain.cursors import decode_cursor, encode_cursor
-from service.domain.schedule import check_delay, profile
+from service.domain.schedule import check_delay, poll_cap, poll_start, profile
 from service.domain.validation import check_turn_request, schema_depth
 from service.errors import BadRequest, InvalidInput
 from service.schemas import TurnCreate
@@ -70,3 +70,23 @@ def test_settings_from_env_converts_strings():
     assert parsed.processors == ["lite", "core"]
     with pytest.raises(msgspec.ValidationError):
         Settings.from_env({"REDIS_URL": "redis://r", "PARALLEL_API_KEY": "k"})
+
+
+def _checks_before(settings: Settings, seconds: float) -> int:
+    elapsed, checks = 0.0, 0
+    while True:
+        elapsed += check_delay("lite", checks, poll_start(settings), poll_cap(settings))
+        if elapsed >= seconds:
+            return checks
+        checks += 1
+
+
+def test_push_mode_polls_only_as_a_slow_safety_net():
+    poll = Settings(database_url="postgresql://x", redis_url="redis://x", parallel_api_key="k")
+    push = msgspec.structs.replace(poll, public_base_url="https://api.example.com")
+    assert poll_start(poll) == poll.poll_initial_s
+    assert poll_start(push) == push.push_poll_initial_s
+    # Calls per turn: create + these checks + the webhook's retrieve and result.
+    assert 3 + _checks_before(push, 120) <= 4
+    assert 3 + _checks_before(push, 1200) <= 7
+    assert 2 + _checks_before(poll, 120) <= 20

@@ -1,0 +1,88 @@
+"""A loop that takes due work from a schedule in Postgres, shared by the follower and the
+webhook dispatcher: claim what is due, else sleep until the next item is due or a wake-up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import UTC, datetime
+
+import structlog
+
+from service.db.pool import DB_UNAVAILABLE
+
+log = structlog.get_logger(__name__)
+
+
+class DueLoop:
+    name = "loop"
+
+    def __init__(self, idle_s: float) -> None:
+        self._idle_s = idle_s
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def tick(self) -> bool:
+        """Claim and handle due work; True when there may be more right away."""
+        raise NotImplementedError
+
+    async def next_due(self) -> datetime | None:
+        """When the next item falls due, or None when nothing is scheduled."""
+        raise NotImplementedError
+
+    def start_loop(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=self.name)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def stop_loop(self, grace_s: float) -> bool:
+        """Let the loop finish what it holds for up to grace_s; False when it had to be cancelled."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is None:
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), grace_s)
+            return True
+        except TimeoutError:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            return False
+
+    async def _run(self) -> None:
+        failures = 0
+        while not self._stopping:
+            # Cleared before looking, so a wake-up that comes while we look is not lost.
+            self._wake.clear()
+            try:
+                more = await self.tick()
+                failures = 0
+                if not more:
+                    await self._sleep(await self._until_next_due())
+            except DB_UNAVAILABLE as exc:
+                failures += 1
+                delay = min(30.0, 0.5 * 2**failures)
+                log.warning(f"{self.name}_db_unavailable", error=repr(exc), retry_in=delay)
+                await self._sleep(delay)
+            except Exception:
+                log.exception(f"{self.name}_error")
+                await self._sleep(self._idle_s)
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Wait for work still in hand once the loop stops (nothing by default)."""
+
+    async def _until_next_due(self) -> float:
+        next_at = await self.next_due()
+        if next_at is None:
+            return self._idle_s
+        return max(0.0, min(self._idle_s, (next_at - datetime.now(UTC)).total_seconds()))
+
+    async def _sleep(self, seconds: float) -> None:
+        if self._stopping:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)

@@ -33,9 +33,10 @@ from bench.harness import (
     summarize,
     wait_until,
 )
-from bench.procs import api_proc, push_available, sandbox_proc, wait_worker, worker_proc
+from bench.procs import Proc, api_proc, push_available, sandbox_proc, wait_worker, worker_proc
 
 WEBHOOK_SECRET = "bench_webhook_secret"
+IDLE_SAMPLE_S = 10.0
 _row = partial(Row, bench="inflight")
 # Parallel's documented limit is 2,000 creations a minute per key; the benchmark measures the
 # service's own capacity, as with a raised limit (see docs/benchmarks.md).
@@ -74,9 +75,7 @@ async def run_config(mode: str, n: int, length_s: float) -> dict[str, Any]:
                 return {"mode": mode, "n": n, "length_s": length_s, "unavailable": True}
             await wait_worker(worker)
             idle_rss = worker.rss()
-            worker.mark()
-            await asyncio.sleep(3.0)
-            idle_cpu_per_s = worker.cpu_since_mark() / 3.0
+            idle_cpu_s = await _idle_cpu(worker)
             worker.mark()
             rng = random.Random(n)
             lengths = [length_s * rng.uniform(0.75, 1.25) for _ in range(n)]
@@ -89,6 +88,10 @@ async def run_config(mode: str, n: int, length_s: float) -> dict[str, Any]:
             elapsed = time.time() - t0
             cpu_s, peak_rss = worker.cpu_since_mark(), worker.peak_rss
             figures = await _figures(dsn, f"http://127.0.0.1:{sandbox_port}", t0)
+            # The worker's idle CPU (arq's Redis polls, the follower's and dispatcher's ticks)
+            # is per second, not per turn: sampled before and after, 10 s each (psutil counts
+            # 10 ms ticks, so shorter samples are too coarse).
+            idle_cpu_per_s = (idle_cpu_s + await _idle_cpu(worker)) / (2 * IDLE_SAMPLE_S)
         finally:
             for proc in (worker, api, sandbox):
                 proc.stop()
@@ -108,6 +111,12 @@ async def run_config(mode: str, n: int, length_s: float) -> dict[str, Any]:
         net_cpu_ms_per_turn=1000 * (cpu_s - idle_cpu_per_s * elapsed) / n,
     )
     return figures
+
+
+async def _idle_cpu(worker: Proc) -> float:
+    before = worker.cpu_seconds()
+    await asyncio.sleep(IDLE_SAMPLE_S)
+    return worker.cpu_seconds() - before
 
 
 async def _all_terminal(dsn: str, n: int) -> bool:

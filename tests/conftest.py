@@ -57,16 +57,21 @@ async def _drop_database(admin_url: str, name: str) -> None:
         await conn.close()
 
 
-@pytest.fixture
-async def database_url(pg_admin_url: str) -> AsyncIterator[str]:
-    """A fresh database cloned from the migrated template, dropped afterwards."""
-    name = f"research_test_{secrets.token_hex(6)}"
-    conn = await asyncpg.connect(pg_admin_url)
+async def clone_template(admin_url: str, name: str) -> str:
+    """Create database `name` from the migrated template; returns its URL."""
+    conn = await asyncpg.connect(admin_url)
     try:
         await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
     finally:
         await conn.close()
-    yield with_database(pg_admin_url, name)
+    return with_database(admin_url, name)
+
+
+@pytest.fixture
+async def database_url(pg_admin_url: str) -> AsyncIterator[str]:
+    """A fresh database cloned from the migrated template, dropped afterwards."""
+    name = f"research_test_{secrets.token_hex(6)}"
+    yield await clone_template(pg_admin_url, name)
     await _drop_database(pg_admin_url, name)
 
 

@@ -41,7 +41,7 @@ from service.app import create_app
 from service.config import Settings
 from service.db.keys import create_key
 from service.openapi import render
-from tests.conftest import TEMPLATE_DB, with_database
+from tests.conftest import _drop_database, clone_template, with_database
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "20"))  # per operation and generation mode
 # Not negative_data_rejection: the fixed Authorization header sent with every case undoes the
@@ -73,22 +73,9 @@ def serve(settings: Settings) -> Iterator[str]:
 
 
 async def _prepare(admin_url: str, name: str) -> str:
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
-    finally:
-        await conn.close()
-    conn = await asyncpg.connect(with_database(admin_url, name))
+    conn = await asyncpg.connect(await clone_template(admin_url, name))
     try:
         return (await create_key(conn, "fuzz", rate_limit_per_min=0))[1]
-    finally:
-        await conn.close()
-
-
-async def _drop(admin_url: str, name: str) -> None:
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
 
@@ -108,7 +95,7 @@ def app_url(pg_admin_url: str, redis_url: str, sandbox_server
         with serve(settings) as url:
             yield url, {"Authorization": f"Bearer {key}"}
     finally:
-        asyncio.run(_drop(pg_admin_url, name))
+        asyncio.run(_drop_database(pg_admin_url, name))
 
 
 def real_ids(url: str, headers: dict[str, str]) -> dict[str, str]:

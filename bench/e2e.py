@@ -29,7 +29,7 @@ from bench.harness import (
     summarize,
 )
 from bench.inflight import WEBHOOK_SECRET
-from bench.procs import api_proc, push_available, sandbox_proc, wait_worker, worker_proc
+from bench.procs import push_available, service_stack, wait_worker
 
 GOAL_ADDED_P50_MS = 50
 
@@ -127,17 +127,9 @@ async def run_mode(mode: str, conversations: int, turns: int, serial: int) -> di
         sandbox_url = f"http://127.0.0.1:{sandbox_port}"
         settings = bench_settings(dsn, sandbox_url)
         env = {"WORKER_METRICS_PORT": "0", "RATE_LIMIT_PER_MIN": "1000000000"}
-        if mode == "push":
-            env |= {
-                "PUBLIC_BASE_URL": f"http://127.0.0.1:{api_port}",
-                "PARALLEL_WEBHOOK_SECRET": WEBHOOK_SECRET,
-            }
-        sandbox = sandbox_proc(sandbox_port, 0.0, WEBHOOK_SECRET).start()
-        api = api_proc(settings, api_port, **env).start()
-        worker = worker_proc(settings, **env).start()
-        try:
-            sandbox.wait_http(f"{sandbox_url}/_sandbox/health")
-            api.wait_http(f"http://127.0.0.1:{api_port}/healthz")
+        with service_stack(
+            settings, mode, api_port, sandbox_port, WEBHOOK_SECRET, **env
+        ) as (sandbox, api, worker):
             if mode == "push" and not await push_available(f"http://127.0.0.1:{api_port}"):
                 return {
                     "mode": mode,
@@ -166,9 +158,6 @@ async def run_mode(mode: str, conversations: int, turns: int, serial: int) -> di
             serial_svc, _ = await service_loop(
                 f"http://127.0.0.1:{api_port}", convs[:1], keys, serial
             )
-        finally:
-            for proc in (worker, api, sandbox):
-                proc.stop()
     base, svc = summarize(base_lat), summarize(svc_lat)
     n = conversations * turns
     return {

@@ -33,7 +33,7 @@ from bench.harness import (
     summarize,
     wait_until,
 )
-from bench.procs import Proc, api_proc, push_available, sandbox_proc, wait_worker, worker_proc
+from bench.procs import Proc, push_available, service_stack, wait_worker
 
 WEBHOOK_SECRET = "bench_webhook_secret"
 IDLE_SAMPLE_S = 10.0
@@ -60,17 +60,9 @@ async def run_config(mode: str, n: int, length_s: float) -> dict[str, Any]:
             # fail as timeouts, so it scales with the run length here.
             "RUN_DEADLINE_SCALE": str(max(1.0, length_s / 40)),
         }
-        if mode == "push":
-            env |= {
-                "PUBLIC_BASE_URL": f"http://127.0.0.1:{api_port}",
-                "PARALLEL_WEBHOOK_SECRET": WEBHOOK_SECRET,
-            }
-        sandbox = sandbox_proc(sandbox_port, 0.0, WEBHOOK_SECRET).start()
-        api = api_proc(settings, api_port, **env).start()
-        worker = worker_proc(settings, **env).start()
-        try:
-            sandbox.wait_http(f"http://127.0.0.1:{sandbox_port}/_sandbox/health")
-            api.wait_http(f"http://127.0.0.1:{api_port}/healthz")
+        with service_stack(
+            settings, mode, api_port, sandbox_port, WEBHOOK_SECRET, **env
+        ) as (sandbox, api, worker):
             if mode == "push" and not await push_available(f"http://127.0.0.1:{api_port}"):
                 return {"mode": mode, "n": n, "length_s": length_s, "unavailable": True}
             await wait_worker(worker)
@@ -92,9 +84,6 @@ async def run_config(mode: str, n: int, length_s: float) -> dict[str, Any]:
             # is per second, not per turn: sampled before and after, 10 s each (psutil counts
             # 10 ms ticks, so shorter samples are too coarse).
             idle_cpu_per_s = (idle_cpu_s + await _idle_cpu(worker)) / (2 * IDLE_SAMPLE_S)
-        finally:
-            for proc in (worker, api, sandbox):
-                proc.stop()
     figures.update(
         mode=mode,
         n=n,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -218,3 +220,27 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@contextlib.contextmanager
+def service_stack(
+    settings: Settings, mode: str, api_port: int, sandbox_port: int, webhook_secret: str,
+    **env: str,
+) -> Iterator[tuple[Proc, Proc, Proc]]:
+    """The sandbox, the API and one worker, each its own process, stopped on exit; in push mode
+    Parallel's webhooks (the sandbox's) point at the API."""
+    if mode == "push":
+        env |= {
+            "PUBLIC_BASE_URL": f"http://127.0.0.1:{api_port}",
+            "PARALLEL_WEBHOOK_SECRET": webhook_secret,
+        }
+    sandbox = sandbox_proc(sandbox_port, 0.0, webhook_secret).start()
+    api = api_proc(settings, api_port, **env).start()
+    worker = worker_proc(settings, **env).start()
+    try:
+        sandbox.wait_http(f"http://127.0.0.1:{sandbox_port}/_sandbox/health")
+        api.wait_http(f"http://127.0.0.1:{api_port}/healthz")
+        yield sandbox, api, worker
+    finally:
+        for proc in (worker, api, sandbox):
+            proc.stop()

@@ -5,6 +5,7 @@ req/s and latency percentiles in milliseconds."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import shutil
 import subprocess
@@ -76,7 +77,12 @@ def run_load(
     """Load base_url for duration_s; returns {rps, p50, p90, p99 (ms), requests, errors}."""
     if have_wrk():
         return _run_wrk(base_url, method, targets, body, duration_s, connections)
-    return asyncio.run(_run_httpx(base_url, method, targets, body, duration_s, connections))
+    # The benchmarks call this from their own event loop: the generator gets a loop of its own
+    # in a thread (the caller has nothing to do meanwhile).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(
+            asyncio.run, _run_httpx(base_url, method, targets, body, duration_s, connections)
+        ).result()
 
 
 def _run_wrk(

@@ -131,3 +131,37 @@ def test_explain_walk_finds_every_scan():
     _walk(plan, scans)
     assert scans == ["Index Scan on turn using turn_pkey", "Seq Scan on event"]
     assert [_seq_table(s) for s in scans] == [None, "event"]
+
+
+async def test_load_without_wrk_runs_inside_the_benchmarks_event_loop(monkeypatch):
+    # `make bench` on a machine without wrk: the httpx generator is called from async code.
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from bench import load
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            status = 200 if self.headers["Authorization"] == "Bearer k1" else 401
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(load, "have_wrk", lambda: False)
+    try:
+        stats = load.run_load(
+            f"http://127.0.0.1:{server.server_address[1]}", "GET",
+            [("/a", "k1"), ("/b", "wrong")], duration_s=0.5, connections=2,
+        )
+    finally:
+        server.shutdown()
+    assert stats["requests"] > 0 and stats["rps"] > 0
+    # Connection 0 always sends k1, connection 1 always the wrong key: about half are errors.
+    assert 0 < stats["errors"] < stats["requests"]

@@ -3,7 +3,9 @@
 Event inserts notify channel `research_events` with the conversation id on commit. Waiters always
 re-read Postgres after a wake-up, and wait with a timeout, so a lost notification (the listening
 connection dropped) costs latency, never correctness. The worker's webhook dispatcher uses the
-same hub on channel `webhook_deliveries`.
+same hub on channel `webhook_deliveries`. Other channels can be followed on the same connection
+with `on_channel` (the API's key cache follows `api_keys`); `epoch` changes whenever the
+connection is made or lost, so a cache can tell whether it may have missed a notification.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import asyncpg
 import structlog
@@ -29,6 +31,14 @@ class EventHub:
         self._conn: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._handlers: dict[str, Callable[[str], None]] = {}
+        # True while the listening connection is up; epoch counts its ups and downs.
+        self.connected = False
+        self.epoch = 0
+
+    def on_channel(self, channel: str, handler: Callable[[str], None]) -> None:
+        """Call handler(payload) for each notification on `channel`. Register before start()."""
+        self._handlers[channel] = handler
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._keep_listening())
@@ -47,13 +57,25 @@ class EventHub:
             try:
                 self._conn = await asyncpg.connect(self._dsn)
                 await self._conn.add_listener(self._channel, self._on_notify)
+                for channel, handler in self._handlers.items():
+                    await self._conn.add_listener(
+                        channel, lambda _c, _p, _ch, payload, handler=handler: handler(payload)
+                    )
                 lost = asyncio.Event()
                 self._conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                self._set_connected(True)
                 self._wake_all()  # anything missed while disconnected: re-read
                 await lost.wait()
             except (OSError, asyncpg.PostgresError) as exc:
                 log.warning("listen_connection_failed", error=str(exc))
+            finally:
+                self._set_connected(False)
             await asyncio.sleep(1.0)
+
+    def _set_connected(self, connected: bool) -> None:
+        if connected != self.connected:
+            self.connected = connected
+            self.epoch += 1
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         for event in self._waiters.get(payload, ()):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 from arq.connections import ArqRedis
@@ -11,7 +11,9 @@ from arq.connections import ArqRedis
 from service.clients.parallel import ParallelClient
 from service.config import Settings
 from service.db.pool import create_pool
+from service.domain.keycache import KeyCache
 from service.domain.progress import ProgressRelay
+from service.domain.ratelimits import RateLimiter
 from service.notify import EventHub
 from service.queue import create_queue
 
@@ -25,6 +27,13 @@ class Resources:
     hub: EventHub | None = None
     # The API's relay of running turns' progress to SSE watchers (with `listen`).
     relay: ProgressRelay | None = None
+    # Verified API keys; trusted only with `hub` listening (without it, every lookup is a query).
+    keys: KeyCache = field(default_factory=lambda: KeyCache(None))
+    # Per-key request rates, counted in Redis through leases (service.domain.ratelimits).
+    limiter: RateLimiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.limiter = RateLimiter(self.queue)
 
     @classmethod
     async def open(cls, settings: Settings, *, listen: bool = False) -> Resources:
@@ -44,10 +53,12 @@ class Resources:
         relay: ProgressRelay | None = None
         if listen:
             hub = EventHub(settings.database_url)
-            await hub.start()
             relay = ProgressRelay(parallel)
+        keys = KeyCache(hub)  # registers its channel on the hub before it starts listening
+        if hub is not None:
+            await hub.start()
         return cls(settings=settings, pool=pool, queue=queue, parallel=parallel, hub=hub,
-                   relay=relay)
+                   relay=relay, keys=keys)
 
     async def close(self) -> None:
         if self.relay is not None:

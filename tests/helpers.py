@@ -8,6 +8,9 @@ from typing import Any
 
 import httpx
 
+from service.db.keys import split_key
+from service.resources import Resources
+
 TERMINAL = {"completed", "failed", "cancelled"}
 
 
@@ -53,3 +56,12 @@ def sandbox_runs(sandbox_url: str, turn_id: str | None = None) -> list[dict[str,
 
 def set_faults(sandbox_url: str, **faults: Any) -> None:
     httpx.post(f"{sandbox_url}/_sandbox/faults", json=faults).raise_for_status()
+
+
+async def forgotten(resources: Resources, key: str) -> float:
+    """Seconds until the process has Postgres's notification of a change to the key."""
+    start = asyncio.get_running_loop().time()
+    while split_key(key) in resources.keys:
+        assert asyncio.get_running_loop().time() - start < 2, "no notification of the change"
+        await asyncio.sleep(0.001)
+    return asyncio.get_running_loop().time() - start

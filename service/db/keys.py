@@ -78,7 +78,7 @@ async def create_key(
     return key_id, key
 
 
-# One query per request: the key's tenant, its hash and its rate limit.
+# The key's tenant, its hash and its rate limit (service.domain.keycache keeps the answer).
 KEY_BY_ID_SQL = """
 SELECT k.tenant_id, k.key_hash, k.rate_limit_per_min
 FROM api_key k
@@ -86,16 +86,27 @@ WHERE k.id = $1 AND k.revoked_at IS NULL
 """
 
 
+async def live_key(
+    conn: asyncpg.Connection | asyncpg.Pool, key_id: str
+) -> tuple[bytes, KeyAuth] | None:
+    """The stored hash and the grants of the live key with this id, or None."""
+    row = await conn.fetchrow(KEY_BY_ID_SQL, key_id)
+    if row is None:
+        return None
+    return bytes(row["key_hash"]), KeyAuth(
+        key_id=key_id, tenant_id=str(row["tenant_id"]), rate_limit_per_min=row["rate_limit_per_min"]
+    )
+
+
 async def authenticate_key(conn: asyncpg.Connection | asyncpg.Pool, key: str) -> KeyAuth | None:
     """The live key this is, or None. Compares hashes in constant time."""
     key_id = split_key(key)
     if key_id is None:
         return None
-    row = await conn.fetchrow(KEY_BY_ID_SQL, key_id)
-    if row is None or not hmac.compare_digest(row["key_hash"], hash_key(key)):
+    found = await live_key(conn, key_id)
+    if found is None or not hmac.compare_digest(found[0], hash_key(key)):
         return None
-    return KeyAuth(key_id=key_id, tenant_id=str(row["tenant_id"]),
-                   rate_limit_per_min=row["rate_limit_per_min"])
+    return found[1]
 
 
 async def tenant_for_key(conn: asyncpg.Connection | asyncpg.Pool, key: str) -> str | None:
@@ -103,6 +114,9 @@ async def tenant_for_key(conn: asyncpg.Connection | asyncpg.Pool, key: str) -> s
     auth = await authenticate_key(conn, key)
     return auth.tenant_id if auth else None
 
+
+# Channel on which the api_key_changed trigger (migration 0004) names each changed key ('*': all).
+CHANGES_CHANNEL = "api_keys"
 
 REVOKE_KEY_SQL = """
 UPDATE api_key SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL RETURNING id

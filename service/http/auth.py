@@ -6,8 +6,6 @@ import structlog
 from litestar.connection import ASGIConnection
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 
-from service.db.keys import authenticate_key
-from service.domain.ratelimits import check_rate
 from service.errors import Unauthorized
 from service.resources import Resources
 
@@ -19,14 +17,13 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
         if scheme.lower() != "bearer" or not key.strip():
             raise Unauthorized()
         resources: Resources = connection.app.state.resources
-        auth = await authenticate_key(resources.pool, key.strip())
+        auth = await resources.keys.authenticate(resources.pool, key.strip())
         if auth is None:
             raise Unauthorized("The API key is not valid or has been revoked.")
         # The request's log lines name the tenant (request_id_middleware unbinds it afterwards).
         structlog.contextvars.bind_contextvars(tenant_id=auth.tenant_id)
         limit = auth.rate_limit_per_min
-        await check_rate(
-            resources.queue, auth.key_id,
-            resources.settings.rate_limit_per_min if limit is None else limit,
+        await resources.limiter.check(
+            auth.key_id, resources.settings.rate_limit_per_min if limit is None else limit
         )
         return AuthenticationResult(user=auth.tenant_id, auth=auth.tenant_id)

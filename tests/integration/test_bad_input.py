@@ -6,7 +6,7 @@ import asyncpg
 import pytest
 
 from tests.conftest import new_key
-from tests.helpers import create_conversation, post_turn
+from tests.helpers import create_conversation, forgotten, post_turn
 
 TOO_DEEP = {"type": "object", "properties": {"a": {"type": "object", "properties": {
     "b": {"type": "object", "properties": {"c": {"type": "object", "properties": {
@@ -162,6 +162,7 @@ async def test_a_revoked_key_is_refused_on_the_next_request(client, resources):
     assert (await client.get("/v1/conversations", headers=headers)).status_code == 200
     async with resources.pool.acquire() as conn:
         assert await revoke_key(conn, split_key(key))
+    await forgotten(resources, key)  # the API process has Postgres's notification of it
     assert_problem(await client.get("/v1/conversations", headers=headers), 401)
 
 

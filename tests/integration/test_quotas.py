@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from service.app import create_app
 from service.db.keys import create_key
-from service.domain.ratelimits import check_rate, retry_after_s
+from service.domain.ratelimits import RateLimiter, check_rate, lease_size, retry_after_s
 from service.errors import RateLimited
 from service.resources import Resources
 from tests.helpers import create_conversation, post_turn, set_faults, wait_turn
@@ -80,14 +80,14 @@ async def test_the_count_is_shared_by_api_processes(client, settings, resources)
 
 async def test_without_redis_requests_are_let_through(client, resources):
     headers = await key_for(resources, "acme", rate_limit_per_min=1)
-    working, resources.queue = resources.queue, Redis.from_url(
-        "redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    broken = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    working, resources.limiter = resources.limiter, RateLimiter(broken)
     try:
         for _ in range(3):
             assert (await client.get("/v1/conversations", headers=headers)).status_code == 200
     finally:
-        await resources.queue.aclose()
-        resources.queue = working
+        await broken.aclose()
+        resources.limiter = working
 
 
 async def test_the_window_slides_across_minutes(resources):
@@ -105,6 +105,44 @@ async def test_the_window_slides_across_minutes(resources):
     with pytest.raises(RateLimited) as refused:
         await check_rate(resources.queue, key_id, 10, now=start + 90)
     assert refused.value.retry_after == retry_after_s(10, 5, 10, 0.5) == 6
+
+
+async def test_leases_never_let_a_key_past_its_limit_across_processes(resources):
+    # Two API processes share a key limited to 1,000 a minute: each leases 10 requests at a time.
+    key_id, minute = secrets.token_hex(6), 6_000_000 * 60.0
+    calls = 0
+
+    class CountingRedis:
+        async def eval(self, *args):
+            nonlocal calls
+            calls += 1
+            return await resources.queue.eval(*args)
+
+    processes = [RateLimiter(CountingRedis()), RateLimiter(CountingRedis())]
+    assert lease_size(1000) == 10 and lease_size(199) == 1 and lease_size(10**9) == 100
+    allowed = refused = 0
+    for i in range(1200):
+        try:
+            await processes[i % 3 % 2].check(key_id, 1000, now=minute + 1 + i / 100)
+            allowed += 1
+        except RateLimited:
+            refused += 1
+    # Never more than the limit; at most the other process's unspent lease fewer.
+    assert 1000 - 10 <= allowed <= 1000
+    assert refused == 1200 - allowed
+    counted = int(await resources.queue.get(f"ratelimit:{{{key_id}}}:{int(minute // 60)}"))
+    assert allowed <= counted <= 1000
+    # Redis was asked once a lease (and once per refused request), not once a request.
+    assert calls <= 1000 / 10 + refused + 2
+
+
+async def test_a_lease_is_not_spent_in_the_next_minute(resources):
+    key_id, minute = secrets.token_hex(6), 6_000_000 * 60.0
+    limiter = RateLimiter(resources.queue)
+    await limiter.check(key_id, 1000, now=minute + 59)  # leases 10, spends 1
+    await limiter.check(key_id, 1000, now=minute + 61)  # a new minute: a new lease
+    assert int(await resources.queue.get(f"ratelimit:{{{key_id}}}:6000000")) == 10
+    assert int(await resources.queue.get(f"ratelimit:{{{key_id}}}:6000001")) == 10
 
 
 # Budgets

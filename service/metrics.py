@@ -42,7 +42,7 @@ log = structlog.get_logger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-TURN_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
+OPEN_STATUSES = ("queued", "running")
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 STATE_QUERY_TIMEOUT_S = 2.0
 
@@ -161,7 +161,7 @@ async def shared_state(pool: asyncpg.Pool, queue: ArqRedis, queue_name: str) -> 
     """
     up = GaugeMetricFamily("research_state_up", "1 when Postgres and Redis answered this scrape.")
     try:
-        counts = await stats.turn_counts(pool, STATE_QUERY_TIMEOUT_S)
+        counts = await stats.open_turn_counts(pool, STATE_QUERY_TIMEOUT_S)
         due = await stats.due_checks(pool, STATE_QUERY_TIMEOUT_S)
         jobs = int(await queue.zcard(queue_name))
     except Exception as exc:
@@ -170,12 +170,14 @@ async def shared_state(pool: asyncpg.Pool, queue: ArqRedis, queue_name: str) -> 
         return [up]
     up.add_metric([], 1)
     turns = GaugeMetricFamily(
-        "research_turns", "Turns by status and processor (all tenants), counted in Postgres.",
+        "research_open_turns",
+        "Queued and running turns by status and processor (all tenants), counted in Postgres.",
         labels=["status", "processor"],
     )
     found = {(status, processor): n for status, processor, n in counts}
-    for processor in sorted({processor for _, processor in found}):
-        for status in TURN_STATUSES:
+    # The default processor's series exist (at 0) even before its first turn.
+    for processor in sorted({processor for _, processor in found} | {"lite"}):
+        for status in OPEN_STATUSES:
             turns.add_metric([status, processor], found.get((status, processor), 0))
     return [
         up,

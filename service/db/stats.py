@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import asyncpg
 
-TURN_COUNTS_SQL = "SELECT status, processor, count(*) AS n FROM turn GROUP BY status, processor"
+# Open turns only: turn_tenant_open_idx (partial on the same statuses) keeps this proportional to
+# the work in progress, not to the table. Turns that ended are counted by the workers'
+# research_turn_transitions_total instead.
+OPEN_TURN_COUNTS_SQL = """
+SELECT status, processor, count(*) AS n FROM turn
+WHERE status IN ('queued', 'running')
+GROUP BY status, processor
+"""
 
 # Uses turn_due_idx (partial on status = 'running').
 DUE_CHECKS_SQL = "SELECT count(*) FROM turn WHERE status = 'running' AND next_check_at <= now()"
 
 
-async def turn_counts(pool: asyncpg.Pool, timeout_s: float) -> list[tuple[str, str, int]]:
-    """(status, processor, turns) across every tenant."""
-    rows = await pool.fetch(TURN_COUNTS_SQL, timeout=timeout_s)
+async def open_turn_counts(pool: asyncpg.Pool, timeout_s: float) -> list[tuple[str, str, int]]:
+    """(status, processor, turns) of queued and running turns across every tenant."""
+    rows = await pool.fetch(OPEN_TURN_COUNTS_SQL, timeout=timeout_s)
     return [(r["status"], r["processor"], r["n"]) for r in rows]
 
 

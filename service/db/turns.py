@@ -21,7 +21,11 @@ def to_turn(row: asyncpg.Record) -> Turn:
     return msgspec.convert(dict(row), Turn)
 
 
+# The new turn, made its conversation's last in the same round trip.
 INSERT_TURN_SQL = f"""
+WITH conversation AS (
+    UPDATE conversation SET turn_count = $4, last_turn_id = $1, updated_at = now() WHERE id = $2
+)
 INSERT INTO turn AS t (
     id, conversation_id, tenant_id, seq, parent_turn_id, input, processor, output_schema,
     metadata, idempotency_key, request_hash, estimated_cost_usd
@@ -31,6 +35,7 @@ RETURNING {TURN_COLUMNS}
 
 
 async def insert_turn(conn: asyncpg.Connection, **values: Any) -> Turn:
+    """Insert a turn; its conversation's turn_count becomes its seq and last_turn_id its id."""
     row = await conn.fetchrow(
         INSERT_TURN_SQL,
         values["id"], values["conversation_id"], values["tenant_id"], values["seq"],

@@ -71,7 +71,8 @@ async def create_turn(
                 errors=[{"field": "parent_turn_id", "message": "no such turn in this conversation"}],
             )
         cost = estimate_cost(processor)
-        await check_quotas(conn, settings, tenant_id, conversation_id, cost)
+        # The conversation is locked, so no turn of it opens or closes before we commit.
+        open_before = await check_quotas(conn, settings, tenant_id, conversation_id, cost)
         seq = conversation["turn_count"] + 1
         turn = await db.insert_turn(
             conn,
@@ -88,17 +89,11 @@ async def create_turn(
             request_hash=digest,
             estimated_cost_usd=cost,
         )
-        await conn.execute(
-            "UPDATE conversation SET turn_count = $2, last_turn_id = $3, updated_at = now() "
-            "WHERE id = $1",
-            conversation_id, seq, turn.id,
-        )
         await event_db.insert_event(conn, "turn.queued", turn)
         if idempotency_key is not None:
             await db.set_first_response(conn, turn.id, msgspec.to_builtins(turn))
-        head = await db.head_turn(conn, conversation_id)
     metrics.turn_transition(turn)
-    if head is not None and head["id"] == turn.id:
+    if open_before == 0:  # the conversation's only open turn: nothing runs before it
         await enqueue_start(queue, settings, turn.id)
     return turn
 

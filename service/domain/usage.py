@@ -34,8 +34,9 @@ def month_start(month: str | None = None) -> date:
 async def check_quotas(
     conn: asyncpg.Connection, settings: Settings, tenant_id: str, conversation_id: str,
     cost: Decimal,
-) -> None:
-    """Refuse a new turn past the open-turn limits or the tenant's monthly budget.
+) -> int:
+    """Refuse a new turn past the open-turn limits or the tenant's monthly budget; return how
+    many turns of the conversation are open (queued or running).
 
     Locks the tenant row until the caller's transaction ends, so that two turns created at
     once cannot both fit under a limit only one of them fits under.
@@ -54,7 +55,7 @@ async def check_quotas(
             f"{settings.max_open_turns_per_tenant}); wait for some to finish."
         )
     if budget is None:
-        return
+        return in_conversation
     spent = await db.month_spend(conn, tenant_id, month_start())
     if spent + cost > budget:
         raise PaymentRequired(
@@ -62,6 +63,7 @@ async def check_quotas(
             f"${spent:.4f} of ${budget:.4f} is used. New turns are accepted again next month, "
             "or after the budget is raised."
         )
+    return in_conversation
 
 
 async def get_usage(pool: asyncpg.Pool, tenant_id: str, month: str | None) -> Usage:

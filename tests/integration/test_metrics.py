@@ -127,10 +127,12 @@ async def _workload_and_scrape(api, client, settings, hook_url, receiver):
     seconds = delta("research_turn_duration_seconds_sum", status="completed", processor="lite")
     assert 0 < seconds < 60
 
-    # Turns by status are counted in this test's database: exact, not deltas.
-    assert value(after, "research_turns", status="completed", processor="lite") == 3
-    assert value(after, "research_turns", status="cancelled", processor="lite") == 1
-    assert value(after, "research_turns", status="queued", processor="lite") == 0
+    # Open turns are counted in this test's database: exact, not deltas. None is left open.
+    open_turns = {labels: n for (name, labels), n in after.items() if name == "research_open_turns"}
+    assert open_turns == {
+        frozenset({("status", "queued"), ("processor", "lite")}): 0,
+        frozenset({("status", "running"), ("processor", "lite")}): 0,
+    }
     assert value(after, "research_state_up") == 1
 
     parallel = "research_parallel_requests_total"
@@ -158,8 +160,8 @@ async def test_queue_depth_counts_queued_jobs_and_due_checks(api, client, resour
     samples = await scrape(client)
     assert value(samples, "research_due_checks") == 1
     assert value(samples, "research_queue_depth") == 4
-    assert value(samples, "research_turns", status="running", processor="lite") == 1
-    assert value(samples, "research_turns", status="queued", processor="lite") == 2
+    assert value(samples, "research_open_turns", status="running", processor="lite") == 1
+    assert value(samples, "research_open_turns", status="queued", processor="lite") == 2
 
 
 async def test_reconciler_repairs_count_only_lost_jobs(api, client, resources, settings):

@@ -7,6 +7,7 @@ the worker. The redact processor runs last before rendering, on our own and on l
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -50,6 +51,18 @@ class Redactor:
         self._trigger = re.compile(
             "|".join([r"(?i:rsk_|whsec_|://|bearer)", *(re.escape(s) for s in found)])
         )
+        # The same for a rendered JSON line, as plain substrings (faster than one regex of
+        # alternatives): literals also as JSON escapes them, secret field names as keys.
+        self._line_markers = ("rsk_", "whsec_", "://", "bearer",
+                              *(f'"{name}":' for name in sorted(SECRET_FIELDS)))
+        self._line_literals = tuple({*found, *(json.dumps(s)[1:-1] for s in found)})
+
+    def might_hold_secret(self, line: str) -> bool:
+        """False when the JSON line rendered from an event cannot hold anything to redact."""
+        lowered = line.lower()
+        return any(m in lowered for m in self._line_markers) or any(
+            s in line for s in self._line_literals
+        )
 
     def __call__(
         self, _logger: Any, _name: str, event: MutableMapping[str, Any]
@@ -83,6 +96,22 @@ class Redactor:
         return value
 
 
+class RedactedJSON:
+    """The JSON renderer, behind the Redactor: most lines (ids, routes, numbers) hold nothing
+    to redact, so the line is rendered first and only one that might hold a secret is
+    cleaned and rendered again. One search of the line instead of one per value."""
+
+    def __init__(self, redact: Redactor) -> None:
+        self._redact = redact
+        self._render = structlog.processors.JSONRenderer()
+
+    def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
+        line = self._render(logger, name, event)
+        if self._redact.might_hold_secret(line):
+            line = self._render(logger, name, self._redact(logger, name, event))
+        return line
+
+
 def configure_logging(
     fmt: str = "json", level: int = logging.INFO, *, secrets: Iterable[str | None] = (),
     stream: TextIO | None = None, cache: bool = True,
@@ -93,17 +122,18 @@ def configure_logging(
     `stream` and cache=False, so that a later configure_logging takes effect everywhere.
     """
     out = stream or sys.stderr
-    renderer: structlog.types.Processor = (
-        structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
-    )
     redact = Redactor(secrets)
+    # Both end in text with secrets removed.
+    output: list[structlog.types.Processor] = (
+        [redact, structlog.dev.ConsoleRenderer()] if fmt == "console" else [RedactedJSON(redact)]
+    )
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, redact, renderer],
+        processors=[*shared, structlog.processors.format_exc_info, *output],
         logger_factory=structlog.PrintLoggerFactory(out),
         wrapper_class=structlog.make_filtering_bound_logger(level),
         cache_logger_on_first_use=cache,
@@ -112,7 +142,7 @@ def configure_logging(
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                        structlog.processors.format_exc_info, redact, renderer],
+                        structlog.processors.format_exc_info, *output],
             foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
         )
     )

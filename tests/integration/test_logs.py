@@ -115,6 +115,29 @@ def test_redactor_removes_secrets_wherever_they_are():
     }
 
 
+@pytest.mark.parametrize("fields, hidden", [
+    # A literal secret that JSON escapes (quote, backslash, non-ASCII) is still found.
+    ({"note": 'pw is se"cr\\et-ünïcode'}, 'se"cr\\et-ünïcode'),
+    # A secret field name nested anywhere, with a value no pattern knows.
+    ({"request": {"meta": {"Password": "correct horse"}}}, "correct horse"),
+    ({"auth": [{"api_key": "plain-value-1"}]}, "plain-value-1"),
+])
+def test_json_lines_are_redacted_even_where_only_the_rendered_line_shows_it(fields, hidden):
+    stream = io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    configure_logging("json", stream=stream, cache=False, secrets=['se"cr\\et-ünïcode'])
+    try:
+        structlog.get_logger("x").info("careless", **fields)
+        structlog.get_logger("x").info("clean", turn_id="turn_1", route="/v1/conversations")
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:], root.level = handlers, level
+    careless, clean = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert hidden not in json.dumps(careless, ensure_ascii=False) and "[redacted]" in str(careless)
+    assert clean["turn_id"] == "turn_1" and clean["route"] == "/v1/conversations"
+
+
 def test_console_format_is_for_people():
     stream = io.StringIO()
     root = logging.getLogger()

@@ -58,13 +58,16 @@ async def check_turn(ctx: dict[str, Any], run_id: str) -> str | None:
     structlog.contextvars.bind_contextvars(run_id=run_id)
     try:
         turn_id = await turn_db.check_now(res.pool, run_id)
-        # A run that ends within milliseconds can be reported before the worker that created it
-        # has stored its id: look again shortly (0.25 + 0.5 + 0.75 + 1 s) before giving up,
-        # which would leave the run to the slow safety-net poll.
-        if turn_id is None and ctx.get("job_try", 1) < UNRECORDED_RUN_TRIES and not (
-            await turn_db.run_known(res.pool, run_id)
-        ):
-            raise Retry(defer=0.25 * ctx.get("job_try", 1))
+        if turn_id is None:
+            if await turn_db.run_known(res.pool, run_id):
+                # Stored between the two reads: the UPDATE above skipped the row because the
+                # transaction storing the run had not committed yet. Now it has.
+                turn_id = await turn_db.check_now(res.pool, run_id)
+            elif ctx.get("job_try", 1) < UNRECORDED_RUN_TRIES:
+                # A run that ends within milliseconds can be reported before the worker that
+                # created it has stored its id: look again shortly (0.25 + 0.5 + 0.75 + 1 s)
+                # before giving up, which would leave the run to the slow safety-net poll.
+                raise Retry(defer=0.25 * ctx.get("job_try", 1))
     except DB_UNAVAILABLE as exc:
         raise Retry(defer=_backoff(ctx)) from exc
     if turn_id is not None:

@@ -109,3 +109,49 @@ async def post_hook(api: httpx.AsyncClient, body: bytes, headers: dict[str, str]
     """POST to the inbound route as Parallel does: no API key."""
     async with httpx.AsyncClient(base_url=str(api.base_url)) as anonymous:
         return await anonymous.post("/v1/hooks/parallel", content=body, headers=headers)
+
+
+async def test_a_webhook_check_that_races_the_recording_of_its_run_is_not_lost(
+    api, resources, settings, monkeypatch
+):
+    # An instant run's webhook can be checked while the worker that created the run is still
+    # committing its id: the check's UPDATE skips the uncommitted row, and the commit lands
+    # before the check asks whether the run is known. The run must still be checked now, not
+    # left to the safety-net poll.
+    from types import SimpleNamespace
+
+    from service.db import turns as turn_db
+    from worker import jobs
+
+    conversation = await create_conversation(api)
+    turn = await post_turn(api, conversation["id"], "instant")  # no worker: stays queued
+    recording = await asyncpg.connect(settings.database_url)
+    tx = recording.transaction()
+    await tx.start()
+    await recording.execute(
+        "UPDATE turn SET status = 'running', run_id = 'trun_race', started_at = now(), "
+        "next_check_at = now() + interval '1 hour' WHERE id = $1", turn["id"],
+    )
+    real_check_now, reads = turn_db.check_now, []
+
+    async def check_now_then_commit(pool, run_id):
+        found = await real_check_now(pool, run_id)
+        if not reads:
+            await tx.commit()  # the run's recording commits right after the first read
+        reads.append(found)
+        return found
+
+    monkeypatch.setattr(turn_db, "check_now", check_now_then_commit)
+    woken = []
+    ctx = {"resources": resources, "follower": SimpleNamespace(wake=lambda: woken.append(1)),
+           "job_try": 1}
+    try:
+        assert await jobs.check_turn(ctx, "trun_race") == turn["id"]
+    finally:
+        await recording.close()
+    assert reads[0] is None, "the race did happen"
+    assert woken == [1]
+    due = await resources.pool.fetchval(
+        "SELECT next_check_at <= now() FROM turn WHERE id = $1", turn["id"]
+    )
+    assert due

@@ -32,7 +32,7 @@ After = Annotated[
     int | None, QueryParameter(ge=0, description="Return events with a higher sequence than this")
 ]
 LastEventId = Annotated[
-    str | None, HeaderParameter(header="Last-Event-ID", description="SSE resume point (a sequence)")
+    str | None, HeaderParameter(name="Last-Event-ID", description="SSE resume point (a sequence)")
 ]
 
 

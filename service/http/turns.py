@@ -18,7 +18,7 @@ from service.schemas import TurnCreate, TurnPage
 
 IdempotencyKey = Annotated[
     str | None,
-    HeaderParameter(header="Idempotency-Key", max_length=255, description="Retry-safe creation key"),
+    HeaderParameter(name="Idempotency-Key", max_length=255, description="Retry-safe creation key"),
 ]
 Wait = Annotated[
     float, QueryParameter(ge=0, le=60, description="Seconds to wait for the turn to end (0 to 60)")

@@ -32,7 +32,7 @@ BENCHMARKS = {"api": api, "inflight": inflight, "e2e": e2e, "dbgrowth": dbgrowth
 
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
-        "api": {"duration_s": 5, "rounds": 1, "connections": 32, "tenants": 100},
+        "api": {"duration_s": 3, "rounds": 3, "connections": 32, "tenants": 100},
         "inflight": {"configs": [("poll", 1000, 30.0), ("push", 1000, 30.0), ("push", 1000, 90.0)]},
         "e2e": {"conversations": 50, "turns": 5, "serial_turns": 10, "modes": ["push", "poll"]},
         "dbgrowth": {"turns": 100_000, "duration_s": 2, "rounds": 2, "connections": 4},

@@ -234,7 +234,8 @@ def rows_for(f: dict[str, Any]) -> list[Row]:
 
 
 def scaling_rows(configs: list[dict[str, Any]]) -> list[Row]:
-    """CPU per turn of the longest run length against the shortest, per mode and size."""
+    """CPU per turn of the longest run length against the shortest, per mode and size; and CPU
+    per Parallel call, which separates what a check costs from how many checks a run gets."""
     rows = []
     for mode in ("push", "poll"):
         for n in sorted({c["n"] for c in configs}):
@@ -256,6 +257,18 @@ def scaling_rows(configs: list[dict[str, Any]]) -> list[Row]:
                     ratio=value,
                     goal="ratio ≤ 1.25 (does not grow)",
                     ok=value <= 1.25,
+                )
+            )
+            per_call = [c["net_cpu_ms_per_turn"] / c["calls_per_turn"] for c in (long, short)]
+            rows.append(
+                _row(
+                    measure=f"{mode} {n:,}: net CPU per Parallel call, "
+                    f"{long['length_s']:g} s vs {short['length_s']:g} s runs",
+                    value=per_call[0],
+                    unit="ms",
+                    baseline=per_call[1],
+                    ratio=ratio(*per_call),
+                    goal="explains the row above",
                 )
             )
     return rows

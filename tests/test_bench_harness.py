@@ -112,7 +112,9 @@ def test_inflight_goals_depend_on_the_mode():
 
 def test_cpu_per_turn_must_not_grow_with_run_length():
     flat = scaling_rows([_inflight("push", 120, 5.0, 3, 0.5), _inflight("push", 1200, 5.5, 4, 0.5)])
-    assert len(flat) == 1 and flat[0].ok and flat[0].ratio == pytest.approx(1.1)
+    assert len(flat) == 2 and flat[0].ok and flat[0].ratio == pytest.approx(1.1)
+    # Per Parallel call: 5.5 / 4 against 5.0 / 3 (the longer run's extra check is cheap).
+    assert flat[1].value == pytest.approx(1.375) and flat[1].ratio == pytest.approx(0.825)
     grows = scaling_rows(
         [_inflight("poll", 1200, 20.0, 40, 20), _inflight("poll", 120, 8.0, 11, 20)]
     )

@@ -124,8 +124,10 @@ UPDATE api_key SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL RETUR
 
 
 async def revoke_key(conn: asyncpg.Connection, key_id: str) -> bool:
-    """Revoke a key by id; False when no live key has that id."""
-    return await conn.fetchval(REVOKE_KEY_SQL, key_id.removeprefix(KEY_PREFIX)) is not None
+    """Revoke a key by id (`abc123`, `rsk_abc123`, or the whole key); False when no live key
+    has that id."""
+    key_id = split_key(key_id) or key_id.removeprefix(KEY_PREFIX)
+    return await conn.fetchval(REVOKE_KEY_SQL, key_id) is not None
 
 
 LIST_KEYS_SQL = """

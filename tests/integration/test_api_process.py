@@ -1,4 +1,5 @@
-"""The API as its own process: SIGTERM drains requests in flight before it exits."""
+"""The API as its own process: SIGTERM drains requests in flight before it exits; a key revoked
+with the console script is refused at once although the process keeps keys in memory."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from service.devstack import free_port
 from tests.conftest import new_key
-from tests.processes import ApiProcess
+from tests.processes import ApiProcess, settings_env
 
 pytestmark = pytest.mark.slow
 
@@ -33,5 +34,34 @@ async def test_sigterm_lets_a_long_poll_in_flight_finish(settings, resources):
             assert response.json()["status"] == "queued"
             # uvicorn re-raises the signal once drained: a clean exit reads as -SIGTERM.
             assert await asyncio.to_thread(api.process.wait, 10) in (0, -signal.SIGTERM)
+    finally:
+        api.stop()
+
+
+async def test_keys_revoke_is_refused_by_a_running_api_on_the_next_request(settings):
+    # Black box: keys made and revoked with the console script, used against a running API
+    # process that keeps verified keys in memory. Several requests first, so the key is cached.
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "service.cli", "keys", *args], env=settings_env(settings),
+            capture_output=True, text=True, timeout=60, check=True,
+        )
+        return done.stdout
+
+    api = ApiProcess(settings, free_port()).start()
+    try:
+        async with httpx.AsyncClient(base_url=api.url, timeout=10) as http:
+            for revoke_with in ("id", "whole key"):
+                key = (await asyncio.to_thread(cli, "create", "--tenant", "acme")).splitlines()[-1]
+                headers = {"Authorization": f"Bearer {key}"}
+                for _ in range(3):
+                    assert (await http.get("/v1/conversations", headers=headers)).status_code == 200
+                key_id = key.split("_")[1] if revoke_with == "id" else key
+                await asyncio.to_thread(cli, "revoke", key_id)
+                refused = await http.get("/v1/conversations", headers=headers)
+                assert refused.status_code == 401, revoke_with
     finally:
         api.stop()

@@ -52,9 +52,12 @@ async def enqueue_start_turn(queue: ArqRedis, queue_name: str, turn_id: str) -> 
 CHECK_PRIORITY = timedelta(hours=1)
 
 
-async def enqueue_check_turn(queue: ArqRedis, queue_name: str, run_id: str) -> None:
-    """Ask a worker to check the run's turn now (Parallel told us the run changed)."""
+async def enqueue_check_turn(
+    queue: ArqRedis, queue_name: str, run_id: str, status: str | None = None
+) -> None:
+    """Ask a worker to check the run's turn now (Parallel told us the run changed, and to what
+    status: a hint the check may use, never the truth it records)."""
     await queue.enqueue_job(
-        CHECK_TURN, run_id, _job_id=f"{CHECK_TURN}:{run_id}", _queue_name=queue_name,
+        CHECK_TURN, run_id, status, _job_id=f"{CHECK_TURN}:{run_id}", _queue_name=queue_name,
         _defer_by=-CHECK_PRIORITY,
     )

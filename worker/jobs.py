@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import asyncpg
 import structlog
 from arq import Retry
 
@@ -52,17 +53,30 @@ async def start_turn(ctx: dict[str, Any], turn_id: str) -> str:
         raise Retry(defer=_backoff(ctx)) from exc
 
 
-async def check_turn(ctx: dict[str, Any], run_id: str) -> str | None:
-    """Parallel said the run changed: make its check due now and wake the follower."""
+# Webhook statuses after which the job checks the run itself rather than waking the follower.
+FINISHED_RUN_STATUSES = frozenset({"completed", "failed", "cancelled"})
+
+
+async def check_turn(ctx: dict[str, Any], run_id: str, status: str | None = None) -> str | None:
+    """Parallel said the run changed. When it says the run finished, check it here and now
+    (the webhook's status lets a completed run's check skip the status call); otherwise make
+    its check due now and wake the follower."""
     res: Resources = ctx["resources"]
     structlog.contextvars.bind_contextvars(run_id=run_id)
+    here = status in FINISHED_RUN_STATUSES
+
+    async def claim() -> asyncpg.Record | str | None:
+        if here:
+            return await turn_db.claim_run(res.pool, run_id, res.settings.check_lease_s)
+        return await turn_db.check_now(res.pool, run_id)
+
     try:
-        turn_id = await turn_db.check_now(res.pool, run_id)
-        if turn_id is None:
+        claimed = await claim()
+        if claimed is None:
             if await turn_db.run_known(res.pool, run_id):
                 # Stored between the two reads: the UPDATE above skipped the row because the
                 # transaction storing the run had not committed yet. Now it has.
-                turn_id = await turn_db.check_now(res.pool, run_id)
+                claimed = await claim()
             elif ctx.get("job_try", 1) < UNRECORDED_RUN_TRIES:
                 # A run that ends within milliseconds can be reported before the worker that
                 # created it has stored its id: look again shortly (0.25 + 0.5 + 0.75 + 1 s)
@@ -70,9 +84,21 @@ async def check_turn(ctx: dict[str, Any], run_id: str) -> str | None:
                 raise Retry(defer=0.25 * ctx.get("job_try", 1))
     except DB_UNAVAILABLE as exc:
         raise Retry(defer=_backoff(ctx)) from exc
-    if turn_id is not None:
+    if claimed is None:
+        return None
+    if isinstance(claimed, str):
         ctx["follower"].wake()
-    return turn_id
+        return claimed
+    structlog.contextvars.bind_contextvars(
+        turn_id=claimed["id"], conversation_id=claimed["conversation_id"]
+    )
+    try:
+        await runs.check_turn(res.pool, res.parallel, res.queue, res.settings, claimed,
+                              reported_status=status)
+    except Exception:
+        # As in the follower: the claim's lease makes the turn due again for it.
+        log.exception("check_failed", turn_id=claimed["id"])
+    return str(claimed["id"])
 
 
 async def reconcile(ctx: dict[str, Any]) -> int:

@@ -297,6 +297,21 @@ async def check_now(conn: asyncpg.Connection | asyncpg.Pool, run_id: str) -> str
     return await conn.fetchval(CHECK_NOW_SQL, run_id)
 
 
+# A webhook reported the run finished: claim its turn for a check now, whenever it was due (the
+# lease keeps the follower off it meanwhile). Same columns as CLAIM_DUE_SQL.
+CLAIM_RUN_SQL = """
+UPDATE turn AS t SET next_check_at = now() + make_interval(secs => $2), check_count = t.check_count + 1
+WHERE t.run_id = $1 AND t.status = 'running'
+RETURNING t.id, t.conversation_id, t.run_id, t.processor, t.started_at, t.check_count
+"""
+
+
+async def claim_run(
+    conn: asyncpg.Connection | asyncpg.Pool, run_id: str, lease_s: float
+) -> asyncpg.Record | None:
+    return await conn.fetchrow(CLAIM_RUN_SQL, run_id, lease_s)
+
+
 RUN_KNOWN_SQL = "SELECT EXISTS (SELECT 1 FROM turn WHERE run_id = $1)"
 
 

@@ -91,7 +91,9 @@ async def receive_parallel_webhook(
         log.info("parallel_webhook_ignored", type=hook.type)
         return None
     try:
-        await jobs.enqueue_check_turn(queue, settings.queue_name, hook.data.run_id)
+        await jobs.enqueue_check_turn(
+            queue, settings.queue_name, hook.data.run_id, hook.data.status
+        )
     except (RedisError, OSError, TimeoutError) as exc:
         raise Unavailable("Redis is not reachable; retry the webhook.") from exc
     log.info("parallel_webhook", run_id=hook.data.run_id, status=hook.data.status)

@@ -17,7 +17,7 @@ import structlog
 from arq.connections import ArqRedis
 
 from service import metrics
-from service.clients.parallel import ParallelClient, RunInfo
+from service.clients.parallel import ParallelClient, RunInfo, RunResult
 from service.config import Settings
 from service.db import conversations as conversation_db
 from service.db import events as event_db
@@ -151,17 +151,23 @@ async def finish(
 async def check_turn(
     pool: asyncpg.Pool, parallel: ParallelClient, queue: ArqRedis | None, settings: Settings,
     due: asyncpg.Record, later: list[tuple[str, float]] | None = None,
+    reported_status: str | None = None,
 ) -> str:
     """Check one claimed run once: reschedule it, or record its output or failure.
 
     With `later`, a still-running turn's (turn id, delay) is appended there instead of being
-    written, so the follower reschedules a whole tick in one statement.
+    written, so the follower reschedules a whole tick in one statement. `reported_status` is
+    what Parallel's webhook said: "completed" asks for the result at once (one call, not two).
     """
     turn_id, run_id, processor = due["id"], due["run_id"], due["processor"]
     try:
-        run = await parallel.retrieve(run_id)
-        if run.status == "completed":
-            result = await parallel.result(run_id)
+        result = await _reported_result(parallel, run_id) if reported_status == "completed" else None
+        if result is not None:
+            run = result.run
+        else:
+            run = await parallel.retrieve(run_id)
+            if run.status == "completed":
+                result = await parallel.result(run_id)
     except UpstreamUnavailable as exc:
         delay = exc.retry_after or check_delay(processor, due["check_count"], poll_start(settings),
                                                poll_cap(settings))
@@ -190,6 +196,17 @@ async def check_turn(
     delay = check_delay(processor, due["check_count"], poll_start(settings), poll_cap(settings))
     await _reschedule(pool, turn_id, delay, later)
     return "active"
+
+
+async def _reported_result(parallel: ParallelClient, run_id: str) -> RunResult | None:
+    """The result of a run a webhook reported completed, or None when it has none after all
+    (failed, still active, Parallel away): the caller then asks for the status as usual."""
+    try:
+        result = await parallel.result(run_id, wait_s=1)
+    except (UpstreamUnavailable, UpstreamRejected) as exc:
+        log.info("reported_result_missing", run_id=run_id, error=exc.detail)
+        return None
+    return result if result.run.status == "completed" else None
 
 
 async def _reschedule(

@@ -61,6 +61,31 @@ async def test_a_turn_completes_from_parallels_webhook_before_any_poll(push, san
     hooks = httpx.get(f"{sandbox.url}/_sandbox/webhooks").json()["data"]
     mine = [h for h in hooks if h["run_id"] == turn["run_id"]]
     assert mine and mine[-1]["status_code"] == 204 and mine[-1]["ok"]
+    # The webhook said "completed": the check asked for the result alone, as the SDK loop would.
+    calls = httpx.get(f"{sandbox.url}/_sandbox/calls").json()["data"]
+    assert [(c["method"], c["path"].rsplit("/", 1)[-1]) for c in calls
+            if c["run_id"] == turn["run_id"]] == [("POST", "runs"), ("GET", "result")]
+
+
+async def test_a_webhook_that_says_completed_too_early_changes_nothing_but_a_check(push, sandbox):
+    # A stale or mistaken "completed" (signed by Parallel's secret) for a run still active: the
+    # result is not there, so the check falls back to the run's status and keeps following it.
+    conversation = await create_conversation(push)
+    turn = await wait_turn(push, await post_turn(push, conversation["id"], "[sandbox:slow=4] S"),
+                           statuses={"running"})
+    body = json.dumps({"timestamp": "2026-01-01T00:00:00Z", "type": "task_run.status",
+                       "data": {"run_id": turn["run_id"], "status": "completed"}}).encode()
+    assert (await post_hook(push, body, hook_headers(body))).status_code == 204
+    await asyncio.sleep(1.5)  # the check's result call waits 1 s, then asks for the status
+    still = (await push.get(f"/v1/conversations/{conversation['id']}/turns/{turn['id']}")).json()
+    assert still["status"] == "running" and still["output"] is None
+    calls = [c for c in httpx.get(f"{sandbox.url}/_sandbox/calls").json()["data"]
+             if c["run_id"] == turn["run_id"]]
+    assert [(c["method"], c["path"].rsplit("/", 1)[-1], c["status"]) for c in calls][:3] == [
+        ("POST", "runs", 202), ("GET", "result", 408), ("GET", turn["run_id"], 200),
+    ]
+    done = await wait_turn(push, turn, timeout=15)  # the real webhook, when the run ends
+    assert done["status"] == "completed" and done["output"]["content"]
 
 
 async def test_forged_and_replayed_webhooks_are_refused_and_change_nothing(
@@ -146,7 +171,7 @@ async def test_a_webhook_check_that_races_the_recording_of_its_run_is_not_lost(
     ctx = {"resources": resources, "follower": SimpleNamespace(wake=lambda: woken.append(1)),
            "job_try": 1}
     try:
-        assert await jobs.check_turn(ctx, "trun_race") == turn["id"]
+        assert await jobs.check_turn(ctx, "trun_race", "running") == turn["id"]
     finally:
         await recording.close()
     assert reads[0] is None, "the race did happen"
@@ -155,3 +180,56 @@ async def test_a_webhook_check_that_races_the_recording_of_its_run_is_not_lost(
         "SELECT next_check_at <= now() FROM turn WHERE id = $1", turn["id"]
     )
     assert due
+
+
+async def test_a_finished_run_reported_while_its_id_is_being_committed_is_checked_at_once(
+    api, resources, settings, monkeypatch, sandbox
+):
+    # The same race when the webhook says the run ended: the job claims the turn and checks the
+    # run itself, so it must retry its claim once the recording has committed.
+    from types import SimpleNamespace
+
+    from service.db import turns as turn_db
+    from worker import jobs
+
+    conversation = await create_conversation(api)
+    turn = await post_turn(api, conversation["id"], "instant")
+    run = (await resources.parallel.create_run(
+        input="instant", processor="lite", output_schema={"type": "text"},
+        previous_interaction_id=None, metadata={},
+    ))
+    await wait_sandbox_run(resources.parallel, run.run_id)
+    recording = await asyncpg.connect(settings.database_url)
+    tx = recording.transaction()
+    await tx.start()
+    await recording.execute(
+        "UPDATE turn SET status = 'running', run_id = $2, interaction_id = $3, started_at = now(),"
+        " next_check_at = now() + interval '1 hour' WHERE id = $1",
+        turn["id"], run.run_id, run.interaction_id,
+    )
+    real_claim, claims = turn_db.claim_run, []
+
+    async def claim_then_commit(pool, run_id, lease_s):
+        found = await real_claim(pool, run_id, lease_s)
+        if not claims:
+            await tx.commit()
+        claims.append(found)
+        return found
+
+    monkeypatch.setattr(turn_db, "claim_run", claim_then_commit)
+    ctx = {"resources": resources, "follower": SimpleNamespace(wake=lambda: None), "job_try": 1}
+    try:
+        assert await jobs.check_turn(ctx, run.run_id, "completed") == turn["id"]
+    finally:
+        await recording.close()
+    assert claims[0] is None and claims[1] is not None
+    done = (await api.get(f"/v1/conversations/{conversation['id']}/turns/{turn['id']}")).json()
+    assert done["status"] == "completed" and done["output"]["content"]
+
+
+async def wait_sandbox_run(parallel, run_id: str) -> None:
+    for _ in range(100):
+        if (await parallel.retrieve(run_id)).status == "completed":
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the sandbox run did not complete")

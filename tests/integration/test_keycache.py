@@ -112,3 +112,18 @@ async def test_any_change_to_the_key_row_reaches_the_cache(client, resources, st
     await resources.pool.execute(statement, split_key(key))
     await forgotten(resources, key)
     assert_problem(await client.get("/v1/conversations", headers=headers), 401)
+
+
+async def test_an_entry_is_trusted_for_its_ttl_at_most(client, resources):
+    # The bound for a LISTEN connection that looks up but silently stopped delivering.
+    await listening(resources)
+    resources.keys = KeyCache(resources.hub, ttl_s=0.2)
+    key = await new_key(resources, "acme")
+    headers = {"Authorization": f"Bearer {key}"}
+    assert (await client.get("/v1/conversations", headers=headers)).status_code == 200
+    await resources.pool.execute("ALTER TABLE api_key DISABLE TRIGGER api_key_changed")
+    async with resources.pool.acquire() as conn:
+        assert await revoke_key(conn, split_key(key))
+    assert (await client.get("/v1/conversations", headers=headers)).status_code == 200
+    await asyncio.sleep(0.3)
+    assert_problem(await client.get("/v1/conversations", headers=headers), 401)

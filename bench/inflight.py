@@ -37,6 +37,7 @@ from bench.procs import Proc, push_available, service_stack, wait_worker
 
 WEBHOOK_SECRET = "bench_webhook_secret"
 IDLE_SAMPLE_S = 10.0
+CALLS_GOAL_LENGTH_S = 120.0
 _row = partial(Row, bench="inflight")
 # Parallel's documented limit is 2,000 creations a minute per key; the benchmark measures the
 # service's own capacity, as with a raised limit (see docs/benchmarks.md).
@@ -171,6 +172,8 @@ def rows_for(f: dict[str, Any]) -> list[Row]:
             )
         ]
     calls_goal, lag_goal = (4, 1.0) if f["mode"] == "push" else (20, f["poll_max_s"])
+    # The issue states the calls goal for runs of 120 s; longer runs get more safety checks.
+    calls_apply = f["length_s"] <= CALLS_GOAL_LENGTH_S
     lag = f["lag_s"]
     rows = [
         _row(
@@ -202,8 +205,10 @@ def rows_for(f: dict[str, Any]) -> list[Row]:
             value=f["calls_per_turn"],
             baseline=2.0,
             ratio=f["calls_per_turn"] / 2,
-            goal=f"≤ {calls_goal} (baseline: create + result)",
-            ok=f["calls_per_turn"] <= calls_goal,
+            goal=f"≤ {calls_goal} (baseline: create + result)"
+            if calls_apply
+            else f"goal is for {CALLS_GOAL_LENGTH_S:g} s runs",
+            ok=f["calls_per_turn"] <= calls_goal if calls_apply else None,
         ),
         _row(
             measure=f"{label}: lag p50 / p99",

@@ -108,6 +108,9 @@ def test_inflight_goals_depend_on_the_mode():
     assert poll["Parallel calls per turn"].ok and poll["lag p95"].ok
     slow = {r.measure.split(": ")[1]: r for r in rows_for(_inflight("push", 120, 5, 9, 2.0))}
     assert not slow["Parallel calls per turn"].ok and not slow["lag p95"].ok
+    # The calls goal is stated for 120 s runs: a 1,200 s run's extra safety checks are shown only.
+    long = {r.measure.split(": ")[1]: r for r in rows_for(_inflight("push", 1200, 5, 6, 0.5))}
+    assert long["Parallel calls per turn"].ok is None and long["lag p95"].ok
 
 
 def test_cpu_per_turn_must_not_grow_with_run_length():

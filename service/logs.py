@@ -2,7 +2,9 @@
 
 Each line carries what the code bound: request_id, tenant_id, conversation_id and turn_id for a
 request (service.http.middleware, service.http.auth); turn_id, run_id and conversation_id in
-the worker. The redact processor runs last before rendering, on our own and on library lines.
+the worker. Redaction comes last, on our own and on library lines: the console renderer gets
+a cleaned event; a JSON line is rendered, and cleaned and rendered again only when it could
+hold a secret (RedactedJSON).
 """
 
 from __future__ import annotations

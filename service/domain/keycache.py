@@ -69,7 +69,10 @@ class KeyCache:
         digest = hash_key(key)
         epoch, now = self._epoch(), time.monotonic()
         entry = self._entries.get(key_id)
-        if entry is not None and epoch is not None and entry.epoch == epoch and now < entry.expires_at:
+        if (
+            entry is not None and epoch is not None
+            and entry.epoch == epoch and now < entry.expires_at
+        ):
             return entry.auth if hmac.compare_digest(entry.key_hash, digest) else None
         generation = self._generation
         found = await live_key(pool, key_id)

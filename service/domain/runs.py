@@ -161,7 +161,9 @@ async def check_turn(
     """
     turn_id, run_id, processor = due["id"], due["run_id"], due["processor"]
     try:
-        result = await _reported_result(parallel, run_id) if reported_status == "completed" else None
+        result = None
+        if reported_status == "completed":
+            result = await _reported_result(parallel, run_id)
         if result is not None:
             run = result.run
         else:

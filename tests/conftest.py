@@ -21,7 +21,7 @@ from service.db.keys import create_key
 from service.db.migrate import migrate
 from service.resources import Resources
 from tests.servers import postgres_server, redis_server
-from worker.main import build_worker
+from tests.helpers import running_worker
 
 TEMPLATE_DB = f"research_template_{os.getpid()}"
 
@@ -148,9 +148,5 @@ async def api(client: httpx.AsyncClient, api_key: str) -> httpx.AsyncClient:
 @pytest.fixture
 async def worker(settings: Settings) -> AsyncIterator[object]:
     """An arq worker running in this event loop, with its follower, until the test ends."""
-    w = build_worker(settings, handle_signals=False)
-    task = asyncio.create_task(w.async_run())
-    yield w
-    await w.close()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    async with running_worker(settings) as w:
+        yield w

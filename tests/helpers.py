@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 
+from service.config import Settings
 from service.db.keys import split_key
 from service.resources import Resources
 
@@ -65,3 +68,32 @@ async def forgotten(resources: Resources, key: str) -> float:
         assert asyncio.get_running_loop().time() - start < 2, "no notification of the change"
         await asyncio.sleep(0.001)
     return asyncio.get_running_loop().time() - start
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[Any]:
+    """An arq worker with its follower and dispatcher, in this event loop, until the block ends.
+
+    Jobs in hand are let finish first (5 s at most): arq's close() cancels the ones still running
+    and re-raises their CancelledError, which would skip the worker's shutdown (its follower and
+    dispatcher would outlive the test).
+    """
+    from worker.main import build_worker
+
+    w = build_worker(settings, handle_signals=False)
+    task = asyncio.create_task(w.async_run())
+    try:
+        yield w
+    finally:
+        for _ in range(100):
+            if all(t.done() for t in w.tasks.values()):
+                break
+            await asyncio.sleep(0.05)
+        try:
+            await w.close()
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this test is being cancelled, not only a job of the worker
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -20,12 +19,10 @@ import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.config import Settings
-from tests.helpers import create_conversation, post_turn, wait_turn
+from tests.helpers import create_conversation, post_turn, running_worker, wait_turn
 from tests.processes import settings_env
 from tests.receivers import Receiver, serve
 from worker import jobs
-from worker.main import build_worker
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -53,23 +50,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@contextlib.asynccontextmanager
-async def running_worker(settings: Settings) -> AsyncIterator[object]:
-    w = build_worker(settings, handle_signals=False)
-    task = asyncio.create_task(w.async_run())
-    try:
-        yield w
-    finally:
-        # Let jobs in hand (the startup reconcile) end: closing cancels them, and arq re-raises.
-        for _ in range(100):
-            if all(t.done() for t in w.tasks.values()):
-                break
-            await asyncio.sleep(0.05)
-        await w.close()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_metrics_count_a_workload(api, client, settings):

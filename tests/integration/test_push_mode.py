@@ -16,9 +16,8 @@ import redis.asyncio as aioredis
 from service.app import create_app
 from service.domain.push import parallel_signature
 from service.resources import Resources
-from tests.helpers import create_conversation, post_turn, wait_turn
+from tests.helpers import create_conversation, post_turn, running_worker, wait_turn
 from tests.receivers import serve
-from worker.main import build_worker
 
 SANDBOX_SECRET = "sandbox_webhook_secret"  # SandboxConfig.webhook_secret's default
 
@@ -32,15 +31,10 @@ async def push(settings, api_key):
         async with serve(create_app(api_settings, resources=resources)) as url:
             worker_settings = msgspec.structs.replace(
                 api_settings, public_base_url=url, poll_initial_s=30.0, poll_max_s=30.0)
-            worker = build_worker(worker_settings, handle_signals=False)
-            task = asyncio.create_task(worker.async_run())
-            async with httpx.AsyncClient(
+            async with running_worker(worker_settings), httpx.AsyncClient(
                 base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30
             ) as http:
                 yield http
-            await worker.close()
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
     finally:
         await resources.close()
 

@@ -18,9 +18,8 @@ import pytest
 from service.db.keys import revoke_key, split_key
 from service.openapi import render
 from tests.conftest import new_key
-from tests.helpers import create_conversation, post_turn, wait_turn
+from tests.helpers import create_conversation, post_turn, running_worker, wait_turn
 from tests.integration.test_bad_input import assert_problem
-from worker.main import build_worker
 
 UNAUTHENTICATED = ("/v1/hooks/",)
 # A valid body per operation, so that an answer is about the key, not the body.
@@ -73,9 +72,7 @@ async def snapshot(database_url: str, tenant_id: str) -> dict[str, list[str]]:
 
 async def delivery_of(settings, api, conversation: dict[str, Any]) -> str:
     """A webhook delivery of the conversation: a turn run to its end by a short-lived worker."""
-    worker = build_worker(settings, handle_signals=False)
-    task = asyncio.create_task(worker.async_run())
-    try:
+    async with running_worker(settings):
         await wait_turn(api, await post_turn(api, conversation["id"], "for a delivery"))
         path = f"/v1/conversations/{conversation['id']}/webhook-deliveries"
         for _ in range(100):
@@ -84,10 +81,6 @@ async def delivery_of(settings, api, conversation: dict[str, Any]) -> str:
                 return str(data[0].get("id") or data[0]["delivery_id"])
             await asyncio.sleep(0.05)
         raise AssertionError("no webhook delivery was listed")
-    finally:
-        await worker.close()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 @pytest.fixture

@@ -14,10 +14,9 @@ from standardwebhooks import Webhook
 
 from service.app import create_app
 from tests.conftest import new_key
-from tests.helpers import create_conversation, post_turn, wait_turn
+from tests.helpers import create_conversation, post_turn, running_worker, wait_turn
 from tests.processes import WorkerProcess
 from tests.receivers import Receiver, serve
-from worker.main import build_worker
 
 
 @pytest.fixture
@@ -194,16 +193,9 @@ async def test_the_guard_applies_to_patch_and_lets_public_addresses_through(guar
 async def test_the_guard_is_checked_again_at_delivery_time(api, settings, receiver):
     # Registered while private addresses were allowed; the worker's guard is on.
     conversation = await create_conversation(api, webhook_url=receiver.url)
-    guarded = build_worker(msgspec.structs.replace(settings, webhook_allow_private=False),
-                           handle_signals=False)
-    task = asyncio.create_task(guarded.async_run())
-    try:
+    async with running_worker(msgspec.structs.replace(settings, webhook_allow_private=False)):
         await wait_turn(api, await post_turn(api, conversation["id"], "Where does this go?"))
         delivery = await wait_ledger(api, conversation["id"], "failed")
-    finally:
-        await guarded.close()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
     assert receiver.requests == []
     assert delivery["attempts"][0]["error"].startswith("refused: 127.0.0.1 resolves to")
     assert delivery["attempts"][0]["status_code"] is None

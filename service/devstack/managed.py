@@ -13,12 +13,6 @@ import threading
 import time
 from collections.abc import Callable
 
-try:  # POSIX only; Windows is not supported by this module.
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
-
-
 from service.devstack.common import (
     HOST,
     _file_lock,

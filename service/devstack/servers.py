@@ -15,12 +15,6 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 
-try:  # POSIX only; Windows is not supported by this module.
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
-
-
 from service.devstack.common import (
     HOST,
     _cmdline,

@@ -88,6 +88,14 @@ RECONCILER_REPAIRS = Counter(
     ["kind"],
 )
 
+CREATE_IN_DOUBT = Counter(
+    "research_create_in_doubt_total",
+    "Start attempts whose create may have made a Parallel run nobody follows (billed, never "
+    "read), by reason: connection (broke after sending) or attempt_lost (worker died, lease ran "
+    "out).",
+    ["reason"],
+)
+
 
 def turn_transition(turn: Turn) -> None:
     """Count a turn entering its current status (call after the change committed)."""
@@ -102,6 +110,10 @@ def record_webhook_delivery(outcome: str, seconds: float | None = None) -> None:
     WEBHOOK_DELIVERIES.labels(outcome).inc()
     if seconds is not None:
         WEBHOOK_DURATION.observe(seconds)
+
+
+def create_in_doubt(reason: str) -> None:
+    CREATE_IN_DOUBT.labels(reason).inc()
 
 
 def reconciler_repairs(kind: str, count: int) -> None:

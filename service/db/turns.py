@@ -199,25 +199,47 @@ async def previous_interaction(conn: asyncpg.Connection, parent_turn_id: str | N
     return await conn.fetchval(PREVIOUS_INTERACTION_SQL, parent_turn_id)
 
 
+# An attempt still marked as started when the next one begins never came back: its worker died
+# or its lease ran out, maybe after Parallel received the create. It joins doubtful_attempts.
 BEGIN_START_SQL = """
-UPDATE turn SET start_attempts = start_attempts + 1, start_attempt_at = now(),
-    previous_interaction_id = $2
-WHERE id = $1
-RETURNING start_attempts
+WITH before AS (SELECT id, start_attempt_at IS NOT NULL AS lost FROM turn WHERE id = $1)
+UPDATE turn AS t SET start_attempts = t.start_attempts + 1, start_attempt_at = now(),
+    previous_interaction_id = $2,
+    doubtful_attempts = CASE WHEN before.lost THEN t.doubtful_attempts || t.start_attempts
+                             ELSE t.doubtful_attempts END
+FROM before WHERE t.id = before.id
+RETURNING t.start_attempts, before.lost
 """
 
 
-async def begin_start(conn: asyncpg.Connection, turn_id: str, previous: str | None) -> int:
-    """Record a start attempt before calling Parallel; returns the attempt number."""
-    return await conn.fetchval(BEGIN_START_SQL, turn_id, previous)
+class StartAttempt(msgspec.Struct, frozen=True):
+    number: int
+    previous_lost: bool  # the attempt before this one never came back (see doubtful_attempts)
 
 
-ABANDON_START_SQL = "UPDATE turn SET start_attempt_at = NULL WHERE id = $1 AND run_id IS NULL"
+async def begin_start(
+    conn: asyncpg.Connection, turn_id: str, previous: str | None
+) -> StartAttempt:
+    """Record a start attempt before calling Parallel."""
+    row = await conn.fetchrow(BEGIN_START_SQL, turn_id, previous)
+    return StartAttempt(row["start_attempts"], row["lost"])
 
 
-async def abandon_start(conn: asyncpg.Connection | asyncpg.Pool, turn_id: str) -> None:
-    """Mark a start attempt as over without a run, so the next attempt need not wait a lease."""
-    await conn.execute(ABANDON_START_SQL, turn_id)
+ABANDON_START_SQL = """
+UPDATE turn SET start_attempt_at = NULL,
+    doubtful_attempts = CASE WHEN $2 THEN doubtful_attempts || start_attempts
+                             ELSE doubtful_attempts END
+WHERE id = $1 AND run_id IS NULL
+"""
+
+
+async def abandon_start(
+    conn: asyncpg.Connection | asyncpg.Pool, turn_id: str, *, in_doubt: bool = False
+) -> None:
+    """Mark a start attempt as over without a run, so the next attempt need not wait a lease.
+
+    `in_doubt`: the create may have reached Parallel (the attempt joins doubtful_attempts)."""
+    await conn.execute(ABANDON_START_SQL, turn_id, in_doubt)
 
 
 RECORD_RUN_SQL = f"""

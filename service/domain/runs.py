@@ -63,6 +63,12 @@ async def start_turn(
             return "in-progress"
         previous = await db.previous_interaction(conn, turn.parent_turn_id)
         attempt = await db.begin_start(conn, turn_id, previous)
+    if attempt.previous_lost:
+        # The attempt before never came back (its worker died or its lease ran out), maybe after
+        # Parallel had made its run. See README, "Guarantees".
+        log.warning("create_in_doubt", turn_id=turn_id, attempt=attempt.number - 1,
+                    reason="attempt_lost")
+        metrics.create_in_doubt("attempt_lost")
     # No connection is held while Parallel answers.
     try:
         if before_create is not None:
@@ -72,7 +78,7 @@ async def start_turn(
             processor=turn.processor,
             output_schema=turn.output_schema,
             previous_interaction_id=previous,
-            metadata={**turn.metadata, TURN_TAG: turn_id, ATTEMPT_TAG: str(attempt)},
+            metadata={**turn.metadata, TURN_TAG: turn_id, ATTEMPT_TAG: str(attempt.number)},
             webhook_url=webhook_url,
             timeout_s=settings.start_lease_s / 2,
         )
@@ -80,8 +86,10 @@ async def start_turn(
         if exc.in_doubt:
             # Parallel may have created a run we cannot look up (no list endpoint): the retry
             # may create a second one. See README, "Guarantees".
-            log.warning("create_in_doubt", turn_id=turn_id, attempt=attempt, error=exc.detail)
-        await db.abandon_start(pool, turn_id)
+            log.warning("create_in_doubt", turn_id=turn_id, attempt=attempt.number,
+                        reason="connection", error=exc.detail)
+            metrics.create_in_doubt("connection")
+        await db.abandon_start(pool, turn_id, in_doubt=exc.in_doubt)
         raise
     except UpstreamRejected as exc:
         await finish(pool, queue, settings, turn_id, "failed", from_statuses=("queued",),

@@ -1,7 +1,9 @@
 """Crash safety with real processes: SIGKILLed workers, Redis losing everything, Parallel faults.
 
-Every test here checks the same two promises: every turn ends, and each turn has exactly one
-Parallel run (counted by the turn id the worker puts in the run's metadata).
+Every test here checks the same two promises: every turn ends, and each turn has one Parallel run
+(counted by the turn id and attempt the worker puts in the run's metadata), save the documented
+window: a create whose answer was lost (the worker died or the connection broke after sending it)
+makes a second run, and the turn then lists that attempt in `doubtful_attempts`.
 """
 
 from __future__ import annotations
@@ -15,8 +17,17 @@ import asyncpg
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+from parallel import AsyncParallel
 
-from tests.helpers import create_conversation, post_turn, sandbox_runs, set_faults, wait_turn
+from service import metrics
+from tests.helpers import (
+    create_conversation,
+    post_turn,
+    running_worker,
+    sandbox_runs,
+    set_faults,
+    wait_turn,
+)
 from tests.processes import WorkerProcess
 
 pytestmark = pytest.mark.slow
@@ -48,7 +59,7 @@ async def wait_all_terminal(database_url: str, expected: int, timeout: float) ->
         while True:
             rows = await conn.fetch(
                 "SELECT id, conversation_id, seq, status, run_id, interaction_id, "
-                "previous_interaction_id, error FROM turn")
+                "previous_interaction_id, error, start_attempts, doubtful_attempts FROM turn")
             open_turns = [r for r in rows if r["status"] in ("queued", "running")]
             if len(rows) == expected and not open_turns:
                 return {r["id"]: dict(r) for r in rows}
@@ -60,9 +71,13 @@ async def wait_all_terminal(database_url: str, expected: int, timeout: float) ->
 
 def assert_chains_and_single_runs(turns: dict[str, dict], sandbox_url: str) -> None:
     assert Counter(t["status"] for t in turns.values()) == {"completed": len(turns)}
-    per_turn = Counter(r["metadata"]["rs_turn"] for r in sandbox_runs(sandbox_url)
-                       if (r.get("metadata") or {}).get("rs_turn") in turns)
-    assert per_turn == dict.fromkeys(turns, 1), "some turn has no run or more than one"
+    runs: dict[str, list[dict]] = {turn_id: [] for turn_id in turns}
+    for run in sandbox_runs(sandbox_url):
+        turn_id = (run.get("metadata") or {}).get("rs_turn")
+        if turn_id in runs:
+            runs[turn_id].append(run)
+    for turn_id, turn in turns.items():
+        assert_runs_explained(turn, runs[turn_id])
     by_conversation: dict[str, list[dict]] = {}
     for turn in turns.values():
         by_conversation.setdefault(turn["conversation_id"], []).append(turn)
@@ -71,6 +86,27 @@ def assert_chains_and_single_runs(turns: dict[str, dict], sandbox_url: str) -> N
         assert chain[0]["previous_interaction_id"] is None
         for before, after in zip(chain, chain[1:], strict=False):
             assert after["previous_interaction_id"] == before["interaction_id"]
+
+
+def assert_runs_explained(turn: dict, runs: list[dict]) -> None:
+    """The turn's recorded run is its last attempt's; any other run is an attempt in doubt's."""
+    attempts = Counter(int(run["metadata"]["rs_attempt"]) for run in runs)
+    assert all(count == 1 for count in attempts.values()), f"an attempt made two runs: {turn}"
+    recorded = [run for run in runs if run["run_id"] == turn["run_id"]]
+    assert len(recorded) == 1, f"the turn's run is not at Parallel: {turn}"
+    assert int(recorded[0]["metadata"]["rs_attempt"]) == turn["start_attempts"]
+    others = set(attempts) - {turn["start_attempts"]}
+    assert others <= set(turn["doubtful_attempts"]), f"a second run not in doubt: {turn}, {runs}"
+
+
+async def fetch_turn(database_url: str, turn_id: str) -> dict:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return dict(await conn.fetchrow(
+            "SELECT id, status, run_id, start_attempts, doubtful_attempts FROM turn WHERE id = $1",
+            turn_id))
+    finally:
+        await conn.close()
 
 
 async def test_sigkilled_workers_lose_nothing_and_pay_once(api, settings, sandbox, database_url):
@@ -184,3 +220,58 @@ async def test_sigterm_lets_the_worker_stop_cleanly_and_a_new_one_resumes(
     assert done["status"] == "completed"
     assert done["run_id"] == running["run_id"]  # resumed, not restarted
     assert len(sandbox_runs(sandbox.url, turn["id"])) == 1
+
+
+async def test_a_create_whose_answer_is_lost_is_retried_and_its_run_marked_in_doubt(
+    api, settings, sandbox, database_url
+):
+    counted = metrics.CREATE_IN_DOUBT.labels("connection")._value.get()
+    set_faults(sandbox.url, error_rate=1.0, error_kinds=["drop_after_create"])
+    conversation = await create_conversation(api)
+    turn = await post_turn(api, conversation["id"], "the answer to this create is lost")
+    async with running_worker(fast_recovery(settings)):
+        for _ in range(200):
+            if sandbox_runs(sandbox.url, turn["id"]):
+                break
+            await asyncio.sleep(0.05)
+        set_faults(sandbox.url)  # Parallel answers again
+        done = await wait_turn(api, turn, timeout=60)
+    assert done["status"] == "completed"
+    row = await fetch_turn(database_url, turn["id"])
+    runs = sandbox_runs(sandbox.url, turn["id"])
+    assert len(row["doubtful_attempts"]) >= 1
+    assert len(runs) == len(row["doubtful_attempts"]) + 1
+    assert_runs_explained(row, runs)
+    assert done["run_id"] == row["run_id"]
+    assert metrics.CREATE_IN_DOUBT.labels("connection")._value.get() - counted == len(
+        row["doubtful_attempts"])
+
+
+async def test_an_attempt_that_never_came_back_is_marked_in_doubt_by_the_next(
+    api, settings, sandbox, database_url
+):
+    counted = metrics.CREATE_IN_DOUBT.labels("attempt_lost")._value.get()
+    conversation = await create_conversation(api)
+    turn = await post_turn(api, conversation["id"], "the first worker dies mid-create")
+    # What a worker killed after Parallel made its run leaves behind: the attempt begun in
+    # Postgres (its lease long over), the run at Parallel, no run id stored.
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "UPDATE turn SET start_attempts = 1, start_attempt_at = now() - interval '1 hour' "
+            "WHERE id = $1", turn["id"])
+    finally:
+        await conn.close()
+    client = AsyncParallel(api_key=settings.parallel_api_key, base_url=settings.parallel_base_url)
+    orphan = await client.task_run.create(
+        input=turn["input"], processor=turn["processor"],
+        metadata={"rs_turn": turn["id"], "rs_attempt": "1"})
+    async with running_worker(fast_recovery(settings)):
+        done = await wait_turn(api, turn, timeout=60)
+    assert done["status"] == "completed"
+    assert done["run_id"] != orphan.run_id
+    row = await fetch_turn(database_url, turn["id"])
+    assert row["start_attempts"] == 2
+    assert row["doubtful_attempts"] == [1]
+    assert_runs_explained(row, sandbox_runs(sandbox.url, turn["id"]))
+    assert metrics.CREATE_IN_DOUBT.labels("attempt_lost")._value.get() - counted == 1

@@ -262,10 +262,12 @@ async def test_an_attempt_that_never_came_back_is_marked_in_doubt_by_the_next(
             "WHERE id = $1", turn["id"])
     finally:
         await conn.close()
-    client = AsyncParallel(api_key=settings.parallel_api_key, base_url=settings.parallel_base_url)
-    orphan = await client.task_run.create(
-        input=turn["input"], processor=turn["processor"],
-        metadata={"rs_turn": turn["id"], "rs_attempt": "1"})
+    async with AsyncParallel(
+        api_key=settings.parallel_api_key, base_url=settings.parallel_base_url
+    ) as client:
+        orphan = await client.task_run.create(
+            input=turn["input"], processor=turn["processor"],
+            metadata={"rs_turn": turn["id"], "rs_attempt": "1"})
     async with running_worker(fast_recovery(settings)):
         done = await wait_turn(api, turn, timeout=60)
     assert done["status"] == "completed"

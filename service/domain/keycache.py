@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Callable
 
 import asyncpg
 import msgspec
@@ -36,9 +37,13 @@ class _Entry(msgspec.Struct, frozen=True):
 
 
 class KeyCache:
-    def __init__(self, hub: EventHub | None, *, ttl_s: float = DEFAULT_TTL_S) -> None:
+    def __init__(
+        self, hub: EventHub | None, *, ttl_s: float = DEFAULT_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._hub = hub
         self._ttl_s = ttl_s
+        self._clock = clock
         self._entries: dict[str, _Entry] = {}
         # Bumped by every invalidation, so that a lookup that raced one does not store its answer.
         self._generation = 0
@@ -67,7 +72,7 @@ class KeyCache:
         if key_id is None:
             return None
         digest = hash_key(key)
-        epoch, now = self._epoch(), time.monotonic()
+        epoch, now = self._epoch(), self._clock()
         entry = self._entries.get(key_id)
         if (
             entry is not None and epoch is not None

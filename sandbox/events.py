@@ -1,4 +1,4 @@
-"""SSE stream for `GET /v1/tasks/runs/{id}/events` (parallel-api.md §5).
+"""SSE stream for `GET /v1/tasks/runs/{id}/events` (docs/parallel.md §5).
 
 Each message is `event: <type>` plus one JSON `data:` line; no `id:` lines, no keep-alive
 comments, no `[DONE]`. Order: a `task_run.state` event, the progress trace so far (replayed

@@ -1,4 +1,4 @@
-"""Validation of `POST /v1/tasks/runs` bodies, following parallel-api.md §1.2."""
+"""Validation of `POST /v1/tasks/runs` bodies, following docs/parallel.md §1.2."""
 
 from __future__ import annotations
 

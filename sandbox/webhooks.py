@@ -1,4 +1,4 @@
-"""Outbound `task_run.status` webhooks, signed as parallel-api.md §4 describes.
+"""Outbound `task_run.status` webhooks, signed as docs/parallel.md §4 describes.
 
 Signature: `v1,` + base64(HMAC-SHA256(key=secret as raw UTF-8 bytes, msg=f"{id}.{ts}.{body}")).
 Retries on non-2xx or connection errors with exponential backoff from `webhook_retry_base_s`,

@@ -31,7 +31,7 @@ MAX_BODY_BYTES = 1_000_000
 OPENAPI = OpenAPIConfig(
     title="Research conversations",
     version=__version__,
-    description="Chained research questions over Parallel's Task API (see DESIGN.md).",
+    description="Chained research questions over Parallel's Task API (see docs/design.md).",
     path="/schema",
     components=Components(
         security_schemes={"BearerAuth": SecurityScheme(type="http", scheme="bearer")}

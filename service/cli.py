@@ -1,4 +1,4 @@
-"""The `research-service` command (DESIGN.md §5)."""
+"""The `research-service` command (docs/design.md §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Settings read once from the environment at process start (DESIGN.md §4)."""
+"""Settings read once from the environment at process start (docs/design.md §4)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_open_turns_per_conversation: int = 100
     max_open_turns_per_tenant: int = 1000
     log_format: str = "json"
-    # Outbound webhooks (DESIGN.md §3): the first attempt right away, then one after each of
+    # Outbound webhooks (docs/design.md §3): the first attempt right away, then one after each of
     # these delays (about a day in all), then the delivery is marked failed.
     webhook_retry_schedule_s: list[float] = msgspec.field(
         default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 10800.0, 21600.0,

@@ -1,4 +1,4 @@
-"""Wire types shared by the API, the worker and the event log (DESIGN.md §3)."""
+"""Wire types shared by the API, the worker and the event log (docs/design.md §3)."""
 
 from __future__ import annotations
 

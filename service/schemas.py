@@ -1,4 +1,4 @@
-"""Request bodies and pages of the HTTP contract (DESIGN.md §3). Validation lives in the types."""
+"""Request bodies and pages of the contract (docs/design.md §3). Validation lives in the types."""
 
 from __future__ import annotations
 

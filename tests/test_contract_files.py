@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -87,3 +90,46 @@ def test_migration_files_are_numbered_without_gaps():
     versions = [version for version, _, _ in load_migrations()]
     assert versions == list(range(1, len(versions) + 1))
     assert all(MIGRATION_NAME.match(name) for _, name, _ in load_migrations())
+
+
+# --- the repo carries its own design (docs/design.md, docs/parallel.md) -----------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+# Documents outside the repository that no file may point at; spelled so this file matches none.
+OUTSIDE = re.compile(rb"DESIGN\.md|parallel-api\.md|\.\./shared")
+# History notes under docs/ that may name where a text came from (none today).
+HISTORY_NOTES: frozenset[str] = frozenset()
+CITATION = re.compile(r"docs/(design|parallel)\.md §(\d+(?:\.\d+)?)")
+HEADING = re.compile(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", re.MULTILINE)
+
+
+def tracked_files() -> list[Path]:
+    names = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.decode().split("\0")
+    return [ROOT / name for name in names if name and (ROOT / name).is_file()]
+
+
+def test_no_file_points_outside_the_repo():
+    offenders = [
+        f"{path.relative_to(ROOT)}: {match.group().decode()}"
+        for path in tracked_files()
+        if str(path.relative_to(ROOT)) not in HISTORY_NOTES
+        for match in OUTSIDE.finditer(path.read_bytes())
+    ]
+    assert not offenders, "cite docs/design.md or docs/parallel.md instead:\n" + "\n".join(offenders)
+
+
+def test_every_cited_section_exists():
+    sections = {
+        doc: set(HEADING.findall((ROOT / "docs" / f"{doc}.md").read_text()))
+        for doc in ("design", "parallel")
+    }
+    missing = [
+        f"{path.relative_to(ROOT)}: docs/{doc}.md §{number}"
+        for path in tracked_files()
+        if path.suffix in {".py", ".md", ".json", ".toml", ".yaml", ""}
+        for doc, number in CITATION.findall(path.read_text(errors="replace"))
+        if number not in sections[doc]
+    ]
+    assert not missing, "no such section:\n" + "\n".join(missing)

@@ -147,7 +147,7 @@ class ParallelClient:
         if http_client is None:
             http_client = default_http_client(max_connections)
         # SDK retries are off: a retried POST without an idempotency key can create a second,
-        # billed run, so every retry decision is the worker's (DESIGN.md §2).
+        # billed run, so every retry decision is the worker's (docs/design.md §2).
         self._sdk = AsyncParallel(
             api_key=api_key,
             base_url=base_url,

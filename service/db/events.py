@@ -9,7 +9,7 @@ from service.db.webhook_deliveries import insert_delivery
 from service.models import Event, Turn
 
 NOTIFY_CHANNEL = "research_events"
-# Events that conversations with a webhook_url are sent (DESIGN.md §3).
+# Events that conversations with a webhook_url are sent (docs/design.md §3).
 WEBHOOK_EVENT_TYPES = frozenset({"turn.completed", "turn.failed", "turn.cancelled"})
 
 INSERT_EVENT_SQL = """

@@ -1,7 +1,7 @@
 """Live progress of running turns, relayed from Parallel's run events to SSE watchers.
 
 Only while someone watches: the first watcher of a run opens one upstream stream
-(`/v1/tasks/runs/{id}/events`, parallel-api.md §5) in this process, later watchers of the same
+(`/v1/tasks/runs/{id}/events`, docs/parallel.md §5) in this process, later watchers of the same
 run share it, and the last one to leave closes it. Progress is never stored nor sent as a
 webhook; each `turn.progress` event is a snapshot of the latest meter, source counts and message.
 """

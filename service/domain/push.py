@@ -1,7 +1,7 @@
 """Push mode: Parallel's `task_run.status` webhook triggers an immediate check of the run.
 
 Parallel signs like Standard Webhooks but keys the HMAC with the raw UTF-8 bytes of the account
-secret (parallel-api.md §4), where the `standardwebhooks` package would base64-decode it: so
+secret (docs/parallel.md §4), where the `standardwebhooks` package would base64-decode it: so
 this one check is written out by hand.
 """
 

@@ -1,4 +1,4 @@
-"""How often to check a run, and when to give up on it, by processor (parallel-api.md §7)."""
+"""How often to check a run, and when to give up on it, by processor (docs/parallel.md §7)."""
 
 from __future__ import annotations
 

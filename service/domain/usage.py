@@ -15,7 +15,7 @@ from service.schemas import ConversationUsage, ProcessorUsage, Usage
 
 
 def estimate_cost(processor: str) -> Decimal:
-    """Parallel's price of one run of the processor (parallel-api.md §7), in USD."""
+    """Parallel's price of one run of the processor (docs/parallel.md §7), in USD."""
     return Decimal(str(profile(processor).usd_per_run))
 
 

@@ -10,7 +10,7 @@ from service.config import Settings
 from service.errors import InvalidInput
 from service.schemas import JsonSchema, TextSchema, TurnCreate
 
-# Parallel refuses output schemas nested deeper than this (parallel-api.md §1.2).
+# Parallel refuses output schemas nested deeper than this (docs/parallel.md §1.2).
 MAX_SCHEMA_DEPTH = 3
 # Raw nesting (objects and arrays) allowed in a json_schema: room for a 3-deep schema with
 # arrays and combinators, and a bound for the recursive checks below.
@@ -63,7 +63,7 @@ def spec_size(data: TurnCreate) -> int:
 
 
 def check_turn_request(settings: Settings, data: TurnCreate, processor: str) -> None:
-    """Refuse what Parallel would refuse (parallel-api.md §1.2). Raises InvalidInput."""
+    """Refuse what Parallel would refuse (docs/parallel.md §1.2). Raises InvalidInput."""
     check_processor(settings, processor)
     if json_depth(data.input, settings.max_input_depth) > settings.max_input_depth:
         raise InvalidInput(

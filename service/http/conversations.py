@@ -1,4 +1,4 @@
-"""Conversation routes (DESIGN.md §3, Conversations)."""
+"""Conversation routes (docs/design.md §3, Conversations)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The event log: JSON pages, or an SSE stream that stays open (DESIGN.md §3, Events)."""
+"""The event log: JSON pages, or an SSE stream that stays open (docs/design.md §3, Events)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Turn routes (DESIGN.md §3, Turns)."""
+"""Turn routes (docs/design.md §3, Turns)."""
 
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ class ParallelHookController(Controller):
     @post("/parallel", operation_id="ReceiveParallelWebhook",
           summary="Parallel's task_run.status webhook (push mode): triggers a check of the run",
           description="Needs no API key: the request must carry Parallel's signature "
-                      "(PARALLEL_WEBHOOK_SECRET, parallel-api.md §4), at most 300 s old.",
+                      "(PARALLEL_WEBHOOK_SECRET, docs/parallel.md §4), at most 300 s old.",
           status_code=204, responses=problem_responses(400, 401, auth=False))
     async def parallel(
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources]

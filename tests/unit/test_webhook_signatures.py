@@ -16,7 +16,7 @@ from service.domain.schedule import poll_cap
 from service.domain.webhook_urls import UnsafeWebhookUrl, is_forbidden, split_url
 from service.domain.webhooks import next_step
 
-# parallel-api.md §4, "Test vector".
+# docs/parallel.md §4, "Test vector".
 VECTOR_SECRET = "test_secret_123"
 VECTOR_ID = "whevent_abc123def456"
 VECTOR_TS = "1751498975"

@@ -18,7 +18,9 @@ COPY pyproject.toml requirements.lock README.md ./
 COPY service ./service
 COPY worker ./worker
 COPY sandbox ./sandbox
-# The lock constrains every dependency; the project itself is the only unpinned install.
+# The lock constrains every dependency; the project itself is the only unpinned install. No
+# extras: the devstack wheels (embedded PostgreSQL and Redis, ~50 MB) and the dev tools stay out.
+# The sandbox stays in (`research-service sandbox`): it is the project's own code, no extra deps.
 RUN pip install --no-cache-dir -c requirements.lock . \
     && python -m compileall -q /opt/venv
 

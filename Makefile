@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c requirements.lock -e '.[dev]'
+	$(BIN)/python -m pip install -q -c requirements.lock -e '.[dev,devstack]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,7 +31,7 @@ bench: install
 
 lock:  ## re-resolve the pinned versions from pyproject.toml
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/python -m pip install -q --upgrade pip && .lock-venv/bin/python -m pip install -q '.[dev]'
+	.lock-venv/bin/python -m pip install -q --upgrade pip && .lock-venv/bin/python -m pip install -q '.[dev,devstack]'
 	(echo "# Pinned versions CI tested; regenerate with 'make lock'."; \
 	 .lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^research-service') > requirements.lock
 	rm -rf .lock-venv

@@ -1,7 +1,8 @@
 """Where the tests' PostgreSQL and Redis come from: the environment, testcontainers, or embedded.
 
 Order: TEST_DATABASE_URL / TEST_REDIS_URL when set (CI sets them); else testcontainers when a
-Docker engine answers; else the embedded servers (service.devstack). Never a mock.
+Docker engine answers; else the embedded servers (service.devstack, from the devstack extra,
+imported only when used). Never a mock.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from service.devstack import EmbeddedPostgres, EmbeddedRedis, docker_available
+from service.devstack import docker_available
 
 
 @contextlib.contextmanager
@@ -27,6 +28,8 @@ def postgres_server() -> Iterator[str]:
         with PostgresContainer("postgres:16-alpine", driver=None) as pg:
             yield pg.get_connection_url()
         return
+    from service.devstack import EmbeddedPostgres
+
     with tempfile.TemporaryDirectory(prefix="test-pg-") as folder:
         server = EmbeddedPostgres(Path(folder))
         try:
@@ -47,6 +50,16 @@ def redis_server() -> Iterator[str]:
             host, port = redis.get_container_host_ip(), redis.get_exposed_port(6379)
             yield f"redis://{host}:{port}/0"
         return
+    with own_redis_server() as url:
+        yield url
+
+
+@contextlib.contextmanager
+def own_redis_server() -> Iterator[str]:
+    """A Redis server of the caller's own (embedded, on a free port), whatever TEST_REDIS_URL says:
+    for tests that wipe or stop Redis without touching anyone else's data."""
+    from service.devstack import EmbeddedRedis
+
     with tempfile.TemporaryDirectory(prefix="test-redis-") as folder:
         server = EmbeddedRedis(Path(folder))
         try:

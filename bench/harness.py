@@ -11,7 +11,6 @@ import contextlib
 import math
 import os
 import secrets
-import socket
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -23,6 +22,7 @@ import msgspec
 from service.config import Settings
 from service.db.keys import create_key
 from service.db.migrate import migrate
+from service.devstack import free_port as free_port  # the one helper, shared with tests
 
 # A server the benchmarks may create databases on, and a Redis database index of their own.
 ADMIN_DSN = (
@@ -113,12 +113,6 @@ def render_table(rows: Iterable[Row]) -> str:
 
 
 # --- infrastructure -----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def with_database(dsn: str, name: str) -> str:

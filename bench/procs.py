@@ -23,7 +23,7 @@ import httpx
 import psutil
 
 from service.config import Settings
-from tests.processes import settings_env
+from service.devstack.processes import settings_env
 
 
 class Proc:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -10,22 +9,9 @@ import tempfile
 from pathlib import Path
 
 from service.config import Settings
+from service.devstack.processes import settings_env
 
-
-def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment that makes Settings.from_env() rebuild `settings` in a child process."""
-    env = dict(os.environ)
-    for name in settings.__struct_fields__:
-        value = getattr(settings, name)
-        if value is None:
-            env.pop(name.upper(), None)
-        elif isinstance(value, list):
-            env[name.upper()] = ",".join(map(str, value))
-        else:
-            env[name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
-    env["LOG_FORMAT"] = "json"
-    env.update(extra)
-    return env
+__all__ = ["ApiProcess", "WorkerProcess", "settings_env"]
 
 
 class WorkerProcess:

@@ -117,7 +117,7 @@ def test_no_file_points_outside_the_repo():
         if str(path.relative_to(ROOT)) not in HISTORY_NOTES
         for match in OUTSIDE.finditer(path.read_bytes())
     ]
-    assert not offenders, "cite docs/design.md or docs/parallel.md instead:\n" + "\n".join(offenders)
+    assert not offenders, "cite docs/design.md or docs/parallel.md:\n" + "\n".join(offenders)
 
 
 def test_every_cited_section_exists():

@@ -12,6 +12,7 @@ import asyncio
 import random
 import time
 from collections import Counter
+from collections.abc import Iterator
 
 import asyncpg
 import msgspec
@@ -20,6 +21,7 @@ import redis.asyncio as aioredis
 from parallel import AsyncParallel
 
 from service import metrics
+from service.devstack import embedded_redis_unavailable_reason
 from tests.helpers import (
     create_conversation,
     post_turn,
@@ -29,6 +31,7 @@ from tests.helpers import (
     wait_turn,
 )
 from tests.processes import WorkerProcess
+from tests.servers import own_redis_server
 
 pytestmark = pytest.mark.slow
 
@@ -126,11 +129,18 @@ async def test_sigkilled_workers_lose_nothing_and_pay_once(api, settings, sandbo
     assert_chains_and_single_runs(turns, sandbox.url)
 
 
+@pytest.fixture
+def own_redis() -> Iterator[str]:
+    """A Redis server of the test's own, so wiping it touches no one else's data."""
+    if reason := embedded_redis_unavailable_reason():
+        pytest.skip(reason)
+    with own_redis_server() as url:
+        yield url
+
+
 async def test_redis_losing_everything_mid_workload_loses_no_turn(
-    api, settings, sandbox, database_url, redis_url
+    api, settings, sandbox, database_url, own_redis
 ):
-    # A Redis database of its own, so wiping it touches nothing else on the server.
-    own_redis = redis_url.rsplit("/", 1)[0] + "/7"
     settings = fast_recovery(settings, redis_url=own_redis)
     await post_workload(api, conversations=10, turns_each=3)
     with WorkerProcess(settings):

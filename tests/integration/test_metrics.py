@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.devstack import free_port
 from tests.helpers import create_conversation, post_turn, running_worker, wait_turn
 from tests.processes import settings_env
 from tests.receivers import Receiver, serve
@@ -44,12 +44,6 @@ async def scrape(client: httpx.AsyncClient) -> Samples:
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     return parse(response.text)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_metrics_count_a_workload(api, client, settings):

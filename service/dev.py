@@ -163,6 +163,7 @@ def _probe_ports(host: str, port: int, env: dict[str, str]) -> socket.socket:
         _bind("0.0.0.0", metrics, "the worker's metrics", "WORKER_METRICS_PORT", keep=False)
     sock = _bind(host, port, "the API", "PORT")
     assert sock is not None
+    sock.listen(2048)  # connections wait in the backlog until the API accepts: no refusals
     return sock
 
 

@@ -155,6 +155,9 @@ def cmd_dev(args: argparse.Namespace) -> None:
                 metrics_port=args.metrics_port)
     except DevError as exc:
         sys.exit(f"[dev] error: {exc}")
+    except KeyboardInterrupt:  # Ctrl-C while starting: everything started is stopped already
+        print("[dev] stopped", file=sys.stderr)
+        sys.exit(130)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:

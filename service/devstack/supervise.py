@@ -11,6 +11,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from service.devstack.privileges import _RunAs
+
 # A child that ran this long before dying is restarted after FIRST_DELAY_S again; one that dies
 # sooner waits twice as long as the time before, up to MAX_DELAY_S (a crash loop does not spin).
 STABLE_S = 60.0
@@ -45,7 +47,10 @@ class Supervisor:
         self._watcher.start()
 
     def _spawn(self) -> None:
-        self.process = subprocess.Popen(self.command, env=self.env)
+        # A session of its own: Ctrl-C in the terminal reaches `dev` alone, which stops the child
+        # with SIGTERM (a graceful drain); SIGTERM also comes when `dev` dies (PDEATHSIG).
+        self.process = subprocess.Popen(self.command, env=self.env, start_new_session=True,
+                                        preexec_fn=_RunAs("direct").preexec(signal.SIGTERM))
         self._started = time.monotonic()
         self.on_start(self.process.pid)
 

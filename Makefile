@@ -59,7 +59,7 @@ worker: install
 	$(BIN)/research-service worker
 
 sandbox: install
-	$(BIN)/research-service sandbox
+	$(BIN)/research-service sandbox $(if $(SANDBOX_PORT),--port $(SANDBOX_PORT))
 
 up:  ## the stack in Docker (deploy/compose.yaml; copy deploy/.env.example to deploy/.env first)
 	docker compose -f deploy/compose.yaml up -d --build

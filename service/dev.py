@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 
 from service.config import Settings
 from service.db import keys
@@ -28,6 +29,10 @@ from service.db.migrate import migrate
 from service.devstack.state import data_dir, read_state, remove_state, write_state
 from service.devstack.supervise import Supervisor
 from service.logs import configure_logging
+
+
+DEFAULT_METRICS_PORT = next(
+    int(f.default) for f in msgspec.structs.fields(Settings) if f.name == "worker_metrics_port")
 
 
 class DevError(Exception):
@@ -158,7 +163,7 @@ def check_webhook_secret(env: dict[str, str], sandbox: Any) -> None:
 
 def _probe_ports(host: str, port: int, env: dict[str, str]) -> socket.socket:
     """Every port `dev` will listen on, checked before anything starts; the API's is kept."""
-    metrics = int(env.get("WORKER_METRICS_PORT") or Settings.worker_metrics_port)
+    metrics = int(env.get("WORKER_METRICS_PORT") or DEFAULT_METRICS_PORT)
     if metrics > 0:  # the worker binds every interface (prometheus_client's default)
         _bind("0.0.0.0", metrics, "the worker's metrics", "WORKER_METRICS_PORT", keep=False)
     sock = _bind(host, port, "the API", "PORT")

@@ -264,3 +264,32 @@ def test_a_dead_worker_is_restarted_and_dev_says_so(dev: Dev) -> None:
     os.kill(dev.state["worker_pid"], 0)  # raises unless the restarted worker is alive
     chat = dev.run("chat", stdin="After the restart?\nexit\n")
     assert '[completed · turn 1 · ' in chat.stdout, chat.stdout + chat.stderr
+
+
+def test_the_default_ports_are_probed_without_settings(monkeypatch) -> None:
+    # `make run` with no port given: the worker's metrics port is Settings' default (9102),
+    # which may be free or taken on this machine; either way the answer is a socket or one line.
+    from service.dev import DevError, _probe_ports
+
+    port = free_port()
+    try:
+        sock = _probe_ports("127.0.0.1", port, {})
+    except DevError as exc:
+        assert str(exc).startswith("port 9102 (the worker's metrics) is already in use"), exc
+    else:
+        assert sock.getsockname() == ("127.0.0.1", port)
+        sock.close()
+
+
+def test_a_wrong_secret_for_a_sandbox_elsewhere_is_reported(sandbox, capsys) -> None:
+    # PARALLEL_BASE_URL pointing at a sandbox started alone: its secret is read from /_sandbox.
+    from service.dev import check_webhook_secret
+
+    env = {"PUBLIC_BASE_URL": "http://127.0.0.1:1", "PARALLEL_BASE_URL": sandbox.url,
+           "PARALLEL_WEBHOOK_SECRET": "not-the-sandboxs"}
+    check_webhook_secret(env, None)
+    assert "WARNING: PARALLEL_WEBHOOK_SECRET is not the sandbox's" in capsys.readouterr().out
+    check_webhook_secret({**env, "PARALLEL_WEBHOOK_SECRET": sandbox.config.webhook_secret}, None)
+    assert "push mode: Parallel's webhooks come to" in capsys.readouterr().out
+    check_webhook_secret({**env, "PARALLEL_WEBHOOK_SECRET": ""}, None)
+    assert "but PARALLEL_WEBHOOK_SECRET is not" in capsys.readouterr().out

@@ -174,6 +174,9 @@ def _probe_ports(host: str, port: int, env: dict[str, str]) -> socket.socket:
 
 def run_dev(host: str = "127.0.0.1", port: int = 8000, sandbox_port: int | None = None,
             metrics_port: int | None = None) -> None:
+    # SIGTERM (also the one uvicorn re-raises once drained) exits through SystemExit, so the
+    # ExitStack stops the worker and the embedded servers rather than orphan them.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     folder = data_dir().resolve()
     folder.mkdir(parents=True, exist_ok=True)
     if running := read_state(folder):
@@ -228,9 +231,6 @@ def _serve(settings: Settings, sock: socket.socket, env: dict[str, str]) -> None
 
     from service.app import create_app
 
-    # uvicorn re-raises SIGTERM once drained; exiting through SystemExit instead lets the
-    # ExitStack stop the worker and the embedded servers rather than orphan them.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     os.environ.update({k: v for k, v in env.items() if k not in os.environ})
     config = uvicorn.Config(create_app(settings), log_config=None, access_log=False)
     uvicorn.Server(config).run(sockets=[sock])  # service.http.middleware logs each request

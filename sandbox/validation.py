@@ -40,6 +40,9 @@ def output_schema_kind(task_spec: dict[str, Any] | None) -> tuple[str, dict[str,
     """Return ("text" | "json" | "auto", json_schema or None) for a validated task_spec.
 
     No task_spec means text here (the brief's choice; Parallel documents auto as the default).
+    An object without `type` reads as Parallel's OpenAPI reads it: the first of JsonSchema
+    (needs `json_schema`), TextSchema (no required field) and AutoSchema that it fits, so `{}`
+    (the SDK's `TextSchemaParam()`) is a text schema and only `{"type": "auto"}` is auto.
     """
     if task_spec is None:
         return "text", None
@@ -50,7 +53,7 @@ def output_schema_kind(task_spec: dict[str, Any] | None) -> tuple[str, dict[str,
         return "auto", None
     kind = schema.get("type")
     if kind is None:
-        kind = "json" if "json_schema" in schema else "text" if "description" in schema else "auto"
+        kind = "json" if "json_schema" in schema else "text"
     return kind, schema.get("json_schema") if kind == "json" else None
 
 

@@ -1,6 +1,7 @@
 """`research-service chat`: the README's interactive research loop, through this service's HTTP API.
 
-Configured by RESEARCH_API_URL and RESEARCH_API_KEY (default: `research-service dev`'s key file).
+Configured by RESEARCH_API_URL and RESEARCH_API_KEY; by default it talks to the `research-service
+dev` (`make run`) running here, found through its state file and key file in `.data/`.
 """
 
 from __future__ import annotations
@@ -209,9 +210,19 @@ class Chat:
         print(f"[{status} · turn {turn.get('seq')} · {turn.get('id')}]", flush=True)
 
 
+def default_api_url() -> str:
+    """RESEARCH_API_URL, else the API of the `make run` running here (its state file)."""
+    if url := os.environ.get("RESEARCH_API_URL", "").strip():
+        return url
+    from service.devstack.state import read_state
+
+    running = (read_state() or {}).get("api_url")
+    return running if isinstance(running, str) else DEFAULT_API_URL
+
+
 def run_chat(conversation_id: str | None = None, api_url: str | None = None,
              api_key: str | None = None) -> int:
-    url = api_url or os.environ.get("RESEARCH_API_URL") or DEFAULT_API_URL
+    url = api_url or default_api_url()
     if not (key := api_key or default_api_key()):
         print("no API key: set RESEARCH_API_KEY, or start `make run` (it writes .data/dev-api-key)",
               file=sys.stderr)

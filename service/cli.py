@@ -16,10 +16,15 @@ from service.logs import configure_logging
 
 
 def _db_settings() -> str:
-    url = os.environ.get("DATABASE_URL")
-    if not url:
-        sys.exit("DATABASE_URL is not set.")
-    return url
+    """DATABASE_URL, else the database of the dev stack running here (`make run`)."""
+    if url := os.environ.get("DATABASE_URL"):
+        return url
+    from service.devstack.state import STATE_FILE, data_dir, read_state
+
+    if (state := read_state()) and isinstance(url := state.get("database_url"), str):
+        return url
+    sys.exit(f"DATABASE_URL is not set, and no `make run` (research-service dev) is running here "
+             f"({data_dir() / STATE_FILE} names none): start it, or set DATABASE_URL.")
 
 
 def cmd_migrate(_: argparse.Namespace) -> None:
@@ -134,15 +139,25 @@ def usd(text: str) -> Decimal:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> None:
-    from sandbox.server import serve
+    from sandbox.server import PortBusy, serve
 
-    serve(host=args.host, port=args.port)
+    try:
+        serve(host=args.host, port=args.port)
+    except PortBusy as exc:
+        sys.exit(f"[sandbox] error: {exc}")
 
 
 def cmd_dev(args: argparse.Namespace) -> None:
-    from service.dev import run_dev
+    from service.dev import DevError, run_dev
 
-    run_dev(host=args.host, port=args.port)
+    try:
+        run_dev(host=args.host, port=args.port, sandbox_port=args.sandbox_port,
+                metrics_port=args.metrics_port)
+    except DevError as exc:
+        sys.exit(f"[dev] error: {exc}")
+    except KeyboardInterrupt:  # Ctrl-C while starting: everything started is stopped already
+        print("[dev] stopped", file=sys.stderr)
+        sys.exit(130)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -183,13 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox.set_defaults(fn=cmd_sandbox)
     dev = sub.add_parser("dev", help="everything on one machine")
     dev.add_argument("--host", default="127.0.0.1")
-    dev.add_argument("--port", type=int, default=8000)
+    dev.add_argument("--port", type=int, default=8000, help="the API's port (`make run PORT=…`)")
+    dev.add_argument("--sandbox-port", type=int, default=None,
+                     help="the sandbox's port (default: SANDBOX_PORT, else 8700)")
+    dev.add_argument("--metrics-port", type=int, default=None,
+                     help="the worker's metrics port (default: WORKER_METRICS_PORT, else 9102; "
+                          "0: off)")
     dev.set_defaults(fn=cmd_dev)
     chat = sub.add_parser("chat", help="the interactive research loop, through this service")
     chat.add_argument("--conversation", default=None, metavar="ID",
                       help="resume this conversation (shows its earlier turns first)")
     chat.add_argument("--api-url", default=None,
-                      help="the API (default: RESEARCH_API_URL, else http://127.0.0.1:8000)")
+                      help="the API (default: RESEARCH_API_URL, else the running `make run`'s "
+                           "(.data/dev-stack.json), else http://127.0.0.1:8000)")
     chat.add_argument("--api-key", default=None,
                       help="default: RESEARCH_API_KEY, else the dev key in "
                            "$RESEARCH_DATA_DIR/dev-api-key (.data/ by default)")

@@ -74,6 +74,13 @@ PARALLEL_DURATION = Histogram(
     "research_parallel_request_duration_seconds", "Time of a call to Parallel's Task API.",
     ["endpoint"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+PARALLEL_WEBHOOK_REJECTED = Counter(
+    "research_parallel_webhook_rejected_total",
+    "Parallel webhooks (POST /v1/hooks/parallel) refused with 401, by reason: mismatch (wrong "
+    "signature: PARALLEL_WEBHOOK_SECRET is probably wrong), unconfigured (no secret set), "
+    "headers (webhook-id or webhook-timestamp missing), timestamp (older or newer than 300 s).",
+    ["reason"],
+)
 WEBHOOK_DELIVERIES = Counter(
     "research_webhook_deliveries_total", "Webhook delivery attempts to clients, by outcome.",
     ["outcome"],

@@ -190,3 +190,26 @@ def test_redis_start_ping_stop_and_reuse(tmp_path: pathlib.Path) -> None:
     assert not _port_open(_port_from(url2))
     print(f"redis: start {elapsed:.2f}s")
     assert elapsed < 10
+
+
+def test_supervisor_restarts_a_child_that_dies_until_stopped() -> None:
+    from service.devstack.supervise import Supervisor
+
+    said: list[str] = []
+    pids: list[int] = []
+    child = Supervisor("child", [sys.executable, "-c", "import time; time.sleep(60)"],
+                       dict(os.environ), said.append, on_start=pids.append)
+    child.start()
+    try:
+        os.kill(pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while len(pids) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(pids) == 2 and child.restarts == 1, said
+        assert said[0].startswith(f"child (pid {pids[0]}) was killed by SIGKILL after ")
+        assert said[1] == f"child restarted (pid {pids[1]})"
+    finally:
+        child.stop()
+    assert child.process is not None and child.process.poll() is not None
+    child._watcher.join(timeout=10)  # the watcher ends: a stopped child is not restarted
+    assert not child._watcher.is_alive() and len(pids) == 2

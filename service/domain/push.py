@@ -18,6 +18,7 @@ import structlog
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
+from service import metrics
 from service import queue as jobs
 from service.config import Settings
 from service.errors import BadRequest, Unauthorized, Unavailable
@@ -26,6 +27,9 @@ log = structlog.get_logger(__name__)
 
 # Older (or newer) timestamps are refused, so a captured delivery cannot be replayed later.
 TOLERANCE_S = 300
+# This many well-formed deliveries in a row whose signature does not match: the secret is
+# probably wrong (logged then, and again at 10, 100, 1000… in a row).
+WRONG_SECRET_STREAK = 3
 
 
 class InvalidSignature(Unauthorized):
@@ -33,6 +37,10 @@ class InvalidSignature(Unauthorized):
 
     type_ = "invalid-signature"
     title = "Invalid signature"
+
+    def __init__(self, detail: str | None = None, *, reason: str = "mismatch") -> None:
+        super().__init__(detail)
+        self.reason = reason  # the metric's label: mismatch, unconfigured, headers, timestamp
 
 
 class RunStatus(msgspec.Struct, kw_only=True):
@@ -58,14 +66,17 @@ def verify_parallel_webhook(
     """Accept the delivery or raise InvalidSignature. Any `v1,` entry of the header may match
     (Parallel sends several while it rotates its secret)."""
     if not secret:
-        raise InvalidSignature("Push mode is not configured: PARALLEL_WEBHOOK_SECRET is not set.")
+        raise InvalidSignature("Push mode is not configured: PARALLEL_WEBHOOK_SECRET is not set.",
+                               reason="unconfigured")
     webhook_id = headers.get("webhook-id", "")
     timestamp = headers.get("webhook-timestamp", "")
     if not webhook_id or not timestamp.isdigit():
-        raise InvalidSignature("webhook-id and webhook-timestamp headers are required.")
+        raise InvalidSignature("webhook-id and webhook-timestamp headers are required.",
+                               reason="headers")
     now = time.time() if now is None else now
     if abs(now - int(timestamp)) > TOLERANCE_S:
-        raise InvalidSignature(f"webhook-timestamp is more than {TOLERANCE_S} s away from now.")
+        raise InvalidSignature(f"webhook-timestamp is more than {TOLERANCE_S} s away from now.",
+                               reason="timestamp")
     expected = parallel_signature(secret, webhook_id, timestamp, body).encode()
     for entry in headers.get("webhook-signature", "").split():
         if entry.startswith("v1,") and hmac.compare_digest(entry.encode(), expected):
@@ -82,7 +93,12 @@ async def receive_parallel_webhook(
     so a duplicate delivery only costs one more check. Raises InvalidSignature, BadRequest,
     Unavailable (Redis is down: Parallel retries).
     """
-    verify_parallel_webhook(settings.parallel_webhook_secret, headers, body)
+    try:
+        verify_parallel_webhook(settings.parallel_webhook_secret, headers, body)
+    except InvalidSignature as exc:
+        _rejected(exc.reason)
+        raise
+    _refused_in_a_row.count = 0
     try:
         hook = msgspec.json.decode(body, type=ParallelWebhook)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -98,3 +114,27 @@ async def receive_parallel_webhook(
         raise Unavailable("Redis is not reachable; retry the webhook.") from exc
     log.info("parallel_webhook", run_id=hook.data.run_id, status=hook.data.status)
     return hook.data.run_id
+
+
+class _Streak:
+    count = 0  # well-formed deliveries refused in a row, in this process
+
+
+_refused_in_a_row = _Streak()
+
+
+def _rejected(reason: str) -> None:
+    """Count a refused delivery; a run of well-formed ones that fail the check means the secret
+    (or its absence) is wrong: every turn then waits for the safety-net poll instead."""
+    metrics.PARALLEL_WEBHOOK_REJECTED.labels(reason).inc()
+    if reason not in ("mismatch", "unconfigured"):
+        return
+    _refused_in_a_row.count += 1
+    streak = _refused_in_a_row.count
+    if streak == WRONG_SECRET_STREAK or (streak >= 10 and str(streak).strip("0") == "1"):
+        log.warning(
+            "parallel_webhook_secret_probably_wrong", rejected_in_a_row=streak, reason=reason,
+            hint="PARALLEL_WEBHOOK_SECRET is not the secret Parallel signs its webhooks with "
+                 "(for the sandbox: SANDBOX_WEBHOOK_SECRET); turns end only at the safety-net "
+                 "polls (PUSH_POLL_INITIAL_S) until it is fixed",
+        )

@@ -11,6 +11,7 @@ import httpx
 import parallel
 import pytest
 from parallel import AsyncParallel
+from parallel.types import TaskSpecParam, TextSchemaParam
 
 from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
@@ -234,6 +235,20 @@ async def test_auto_and_text_schemas(client: AsyncParallel) -> None:
         input="q", processor="lite", task_spec={"output_schema": "A short answer"}
     )
     assert (await client.task_run.result(bare.run_id, api_timeout=5)).output.type == "text"
+
+
+async def test_an_empty_output_schema_is_a_text_schema(client: AsyncParallel) -> None:
+    # Parallel's guide sends TextSchemaParam(), i.e. {}: its spec reads that as a TextSchema
+    # (JsonSchema needs json_schema; TextSchema requires nothing), so the answer is text.
+    for spec in (TaskSpecParam(output_schema=TextSchemaParam()),
+                 {"output_schema": {"description": "One sentence"}}):
+        run = await client.task_run.create(input="Who won?", processor="lite", task_spec=spec)
+        output = (await client.task_run.result(run.run_id, api_timeout=5)).output
+        assert output.type == "text", spec
+        assert output.content == 'Answer to "Who won?" (processor lite).'
+        assert [b.field for b in output.basis] == ["output"]
+        echoed = await client.get(f"/v1/tasks/runs/{run.run_id}/input", cast_to=object)
+        assert echoed["task_spec"] == spec  # type: ignore[index]  # what the SDK sent: {} first
 
 
 async def test_request_validation(client: AsyncParallel) -> None:

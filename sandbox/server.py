@@ -25,6 +25,7 @@ class SandboxServer:
         self, config: SandboxConfig | None = None, host: str = "127.0.0.1", port: int = 0
     ) -> None:
         self.config = config or SandboxConfig()
+        self.config.check_exposure(host)
         self.app: SandboxApp = create_app(self.config)
         self.host = host
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -97,8 +98,13 @@ class SandboxServer:
 
 
 def serve(host: str = "127.0.0.1", port: int = 8700, config: SandboxConfig | None = None) -> None:
-    """Serve the sandbox until interrupted (for `research-service sandbox --port N`)."""
-    app = create_app(config or SandboxConfig.from_env())
+    """Serve the sandbox until interrupted (for `research-service sandbox --port N`).
+
+    Raises ExposedWithoutToken for a non-loopback host without SANDBOX_CONTROL_TOKEN.
+    """
+    config = config or SandboxConfig.from_env()
+    config.check_exposure(host)
+    app = create_app(config)
     uvicorn.run(
         app, host=host, port=port, log_level="info", timeout_graceful_shutdown=2, backlog=4096
     )

@@ -134,9 +134,13 @@ def usd(text: str) -> Decimal:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> None:
+    from sandbox.config import ExposedWithoutToken
     from sandbox.server import serve
 
-    serve(host=args.host, port=args.port)
+    try:
+        serve(host=args.host, port=args.port)
+    except ExposedWithoutToken as exc:
+        raise SystemExit(f"research-service sandbox: {exc}") from None
 
 
 def cmd_dev(args: argparse.Namespace) -> None:

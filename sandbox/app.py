@@ -120,10 +120,10 @@ def _server_error(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
 class SandboxApp(Litestar):
     async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
         store: Store = self.state.store
-        if scope["type"] == "http" and scope["path"].startswith("/_sandbox"):
-            if (status := refusal(scope, store.config)) is not None:
-                await _send_error(send, status, {"www-authenticate": "Bearer"}, REFUSALS[status])
-                return
+        control = scope["type"] == "http" and scope["path"].startswith("/_sandbox")
+        if control and (status := refusal(scope, store.config)) is not None:
+            await _send_error(send, status, {"www-authenticate": "Bearer"}, REFUSALS[status])
+            return
         if scope["type"] != "http" or not scope["path"].startswith("/v1"):
             await super().__call__(scope, receive, send)
             return

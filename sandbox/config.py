@@ -83,7 +83,7 @@ class SandboxConfig(msgspec.Struct, kw_only=True):
         return cfg
 
     def public(self) -> dict[str, object]:
-        """The settings as /_sandbox/config shows them: secrets left out, only whether they are set."""
+        """The settings as /_sandbox/config shows them: secrets left out, only whether set."""
         shown = {k: v for k, v in msgspec.structs.asdict(self).items() if k not in SECRET_FIELDS}
         shown["api_key_required"] = self.api_key is not None
         shown["control_token_required"] = self.control_token is not None

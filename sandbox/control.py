@@ -21,7 +21,6 @@ from sandbox.faults import FaultConfig
 from sandbox.store import Store
 from sandbox.wire import ApiError, json_response
 
-
 OPEN_PATHS = frozenset({"/_sandbox/health"})
 REFUSALS = {
     401: "Unauthorized: /_sandbox/* needs Authorization: Bearer <SANDBOX_CONTROL_TOKEN>",

@@ -84,10 +84,10 @@ async def test_without_a_token_only_loopback_callers_get_in():
 
 def test_the_sandbox_refuses_to_listen_beyond_loopback_without_a_token():
     with pytest.raises(ExposedWithoutToken, match="SANDBOX_CONTROL_TOKEN"):
-        SandboxServer(SandboxConfig(), host="0.0.0.0")  # noqa: S104
+        SandboxServer(SandboxConfig(), host="0.0.0.0")
     for host in ("127.0.0.1", "::1", "localhost"):
         SandboxConfig().check_exposure(host)
-    with SandboxServer(config(), host="0.0.0.0") as server:  # noqa: S104
+    with SandboxServer(config(), host="0.0.0.0") as server:
         url = f"http://127.0.0.1:{server.port}"
         assert httpx.get(f"{url}/_sandbox/runs").status_code == 401
     env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOX_")}

@@ -2,7 +2,8 @@
 
 `SandboxApp.__call__` wraps every /v1 request before Litestar sees it: it logs the call, applies
 `response_delay_s`, checks `x-api-key`, and applies the configured fault. It sits outside
-Litestar's own middleware so a "drop" can close the connection without any response.
+Litestar's own middleware so a "drop" can close the connection without any response. It also
+keeps /_sandbox/* to holders of the control token (or to loopback callers: sandbox.control).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from litestar.response import Stream
 from litestar.types import Receive, Scope, Send
 
 from sandbox.config import SandboxConfig
-from sandbox.control import CONTROL_ROUTES
+from sandbox.control import CONTROL_ROUTES, REFUSALS, refusal
 from sandbox.events import stream_events
 from sandbox.faults import DROP, DROP_AFTER_CREATE
 from sandbox.store import Run, Store
@@ -118,10 +119,14 @@ def _server_error(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
 
 class SandboxApp(Litestar):
     async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
+        store: Store = self.state.store
+        control = scope["type"] == "http" and scope["path"].startswith("/_sandbox")
+        if control and (status := refusal(scope, store.config)) is not None:
+            await _send_error(send, status, {"www-authenticate": "Bearer"}, REFUSALS[status])
+            return
         if scope["type"] != "http" or not scope["path"].startswith("/v1"):
             await super().__call__(scope, receive, send)
             return
-        store: Store = self.state.store
         entry: dict[str, Any] = {
             "method": scope["method"],
             "path": scope["path"],
@@ -180,8 +185,10 @@ def _authorized(scope: Scope, api_key: str | None) -> bool:
     return False
 
 
-async def _send_error(send: Send, status: int, headers: dict[str, str] | None = None) -> None:
-    body = error_body(status)
+async def _send_error(
+    send: Send, status: int, headers: dict[str, str] | None = None, message: str | None = None
+) -> None:
+    body = error_body(status, message)
     raw_headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

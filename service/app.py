@@ -13,7 +13,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 from service import __version__
 from service.config import Settings
-from service.http.auth import ApiKeyMiddleware
+from service.http.auth import ApiKeyMiddleware, add_rate_limit_headers
 from service.http.conversations import ConversationController
 from service.http.deps import provide_resources
 from service.http.events import EventController
@@ -69,7 +69,7 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
         dependencies={"resources": Provide(provide_resources, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[request_id_middleware, access_middleware],
-        before_send=[add_request_id],
+        before_send=[add_request_id, add_rate_limit_headers],
         lifespan=[lifespan],
         openapi_config=OPENAPI,
         request_max_body_size=MAX_BODY_BYTES,

@@ -77,6 +77,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     push_poll_max_s: float = 600.0
     # The worker serves Prometheus metrics on this port (0: off); the API serves GET /metrics.
     worker_metrics_port: int = 9102
+    # --- Operational surfaces: /metrics and the worker's metrics server ---
+    # When set, GET /metrics needs `Authorization: Bearer <metrics_token>` (else 401).
+    metrics_token: str | None = None
+    # The gauges of shared state (open turns, queue depth) are measured in Postgres and Redis
+    # at most once per this many seconds, however often /metrics is scraped.
+    metrics_state_max_age_s: float = 5.0
+    # Where the worker's (unauthenticated) metrics server listens: loopback unless a
+    # deployment means it to be scraped from outside (deploy/k8s sets 0.0.0.0).
+    worker_metrics_host: str = "127.0.0.1"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: object) -> Settings:

@@ -29,7 +29,9 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     ctx["follower"].start()
     ctx["dispatcher"] = Dispatcher(resources)
     await ctx["dispatcher"].start()
-    ctx["metrics_server"] = metrics.start_worker_server(settings.worker_metrics_port)
+    ctx["metrics_server"] = metrics.start_worker_server(
+        settings.worker_metrics_port, settings.worker_metrics_host
+    )
 
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:

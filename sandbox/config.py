@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 
@@ -25,6 +26,11 @@ SECRET_FIELDS = ("api_key", "webhook_secret", "control_token")
 
 class ExposedWithoutToken(ValueError):
     """The sandbox would listen beyond loopback with an open control API."""
+
+
+def secret_fingerprint(secret: str) -> str:
+    """The SHA-256 of a secret, in hex: comparable, not reversible."""
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 class SandboxConfig(msgspec.Struct, kw_only=True):
@@ -87,6 +93,8 @@ class SandboxConfig(msgspec.Struct, kw_only=True):
         shown = {k: v for k, v in msgspec.structs.asdict(self).items() if k not in SECRET_FIELDS}
         shown["api_key_required"] = self.api_key is not None
         shown["control_token_required"] = self.control_token is not None
+        # Lets a client check the secret it holds (service/dev.py) without the secret being shown.
+        shown["webhook_secret_sha256"] = secret_fingerprint(self.webhook_secret)
         return shown
 
     def check_exposure(self, host: str) -> None:

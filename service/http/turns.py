@@ -73,10 +73,12 @@ class TurnController(Controller):
         turn_id: FromPath[str], wait: Wait = 0,
     ) -> Turn:
         tenant_id = tenant_of(request)
-        if wait > 0 and resources.hub is not None:
-            return await turns.wait_for_turn(
-                resources.pool, resources.hub, tenant_id, conversation_id, turn_id, wait
-            )
+        if wait > 0 and resources.streams is not None:
+            # A long-poll holds one of the tenant's stream slots while it waits.
+            async with resources.streams.long_poll(tenant_id) as feeds:
+                return await turns.wait_for_turn(
+                    resources.pool, feeds, tenant_id, conversation_id, turn_id, wait
+                )
         return await turns.get_turn(resources.pool, tenant_id, conversation_id, turn_id)
 
     @post("/{turn_id:str}/cancel", operation_id="CancelTurn", summary="Cancel a turn",

@@ -92,8 +92,9 @@ async def _sse(frames: AsyncIterator[streams.Frame]) -> AsyncIterator[bytes]:
 
 
 def encode_frame(frame: streams.Frame) -> bytes:
-    """One frame as an SSE block: its fields, then the blank line that ends the block. A comment
-    or a lone `retry:` carries no `data:` line, so clients dispatch nothing for it."""
+    """One frame in SSE syntax. Only a message ends with the blank line that dispatches it: a
+    comment or `retry:` line stands alone, since a blank line after it would make some clients
+    (httpx-sse, once it has seen an `id:`) dispatch an empty message."""
     lines: list[str] = []
     if frame.comment is not None:
         lines.append(f": {frame.comment}")
@@ -105,4 +106,5 @@ def encode_frame(frame: streams.Frame) -> bytes:
         lines.append(f"event: {frame.event}")
     if frame.data is not None:
         lines.extend(f"data: {line}" for line in frame.data.split("\n"))
-    return ("\n".join(lines) + "\n\n").encode()
+        lines.append("")
+    return ("\n".join(lines) + "\n").encode()

@@ -48,9 +48,12 @@ class EventController(Controller):
          summary="List a conversation's events; with Accept: text/event-stream, stream them",
          responses={**problem_responses(404), **ex.answer(
              200, EventPage, "A page of events after `after` (JSON). With `Accept: "
-             "text/event-stream` the answer is an SSE stream instead: one message per event "
-             "(`id:` its sequence, `event:` its type, `data:` the event), `turn.progress` "
-             "messages while a turn runs, and heartbeats; resume with `Last-Event-ID`",
+             "text/event-stream` the answer is an SSE stream instead: `retry:` once, one "
+             "message per event (`id:` its sequence, `event:` its type, `data:` the event), "
+             "`turn.progress` messages (no `id:`) while a turn runs, and heartbeat comment "
+             "lines. It ends when the key is revoked, the conversation deleted, or after "
+             "MAX_STREAM_S; resume with `Last-Event-ID`. Open streams plus `?wait=` long-polls "
+             "are limited per tenant (429 `/problems/too-many-streams`)",
              ex.example("page", "A turn's completion", {"data": [ex.EVENT], "next_cursor": None}))})
     async def list(
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str],

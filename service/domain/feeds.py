@@ -127,7 +127,10 @@ class Feeds:
                     feed.task.cancel()
 
     async def close(self) -> None:
+        """Stop every feed; their watchers end."""
         tasks = [f.task for f in self._feeds.values() if f.task is not None]
+        for feed in self._feeds.values():
+            feed.fail()
         self._feeds.clear()
         for task in tasks:
             task.cancel()

@@ -114,7 +114,9 @@ class Streams:
         self, key: str, conversation_id: str, after: int, slot: Slot
     ) -> AsyncIterator[Frame]:
         watch: Watch | None = None
-        deadline = time.monotonic() + self._settings.max_stream_s
+        heartbeat_s = self._settings.sse_heartbeat_s
+        key_checked_at = time.monotonic()  # authenticated as the request came in
+        deadline = key_checked_at + self._settings.max_stream_s
         try:
             yield Frame(retry_ms=RETRY_MS)
             with self._keys.watch(key) as key_changed:
@@ -145,16 +147,16 @@ class Streams:
                         if remaining <= 0:
                             return
                         sources = [tick, key_changed, *([watch.ready] if watch else [])]
-                        woke = await _wait_any(
-                            sources, min(self._settings.sse_heartbeat_s, remaining)
-                        )
-                        # On a change of the key, and at each heartbeat in case a change was
+                        woke = await _wait_any(sources, min(heartbeat_s, remaining))
+                        # On a change of the key, and every heartbeat in case a change was
                         # missed (the answer is cached: no query unless the key changed).
-                        if key_changed.is_set() or not woke:
+                        now = time.monotonic()
+                        if key_changed.is_set() or now - key_checked_at >= heartbeat_s:
                             key_changed.clear()
+                            key_checked_at = now
                             if not await self._keys.is_live(self._pool, key):
                                 return
-                        if not woke and time.monotonic() < deadline:
+                        if not woke and now < deadline:
                             yield HEARTBEAT
         except DB_UNAVAILABLE:
             return  # the client reconnects with Last-Event-ID

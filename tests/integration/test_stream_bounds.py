@@ -13,10 +13,12 @@ from collections.abc import AsyncIterator
 import httpx
 import msgspec
 import pytest
+from redis.asyncio import Redis
 
 from service.app import create_app
 from service.config import Settings
 from service.db.keys import create_key, revoke_key, split_key
+from service.devstack import free_port
 from service.domain.slots import Slots
 from service.errors import TooManyStreams
 from service.resources import Resources
@@ -211,3 +213,17 @@ async def test_a_dead_process_holds_its_slots_only_until_their_leases_end(resour
         await live.close()
         await dying.close()
         await resources.queue.delete(f"streams:{{{tenant}}}")
+
+
+async def test_while_redis_is_away_each_process_counts_its_own_slots():
+    away = Redis(port=free_port(), socket_connect_timeout=1)  # nothing listens there
+    slots = Slots(away)
+    try:
+        held = [await slots.take("ten_alone", 2) for _ in range(2)]
+        with pytest.raises(TooManyStreams):
+            await slots.take("ten_alone", 2)
+        held[0].release()
+        await slots.take("ten_alone", 2)  # a slot given back can be taken again
+    finally:
+        await slots.close()
+        await away.aclose()

@@ -10,6 +10,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 
+import asyncpg
 import httpx
 import msgspec
 import pytest
@@ -19,6 +20,7 @@ from service.app import create_app
 from service.config import Settings
 from service.db.keys import create_key, revoke_key, split_key
 from service.devstack import free_port
+from service.domain.keycache import KeyCache
 from service.domain.slots import Slots
 from service.errors import TooManyStreams
 from service.resources import Resources
@@ -227,3 +229,27 @@ async def test_while_redis_is_away_each_process_counts_its_own_slots():
     finally:
         await slots.close()
         await away.aclose()
+
+
+async def test_the_streams_of_one_key_ask_postgres_about_it_once(settings, api_key):
+    """300 streams of one key re-checking it at once (after a change, or without a listening
+    connection to trust the cache) make one lookup."""
+    lookups = []
+
+    async def log_lookups(conn: asyncpg.Connection) -> None:
+        conn.add_query_logger(lambda q: lookups.append(q) if "FROM api_key" in q.query else None)
+
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4,
+                                     init=log_lookups)
+    try:
+        keys = KeyCache(None)  # no LISTEN connection: nothing cached, every check asks
+        answers = await asyncio.gather(*(keys.is_live(pool, api_key) for _ in range(300)))
+        assert answers == [True] * 300
+        assert len(lookups) == 1
+        async with pool.acquire() as conn:
+            assert await revoke_key(conn, split_key(api_key))
+        keys.invalidate(split_key(api_key))
+        assert not any(await asyncio.gather(*(keys.is_live(pool, api_key) for _ in range(300))))
+        assert len(lookups) == 2
+    finally:
+        await pool.close()

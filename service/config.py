@@ -87,6 +87,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # deployment means it to be scraped from outside (deploy/k8s sets 0.0.0.0).
     worker_metrics_host: str = "127.0.0.1"
 
+    # Event streams (SSE) and long-polls (docs/design.md, Events): a heartbeat comment after this
+    # many idle seconds, the longest a stream stays open (the client resumes with Last-Event-ID),
+    # and how many SSE streams plus `?wait=` long-polls a tenant may hold open across all API
+    # processes (counted in Redis, service.domain.slots).
+    sse_heartbeat_s: float = 15.0
+    max_stream_s: float = 3600.0
+    max_open_streams_per_tenant: int = 200
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: object) -> Settings:
         """Build settings from upper-cased environment variables; raises msgspec.ValidationError."""

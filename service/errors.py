@@ -9,7 +9,8 @@ ServiceError
   ├── Conflict            409
   ├── TooManyRequests     429
   │     ├── RateLimited       the key's requests per minute (with Retry-After)
-  │     └── TooManyOpenTurns  queued plus running turns of a conversation or tenant
+  │     ├── TooManyOpenTurns  queued plus running turns of a conversation or tenant
+  │     └── TooManyStreams    open SSE streams plus ?wait= long-polls of a tenant
   ├── Unavailable         503
   └── UpstreamError              (Parallel; never reaches HTTP)
         ├── UpstreamUnavailable  transient: retry later
@@ -104,6 +105,12 @@ class TooManyOpenTurns(TooManyRequests):
     """Too many turns are queued or running; wait for some to finish."""
 
     type_ = "too-many-open-turns"
+
+
+class TooManyStreams(TooManyRequests):
+    """Too many event streams and long-polls are open; close one or retry later."""
+
+    type_ = "too-many-streams"
 
 
 class Unavailable(ServiceError):

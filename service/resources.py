@@ -11,9 +11,12 @@ from arq.connections import ArqRedis
 from service.clients.parallel import ParallelClient
 from service.config import Settings
 from service.db.pool import create_pool
+from service.domain.feeds import Feeds
 from service.domain.keycache import KeyCache
 from service.domain.progress import ProgressRelay
 from service.domain.ratelimits import RateLimiter
+from service.domain.slots import Slots
+from service.domain.streams import Streams
 from service.notify import EventHub
 from service.queue import create_queue
 
@@ -29,6 +32,8 @@ class Resources:
     relay: ProgressRelay | None = None
     # Verified API keys; trusted only with `hub` listening (without it, every lookup is a query).
     keys: KeyCache = field(default_factory=lambda: KeyCache(None))
+    # The API's event streams and long-polls: shared reads per conversation, slots per tenant.
+    streams: Streams | None = None
     # Per-key request rates, counted in Redis through leases (service.domain.ratelimits).
     limiter: RateLimiter = field(init=False)
 
@@ -55,12 +60,18 @@ class Resources:
             hub = EventHub(settings.database_url)
             relay = ProgressRelay(parallel)
         keys = KeyCache(hub)  # registers its channel on the hub before it starts listening
+        streams: Streams | None = None
         if hub is not None:
             await hub.start()
+            feeds = Feeds(pool, hub, refresh_s=settings.sse_heartbeat_s)
+            streams = Streams(settings, pool, keys, feeds, Slots(queue), relay)
         return cls(settings=settings, pool=pool, queue=queue, parallel=parallel, hub=hub,
-                   relay=relay, keys=keys)
+                   relay=relay, keys=keys, streams=streams)
 
     async def close(self) -> None:
+        if self.streams is not None:
+            await self.streams.feeds.close()
+            await self.streams.slots.close()
         if self.relay is not None:
             await self.relay.close()
         if self.hub is not None:

@@ -97,3 +97,11 @@ async def running_worker(settings: Settings) -> AsyncIterator[Any]:
                 raise  # this test is being cancelled, not only a job of the worker
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def until(condition: Any, timeout: float = 10.0) -> None:
+    """Wait until condition() holds (checked every 10 ms); fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        await asyncio.sleep(0.01)

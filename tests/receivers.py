@@ -81,32 +81,3 @@ class Receiver:
                 self.arrived.clear()
                 await self.arrived.wait()
         return self.requests
-
-
-@dataclass
-class SseMessage:
-    event: str | None = None
-    id: str | None = None
-    data: str = ""
-    comment: str | None = None
-
-
-async def sse_messages(lines: AsyncIterator[str]) -> AsyncIterator[SseMessage]:
-    """Parse an SSE stream (httpx `aiter_lines()`) into messages, comments included."""
-    message = SseMessage()
-    seen = False
-    async for line in lines:
-        if not line:
-            if seen:
-                yield message
-            message, seen = SseMessage(), False
-            continue
-        seen = True
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "":
-            message.comment = value
-        elif name == "data":
-            message.data = f"{message.data}\n{value}" if message.data else value
-        elif name in ("event", "id"):
-            setattr(message, name, value)

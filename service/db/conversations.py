@@ -141,7 +141,11 @@ async def rotate_webhook_secret(
     return await conn.fetchval(ROTATE_SECRET_SQL, conversation_id, tenant_id, secret, overlap_s) is not None
 
 
-DELETE_CONVERSATION_SQL = "DELETE FROM conversation WHERE id = $1 AND tenant_id = $2 RETURNING id"
+# The notification (on commit) ends the conversation's open event streams at once.
+DELETE_CONVERSATION_SQL = """
+DELETE FROM conversation WHERE id = $1 AND tenant_id = $2
+RETURNING id, pg_notify('research_events', id)
+"""
 
 
 async def delete_conversation(conn: asyncpg.Connection, tenant_id: str, conversation_id: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import secrets
 import time
@@ -19,11 +20,11 @@ from service.db import conversations as conversation_db
 from service.db import events as event_db
 from service.db import turns as db
 from service.domain.cursors import decode_cursor, encode_cursor
+from service.domain.feeds import Feeds, terminal_event_of
 from service.domain.usage import check_quotas, estimate_cost
 from service.domain.validation import check_turn_request
 from service.errors import Conflict, InvalidInput, NotFound
 from service.models import TERMINAL_STATUSES, Turn
-from service.notify import EventHub
 from service.schemas import TurnCreate, TurnPage
 
 log = structlog.get_logger(__name__)
@@ -125,22 +126,38 @@ async def get_turn(pool: asyncpg.Pool, tenant_id: str, conversation_id: str, tur
 
 
 async def wait_for_turn(
-    pool: asyncpg.Pool, hub: EventHub, tenant_id: str, conversation_id: str, turn_id: str,
+    pool: asyncpg.Pool, feeds: Feeds, tenant_id: str, conversation_id: str, turn_id: str,
     wait_s: float,
 ) -> Turn:
-    """The turn as soon as it is terminal, or as it is when wait_s runs out."""
+    """The turn as soon as it is terminal, or as it is when wait_s runs out.
+
+    Waits on the conversation's shared feed (service.domain.feeds): the event that ends the
+    turn carries it, so a long-poll reads the turn itself only when it starts and, if the turn
+    is still open then, when wait_s runs out.
+    """
     deadline = time.monotonic() + wait_s
-    while True:
-        with hub.subscribe(conversation_id) as changed:
-            turn = await get_turn(pool, tenant_id, conversation_id, turn_id)
+    async with feeds.join(conversation_id) as feed:
+        seen = feed.last
+        turn = await get_turn(pool, tenant_id, conversation_id, turn_id)
+        while turn.status not in TERMINAL_STATUSES and not feed.ended:
+            tick = feed.tick
+            events = feed.after(seen)
+            if events is None:  # more events than the feed keeps came at once: read the turn
+                seen = feed.last
+                turn = await get_turn(pool, tenant_id, conversation_id, turn_id)
+                continue
+            ended = terminal_event_of(events, turn_id)
+            if ended is not None:
+                return ended.data
+            seen = feed.last
             remaining = deadline - time.monotonic()
-            if turn.status in TERMINAL_STATUSES or remaining <= 0:
-                return turn
-            try:
-                # Re-read at least every 5 s in case a notification was lost.
-                await asyncio.wait_for(changed.wait(), timeout=min(remaining, 5.0))
-            except TimeoutError:
-                pass
+            if remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(tick.wait(), remaining)
+        if turn.status in TERMINAL_STATUSES:
+            return turn
+    return await get_turn(pool, tenant_id, conversation_id, turn_id)
 
 
 async def list_turns(

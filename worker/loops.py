@@ -13,6 +13,8 @@ from service.db.pool import DB_UNAVAILABLE
 
 log = structlog.get_logger(__name__)
 
+DB_RETRY_MAX_S = 2.0
+
 
 class DueLoop:
     name = "loop"
@@ -64,7 +66,9 @@ class DueLoop:
                     await self._sleep(await self._until_next_due())
             except DB_UNAVAILABLE as exc:
                 failures += 1
-                delay = min(30.0, 0.5 * 2**failures)
+                # A short cap, so work resumes within DB_RETRY_MAX_S of Postgres answering again
+                # (a failed tick costs one refused connection or one timed-out statement).
+                delay = min(DB_RETRY_MAX_S, 0.25 * 2**failures)
                 log.warning(f"{self.name}_db_unavailable", error=repr(exc), retry_in=delay)
                 await self._sleep(delay)
             except Exception:

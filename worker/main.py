@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import structlog
 from arq import cron
 from arq.connections import RedisSettings
-from arq.worker import Worker, func
+from arq.worker import func
 
 from service import metrics, queue
 from service.config import Settings
@@ -16,11 +17,14 @@ from worker import jobs
 from worker.dispatcher import Dispatcher
 from worker.follower import Follower
 from worker.limits import CreationLimiter
+from worker.supervised import REDIS_DOWN, SupervisedWorker
+
+log = structlog.get_logger(__name__)
 
 
 async def on_startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
-    resources = await Resources.open(settings)
+    resources = await _open_resources(settings)
     ctx["resources"] = resources
     ctx["creation_limiter"] = CreationLimiter(
         resources.queue, settings.creations_per_min, prefix=settings.queue_name
@@ -30,6 +34,17 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     ctx["dispatcher"] = Dispatcher(resources)
     await ctx["dispatcher"].start()
     ctx["metrics_server"] = metrics.start_worker_server(settings.worker_metrics_port)
+
+
+async def _open_resources(settings: Settings) -> Resources:
+    """The worker's resources, waiting while Redis (or Postgres, refusing connections) is away
+    at start, rather than exiting into a restart loop."""
+    while True:
+        try:
+            return await Resources.open(settings, role="worker")
+        except REDIS_DOWN as exc:
+            log.warning("startup_waiting", error=repr(exc), retry_in=settings.redis_retry_s)
+            await asyncio.sleep(settings.redis_retry_s)
 
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:
@@ -49,7 +64,9 @@ def reconcile_seconds(interval_s: int) -> set[int]:
     return set(range(0, 60, step))
 
 
-def build_worker(settings: Settings, *, handle_signals: bool = True, **overrides: Any) -> Worker:
+def build_worker(
+    settings: Settings, *, handle_signals: bool = True, **overrides: Any
+) -> SupervisedWorker:
     """The worker for these settings; tests pass handle_signals=False and run it in-process."""
     options: dict[str, Any] = {
         "functions": [
@@ -81,9 +98,10 @@ def build_worker(settings: Settings, *, handle_signals: bool = True, **overrides
         "job_timeout": settings.job_timeout_s,
         "keep_result": 0,
         "health_check_interval": 30,
+        "redis_retry_s": settings.redis_retry_s,
     }
     options.update(overrides)
-    return Worker(**options)
+    return SupervisedWorker(**options)
 
 
 def run(settings: Settings) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import structlog
@@ -24,6 +25,9 @@ class DueLoop:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        # Called once when a tick succeeds after Postgres was away (the worker releases the jobs
+        # it deferred meanwhile: worker.recovery).
+        self.on_recovered: Callable[[], Awaitable[None]] | None = None
 
     async def tick(self) -> bool:
         """Claim and handle due work; True when there may be more right away."""
@@ -61,6 +65,9 @@ class DueLoop:
             self._wake.clear()
             try:
                 more = await self.tick()
+                if failures:
+                    log.info(f"{self.name}_db_back", failed_ticks=failures)
+                    await self._recovered()
                 failures = 0
                 if not more:
                     await self._sleep(await self._until_next_due())
@@ -75,6 +82,14 @@ class DueLoop:
                 log.exception(f"{self.name}_error")
                 await self._sleep(self._idle_s)
         await self.drain()
+
+    async def _recovered(self) -> None:
+        if self.on_recovered is None:
+            return
+        try:
+            await self.on_recovered()
+        except Exception:
+            log.exception(f"{self.name}_recovery_failed")
 
     async def drain(self) -> None:
         """Wait for work still in hand once the loop stops (nothing by default)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 import structlog
@@ -17,6 +18,7 @@ from worker import jobs
 from worker.dispatcher import Dispatcher
 from worker.follower import Follower
 from worker.limits import CreationLimiter
+from worker.recovery import DbDeferredJobs
 from worker.supervised import REDIS_DOWN, SupervisedWorker
 
 log = structlog.get_logger(__name__)
@@ -32,6 +34,9 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     ctx["follower"] = Follower(resources)
     ctx["follower"].start()
     ctx["dispatcher"] = Dispatcher(resources)
+    # Whichever loop sees Postgres back first releases the jobs its outage deferred.
+    ctx["follower"].on_recovered = ctx["dispatcher"].on_recovered = functools.partial(
+        ctx["db_deferred"].release, resources.queue, settings.queue_name)
     await ctx["dispatcher"].start()
     ctx["metrics_server"] = metrics.start_worker_server(settings.worker_metrics_port)
 
@@ -68,13 +73,15 @@ def build_worker(
     settings: Settings, *, handle_signals: bool = True, **overrides: Any
 ) -> SupervisedWorker:
     """The worker for these settings; tests pass handle_signals=False and run it in-process."""
+    deferred = DbDeferredJobs()
     options: dict[str, Any] = {
         "functions": [
             # The attempt's lease, not arq's timeout, must be what ends a start attempt: arq
             # cancelling a create mid-flight would leave a run nobody recorded.
-            func(jobs.start_turn, name=queue.START_TURN, keep_result=0, max_tries=1000,
-                 timeout=settings.start_lease_s + 10),
-            func(jobs.check_turn, name=queue.CHECK_TURN, keep_result=0, max_tries=100),
+            func(deferred.track(jobs.start_turn), name=queue.START_TURN, keep_result=0,
+                 max_tries=1000, timeout=settings.start_lease_s + 10),
+            func(deferred.track(jobs.check_turn), name=queue.CHECK_TURN, keep_result=0,
+                 max_tries=100),
         ],
         "cron_jobs": [
             cron(jobs.reconcile, name=f"{queue.RECONCILE}:{settings.queue_name}", second=reconcile_seconds(
@@ -86,7 +93,7 @@ def build_worker(
         "queue_name": settings.queue_name,
         "job_serializer": queue.serialize,
         "job_deserializer": queue.deserialize,
-        "ctx": {"settings": settings},
+        "ctx": {"settings": settings, "db_deferred": deferred},
         "handle_signals": handle_signals,
         # SIGTERM: stop taking jobs, let running ones finish for this long, then cancel them.
         "job_completion_wait": settings.shutdown_grace_s,

@@ -19,7 +19,8 @@ from service.devstack import free_port
 from service.domain.turns import create_turn
 from service.schemas import TurnCreate
 from tests.helpers import create_conversation, post_turn, wait_turn
-from tests.integration.test_outages import api_client, own_redis
+from service.queue import START_TURN, enqueue_start_turn
+from tests.integration.test_outages import api_client, own_postgres, own_redis
 from tests.processes import ApiProcess, WorkerProcess
 
 pytestmark = pytest.mark.slow
@@ -93,6 +94,40 @@ async def test_worker_outlives_a_redis_outage_and_starts_waiting_turns_within_se
 
 async def _started(database_url: str, turn_id: str) -> bool:
     return await turn_status(database_url, turn_id) in ("running", "completed")
+
+
+async def test_a_start_deferred_by_a_postgres_outage_runs_within_seconds_of_its_return(
+    settings, sandbox
+):
+    async with own_postgres() as postgres:
+        settings = msgspec.structs.replace(settings, database_url=postgres.url)
+        async with api_client(settings) as (api, resources):
+            conversation = await create_conversation(api)
+            tenant_id = await resources.pool.fetchval(
+                "SELECT tenant_id FROM conversation WHERE id = $1", conversation["id"])
+            turn = await create_turn(resources.pool, None, settings, tenant_id, conversation["id"],
+                                     TurnCreate(input="started once Postgres is back"), None)
+            redis = resources.queue
+            job_id = f"{START_TURN}:{turn.id}"
+            with WorkerProcess(settings) as worker:
+                await eventually(lambda: redis.exists(f"{settings.queue_name}:health-check"),
+                                 30, "the worker is up")
+                postgres.stop()
+                await enqueue_start_turn(redis, settings.queue_name, turn.id)
+
+                async def deferred_long() -> bool:
+                    # The 4th try failed: arq now defers the job 8 s (1, 2, 4, 8 s, ...).
+                    tries = int(await redis.get(f"arq:retry:{job_id}") or 0)
+                    score = await redis.zscore(settings.queue_name, job_id)
+                    return tries >= 4 and score is not None and score > time.time() * 1000 + 4000
+
+                await eventually(deferred_long, 40, "the start job backs off")
+                postgres.start()
+                back = time.monotonic()
+                await eventually(lambda: _started(postgres.url, turn.id), 30, "the turn starts")
+                took = time.monotonic() - back
+                print(f"the deferred start ran {took:.2f} s after Postgres returned")
+                assert took <= RESUME_BOUND_S, (took, worker.output()[-2000:])
 
 
 FREEZE_MARKER = "[freeze-here]"

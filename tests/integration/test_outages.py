@@ -23,13 +23,14 @@ from service.app import create_app
 from service.config import Settings
 from service.db.keys import create_key
 from service.db.migrate import migrate
+from service.db.pool import create_pool
 from service.devstack import (
     EmbeddedPostgres,
     EmbeddedRedis,
     embedded_postgres_unavailable_reason,
     free_port,
 )
-from service.resources import Resources
+from service.resources import Resources, db_deadlines
 from tests.helpers import create_conversation
 
 pytestmark = [
@@ -268,3 +269,23 @@ async def test_slow_postgres_answers_every_post_within_seconds(settings):
     assert statuses <= {202, 503}, statuses
     assert 202 in statuses
     assert slowest < settings.db_acquire_timeout_s + settings.db_statement_timeout_s, slowest
+
+
+@pytest.mark.parametrize("role", ["api", "worker"])
+async def test_every_pool_session_carries_its_roles_deadlines(settings, role):
+    deadlines = db_deadlines(settings, role)
+    pool = await create_pool(settings.database_url, min_size=1, max_size=2, deadlines=deadlines)
+    try:
+        async with pool.acquire() as conn:
+            shown = {name: await conn.fetchval(f"SELECT current_setting('{name}')")
+                     for name in ("statement_timeout", "lock_timeout",
+                                  "idle_in_transaction_session_timeout", "tcp_keepalives_idle",
+                                  "application_name")}
+        # Every acquire (and so every pool.fetch*) waits at most the role's deadline.
+        assert pool.acquire().timeout == deadlines.acquire_timeout_s
+    finally:
+        await pool.close()
+    expected = {"api": ("5s", "2s"), "worker": ("30s", "5s")}[role]
+    assert shown == {"statement_timeout": expected[0], "lock_timeout": expected[1],
+                     "idle_in_transaction_session_timeout": "15s",
+                     "tcp_keepalives_idle": "30", "application_name": f"research-service-{role}"}

@@ -202,6 +202,7 @@ async def test_an_api_frozen_inside_a_turn_transaction_costs_only_its_conversati
                 api.headers.update(headers)
                 baseline_clients = loads[:LOAD_CONVERSATIONS]
                 freeze_clients = loads[LOAD_CONVERSATIONS:]
+                await post_load(api, baseline_clients, 2.0)  # warm up: connections, caches
                 baseline = await post_load(api, baseline_clients, 6.0)
 
                 stuck = asyncio.create_task(frozen_client.post(

@@ -55,7 +55,7 @@ class SupervisedWorker(Worker):
         await super().main()
 
     async def _connect(self) -> ArqRedis:
-        """arq's pool, waiting for Redis as long as it takes (a worker may start during an outage)."""
+        """arq's pool, waiting for Redis as long as it takes (a worker may start in an outage)."""
         while True:
             try:
                 return await create_pool(

@@ -80,7 +80,7 @@ async def _keep_session(_conn: asyncpg.Connection) -> None:
 async def create_pool(
     dsn: str, *, min_size: int = 2, max_size: int = 10, deadlines: DbDeadlines | None = None
 ) -> asyncpg.Pool:
-    """Open a pool whose connections speak jsonb as Python values, with `deadlines` on every wait."""
+    """Open a pool whose connections speak jsonb as Python values, `deadlines` on every wait."""
     deadlines = deadlines or DbDeadlines()
     pool = DeadlinePool(
         dsn, min_size=min_size, max_size=max_size, max_queries=50_000,

@@ -29,7 +29,9 @@ pytestmark = pytest.mark.slow
 RESUME_BOUND_S = 5.0
 
 
-async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float, what: str) -> None:
+async def eventually(
+    check: Callable[[], Awaitable[bool] | bool], timeout: float, what: str
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         result = check()
@@ -181,7 +183,8 @@ async def test_an_api_frozen_inside_a_turn_transaction_costs_only_its_conversati
         # The frozen conversation's tenant, and one tenant per load client: a turn's creation
         # locks its tenant's row for the open-turn and budget limits (see the README), so a
         # process frozen there holds up its own tenant's new turns, not other tenants'.
-        keys = [(await create_key(conn, f"tenant-{n}"))[1] for n in range(1 + 2 * LOAD_CONVERSATIONS)]
+        keys = [(await create_key(conn, f"tenant-{n}"))[1]
+                for n in range(1 + 2 * LOAD_CONVERSATIONS)]
     finally:
         await conn.close()
     frozen_api = ApiProcess(settings, free_port()).start()
@@ -250,7 +253,7 @@ async def _sleeping_in_insert(database_url: str) -> bool:
 
 
 async def _first_accepted(api: httpx.AsyncClient, conversation_id: str, since: float) -> float:
-    """POST to the frozen conversation until it is accepted (503 meanwhile); seconds after `since`."""
+    """POST to the frozen conversation until accepted (503 meanwhile); seconds after `since`."""
     while True:
         response = await api.post(f"/v1/conversations/{conversation_id}/turns",
                                   json={"input": "after the freeze"})

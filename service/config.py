@@ -95,6 +95,27 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_stream_s: float = 3600.0
     max_open_streams_per_tenant: int = 200
 
+    # Outages and deadlines (README, "Configuration"; docs/operations.md, "Outages"): every wait
+    # on Postgres ends. The API's are short (a request answers 503 within a few seconds); the
+    # worker's are longer (batches, no client waiting). Per role: waiting for a pool connection,
+    # one statement (server-side statement_timeout), one lock (lock_timeout).
+    db_acquire_timeout_s: float = 2.0
+    db_statement_timeout_s: float = 5.0
+    db_lock_timeout_s: float = 2.0
+    worker_db_acquire_timeout_s: float = 10.0
+    worker_db_statement_timeout_s: float = 30.0
+    worker_db_lock_timeout_s: float = 5.0
+    # Postgres ends a session idle inside a transaction this long (a process frozen mid-
+    # transaction), releasing its locks; no transaction here waits on anything but SQL.
+    db_idle_in_transaction_timeout_s: float = 15.0
+    # Server-side TCP keepalives on every pool connection: first probe after this idle time.
+    db_tcp_keepalives_idle_s: int = 30
+    # One follower check (Parallel calls and the SQL recording them) ends after this, so a slow
+    # check cannot hold the follower's tick; its claim's lease makes the turn due again.
+    follower_check_timeout_s: float = 20.0
+    # While Redis is away the worker probes it this often, and wakes its loops when it answers.
+    redis_retry_s: float = 1.0
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: object) -> Settings:
         """Build settings from upper-cased environment variables; raises msgspec.ValidationError."""

@@ -108,6 +108,15 @@ CREATE_IN_DOUBT = Counter(
     ["reason"],
 )
 
+RATE_LIMIT_FAIL_OPEN = Counter(
+    "research_rate_limit_fail_open_total",
+    "Requests let through without a rate-limit count because Redis did not answer.",
+)
+REDIS_OUTAGES = Counter(
+    "research_redis_outages_total",
+    "Times this worker lost Redis (it keeps running, probes it, and resumes when it answers).",
+)
+
 
 def turn_transition(turn: Turn) -> None:
     """Count a turn entering its current status (call after the change committed)."""
@@ -126,6 +135,14 @@ def record_webhook_delivery(outcome: str, seconds: float | None = None) -> None:
 
 def create_in_doubt(reason: str) -> None:
     CREATE_IN_DOUBT.labels(reason).inc()
+
+
+def rate_limit_fail_open() -> None:
+    RATE_LIMIT_FAIL_OPEN.inc()
+
+
+def redis_outage() -> None:
+    REDIS_OUTAGES.inc()
 
 
 def reconciler_repairs(kind: str, count: int) -> None:

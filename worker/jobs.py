@@ -101,14 +101,16 @@ async def check_turn(ctx: dict[str, Any], run_id: str, status: str | None = None
     return str(claimed["id"])
 
 
-async def reconcile(ctx: dict[str, Any]) -> int:
+async def reconcile(ctx: dict[str, Any], min_age_s: float = 5.0) -> int:
     """Re-enqueue turns waiting for a worker whose job Redis lost (the follower's schedule is in
-    Postgres already). Safe to run anywhere, any time: job ids dedupe."""
+    Postgres already). Safe to run anywhere, any time: job ids dedupe. The cron leaves turns
+    younger than `min_age_s` to the API's own enqueue; the worker passes 0 when Redis comes back
+    (every enqueue of the outage failed)."""
     res: Resources = ctx["resources"]
     settings = res.settings
     try:
         turn_ids = await turn_db.startable_turns(
-            res.pool, settings.start_lease_s, min_age_s=5.0, limit=RECONCILE_BATCH
+            res.pool, settings.start_lease_s, min_age_s=min_age_s, limit=RECONCILE_BATCH
         )
     except DB_UNAVAILABLE as exc:
         log.warning("reconcile_db_unavailable", error=repr(exc))

@@ -20,6 +20,7 @@ count the room that frees up as the previous minute's count fades.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from typing import NamedTuple
@@ -28,6 +29,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from service import metrics
 from service.errors import RateLimited
 
 log = structlog.get_logger(__name__)
@@ -56,6 +58,14 @@ LEASE_MAX = 100
 # Leases stay under this share of the limit (and are 1 request below 2 / LEASE_SHARE).
 LEASE_SHARE = 0.01
 MAX_KEYS = 10_000
+# Redis gets this long to count a request; after a failure the limiter lets requests through
+# uncounted (fail open) for FAIL_OPEN_S before it asks Redis again, so an outage adds no latency.
+REDIS_TIMEOUT_S = 0.5
+FAIL_OPEN_S = 1.0
+
+
+class LimiterUnavailable(Exception):
+    """Redis did not answer the count."""
 
 
 class Quota(NamedTuple):
@@ -103,7 +113,7 @@ async def check_rate(
     (at least 1) and the room left. Raises RateLimited when the key has no room left in the
     last 60 s.
 
-    If Redis cannot answer, the request is let through: a rate limit is not worth an outage.
+    Raises LimiterUnavailable when Redis does not answer within REDIS_TIMEOUT_S.
     """
     if limit <= 0:
         return Grant(want, None)
@@ -113,12 +123,12 @@ async def check_rate(
     # The {hash tag} keeps both counters of a key on one Redis Cluster slot.
     keys = [f"ratelimit:{{{key_id}}}:{int(window)}", f"ratelimit:{{{key_id}}}:{int(window) - 1}"]
     try:
-        granted, current, previous = await redis.eval(  # type: ignore[misc]
-            SLIDING_WINDOW_LUA, 2, *keys, limit, repr(elapsed), WINDOW_S, want
-        )
+        async with asyncio.timeout(REDIS_TIMEOUT_S):
+            granted, current, previous = await redis.eval(  # type: ignore[misc]
+                SLIDING_WINDOW_LUA, 2, *keys, limit, repr(elapsed), WINDOW_S, want
+            )
     except (RedisError, OSError, TimeoutError) as exc:
-        log.warning("rate_limit_unavailable", key_id=key_id, error=repr(exc))
-        return Grant(1, None)
+        raise LimiterUnavailable(repr(exc)) from exc
     if not granted:
         raise RateLimited(
             f"This API key is limited to {limit} requests per minute.",
@@ -134,6 +144,8 @@ class RateLimiter:
         self._redis = redis
         # key id -> (minute, limit, requests of the lease left, room Redis last reported)
         self._leases: dict[str, tuple[int, int, int, int]] = {}
+        # While Redis is away (monotonic time until which requests pass uncounted).
+        self._open_until = 0.0
 
     def _spend(self, key_id: str, minute: int, limit: int) -> int | None:
         """Spend one request of the key's lease; return what the key has left, or None."""
@@ -153,7 +165,19 @@ class RateLimiter:
         reset_s = seconds_to_minute_end(now)
         if (remaining := self._spend(key_id, minute, limit)) is not None:
             return Quota(limit, remaining, reset_s)
-        granted, room = await check_rate(self._redis, key_id, limit, now, want=lease_size(limit))
+        if time.monotonic() < self._open_until:
+            metrics.rate_limit_fail_open()
+            return None
+        try:
+            granted, room = await check_rate(
+                self._redis, key_id, limit, now, want=lease_size(limit)
+            )
+        except LimiterUnavailable as exc:
+            # Fail open: a rate limit is not worth an outage (README, "Guarantees").
+            self._open_until = time.monotonic() + FAIL_OPEN_S
+            log.warning("rate_limit_fail_open", key_id=key_id, error=str(exc), for_s=FAIL_OPEN_S)
+            metrics.rate_limit_fail_open()
+            return None
         if room is None:
             return None
         left = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import asyncpg
 import structlog
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
@@ -135,6 +136,10 @@ def handle_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Resp
 
 def handle_unavailable(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     log.warning("backend_unavailable", error=repr(exc))
+    if isinstance(exc, asyncpg.LockNotAvailableError):
+        # lock_timeout: another session (maybe a frozen process) holds what this request needs.
+        return handle_service_error(_, Unavailable(
+            "Another request holds this resource; retry shortly."))
     return handle_service_error(_, Unavailable())
 
 

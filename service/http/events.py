@@ -17,8 +17,10 @@ from service.db import conversations as conversation_db
 from service.db import events as event_db
 from service.db import turns as turn_db
 from service.db.pool import DB_UNAVAILABLE
+from service.domain.cursors import parse_sequence
 from service.domain.progress import ProgressRelay, Watch
-from service.errors import BadRequest, NotFound
+from service.domain.validation import INT8_MAX
+from service.errors import NotFound
 from service.http import examples as ex
 from service.http.deps import Limit, tenant_of
 from service.http.problems import problem_responses
@@ -29,7 +31,8 @@ from service.schemas import EventPage
 HEARTBEAT_S = 15.0
 PAGE = 100
 After = Annotated[
-    int | None, QueryParameter(ge=0, description="Return events with a higher sequence than this")
+    int | None,
+    QueryParameter(ge=0, le=INT8_MAX, description="Return events with a higher sequence than this"),
 ]
 LastEventId = Annotated[
     str | None, HeaderParameter(name="Last-Event-ID", description="SSE resume point (a sequence)")
@@ -73,15 +76,8 @@ def _start_sequence(after: int | None, cursor: str | None, last_event_id: str | 
     # Last-Event-ID first: an EventSource reconnects to the same URL (with its ?after=) and
     # adds the header, which must win or the stream would replay from `after` again.
     for value in (last_event_id, after, cursor):
-        if value is None:
-            continue
-        try:
-            number = int(value)
-        except ValueError:
-            raise BadRequest("The cursor is not valid: pass back a `next_cursor` unchanged.") from None
-        if number < 0:
-            raise BadRequest("Sequences start at 1.")
-        return number
+        if value is not None:
+            return parse_sequence(value)
     return 0
 
 

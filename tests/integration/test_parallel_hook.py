@@ -94,14 +94,15 @@ async def test_an_unsigned_request_does_not_use_up_a_genuine_webhook_id(hook, re
     assert await queued_checks(resources) == ["check_turn:trun_genuine"]
 
 
-@pytest.mark.parametrize("ts", ["²", "١٧٥١٤٩٨٩٧٥", "+1751498975", " 1751498975", "1e9",
-                                "9" * 40, ""])
-async def test_a_timestamp_that_is_not_ascii_digits_is_401(hook, resources, ts):
+@pytest.mark.parametrize("ts", [
+    "²".encode("latin-1"),  # as a client sends it in latin-1: str.isdigit() says yes, int() no
+    "²".encode(), "١٧٥١٤٩٨٩٧٥".encode(), b"+1751498975", b" 1751498975", b"1e9", b"9" * 40, b"",
+])
+async def test_a_timestamp_that_is_not_ascii_digits_is_a_4xx(hook, resources, ts):
     body = status_body("trun_ts")
     headers = {**signed(body, "whevent_ts"), "webhook-timestamp": ts}
-    response = await hook.post("/v1/hooks/parallel", content=body,
-                               headers={k: v.encode() for k, v in headers.items()})
-    assert response.status_code == 401, response.text
+    response = await hook.post("/v1/hooks/parallel", content=body, headers=headers)
+    assert response.status_code in (400, 401), response.text
     assert response.headers["content-type"].startswith("application/problem+json")
     assert await queued_checks(resources) == []
 

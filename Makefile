@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-fast openapi bench lock migrate worker api sandbox up down clean
+.PHONY: install run test test-fast fuzz openapi bench lock migrate worker api sandbox up down clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+fuzz: install  ## the schema fuzz test at length: FUZZ_CASES (5000) cases, a random seed unless FUZZ_SEED
+	FUZZ_CASES=$${FUZZ_CASES:-5000} FUZZ_SEED=$${FUZZ_SEED:-random} \
+	  $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/integration/test_fuzz.py -k fuzz_finds
 
 openapi: install
 	$(BIN)/python -m service.openapi

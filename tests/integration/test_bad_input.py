@@ -115,7 +115,7 @@ async def test_bad_page_size_is_refused(api, params):
     assert_problem(response, response.status_code)
 
 
-@pytest.mark.parametrize("wait", ["-1", "61", "soon"])
+@pytest.mark.parametrize("wait", ["-1", "61", "soon", "nan", "inf", "-inf", "1e400", "%00"])
 async def test_bad_wait_is_refused(api, wait):
     conversation = await create_conversation(api)
     turn = await post_turn(api, conversation["id"], "q")

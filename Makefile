@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run chat keys test test-fast openapi bench lock migrate worker api sandbox up down clean
+.PHONY: install run chat keys test test-fast fuzz openapi bench lock migrate worker api sandbox up down clean
 
 # The first install takes a minute or two; these lines say so instead of a silent pause.
 $(STAMP): pyproject.toml requirements.lock
@@ -35,6 +35,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+fuzz: install  ## the schema fuzz test at length: FUZZ_CASES (5000) cases, a random seed unless FUZZ_SEED
+	FUZZ_CASES=$${FUZZ_CASES:-5000} FUZZ_SEED=$${FUZZ_SEED:-random} \
+	  $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/integration/test_fuzz.py -k fuzz_finds
 
 openapi: install
 	$(BIN)/python -m service.openapi

@@ -19,7 +19,7 @@ from service.config import Settings
 from service.db import conversations as conversation_db
 from service.db import events as event_db
 from service.db import turns as db
-from service.domain.cursors import decode_cursor, encode_cursor
+from service.domain.cursors import Seq, decode_cursor, encode_cursor
 from service.domain.feeds import Feeds, terminal_event_of
 from service.domain.usage import check_quotas, estimate_cost
 from service.domain.validation import check_turn_request
@@ -163,7 +163,7 @@ async def wait_for_turn(
 async def list_turns(
     pool: asyncpg.Pool, tenant_id: str, conversation_id: str, limit: int, cursor: str | None
 ) -> TurnPage:
-    after = decode_cursor(cursor, int)[0] if cursor else 0
+    after = decode_cursor(cursor, Seq)[0] if cursor else 0
     if await conversation_db.get_conversation(pool, tenant_id, conversation_id) is None:
         raise NotFound(f"Conversation {conversation_id!r} not found.")
     rows = await db.list_turns(pool, conversation_id, after, limit + 1)

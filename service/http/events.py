@@ -14,19 +14,18 @@ from litestar.params import FromPath, HeaderParameter, QueryParameter
 from litestar.response import Stream
 
 from service.domain import streams
-from service.errors import BadRequest, Unavailable
+from service.domain.cursors import parse_sequence
+from service.domain.validation import INT8_MAX
+from service.errors import Unavailable
 from service.http import examples as ex
 from service.http.deps import Limit, tenant_of
 from service.http.problems import problem_responses
 from service.resources import Resources
 from service.schemas import EventPage
 
-# Sequences are Postgres bigints.
-MAX_SEQUENCE = 2**63 - 1
 After = Annotated[
     int | None,
-    QueryParameter(ge=0, le=MAX_SEQUENCE,
-                   description="Return events with a higher sequence than this"),
+    QueryParameter(ge=0, le=INT8_MAX, description="Return events with a higher sequence than this"),
 ]
 LastEventId = Annotated[
     str | None, HeaderParameter(name="Last-Event-ID", description="SSE resume point (a sequence)")
@@ -77,15 +76,8 @@ def _start_sequence(after: int | None, cursor: str | None, last_event_id: str | 
     # Last-Event-ID first: an EventSource reconnects to the same URL (with its ?after=) and
     # adds the header, which must win or the stream would replay from `after` again.
     for value in (last_event_id, after, cursor):
-        if value is None:
-            continue
-        try:
-            number = int(value)
-        except ValueError:
-            raise BadRequest("The cursor is not valid: pass back a `next_cursor` unchanged.") from None
-        if not 0 <= number <= MAX_SEQUENCE:
-            raise BadRequest("Sequences start at 1 and fit in 63 bits.")
-        return number
+        if value is not None:
+            return parse_sequence(value)
     return 0
 
 

@@ -21,7 +21,8 @@ log = structlog.get_logger(__name__)
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 
 PROBLEM_DESCRIPTIONS = {
-    400: "The request could not be understood (malformed JSON, a bad cursor)",
+    400: "The request could not be understood (malformed JSON, bytes that are not UTF-8, a NUL "
+         "in the path, query or a header, a bad cursor)",
     401: "No valid API key (missing, malformed, unknown or revoked)",
     402: "The tenant's monthly budget is spent",
     404: "No such resource, or another tenant's",

@@ -77,6 +77,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     push_poll_max_s: float = 600.0
     # The worker serves Prometheus metrics on this port (0: off); the API serves GET /metrics.
     worker_metrics_port: int = 9102
+    # Fair webhook delivery (docs/webhooks.md): attempts in flight at once across all workers,
+    # per tenant and per receiving host (the URL's host[:port]), so receivers that hang hold up
+    # only their own tenant's and host's deliveries. Keep the tenant cap well below
+    # webhook_batch, each worker's own limit.
+    webhook_max_in_flight_per_tenant: int = 20
+    webhook_max_in_flight_per_host: int = 50
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: object) -> Settings:

@@ -152,7 +152,8 @@ async def rotate_webhook_secret(
     conn: asyncpg.Connection, tenant_id: str, conversation_id: str, secret: str, overlap_s: float
 ) -> bool:
     """False when the tenant has no such conversation or it has no webhook URL."""
-    return await conn.fetchval(ROTATE_SECRET_SQL, conversation_id, tenant_id, secret, overlap_s) is not None
+    rotated = await conn.fetchval(ROTATE_SECRET_SQL, conversation_id, tenant_id, secret, overlap_s)
+    return rotated is not None
 
 
 # Expired ones go; the rest are counted, with how long until the oldest expires.
@@ -166,7 +167,9 @@ FROM webhook_secret_previous WHERE conversation_id = $1 AND expires_at > now()
 """
 
 
-async def live_previous_secrets(conn: asyncpg.Connection, conversation_id: str) -> tuple[int, float]:
+async def live_previous_secrets(
+    conn: asyncpg.Connection, conversation_id: str
+) -> tuple[int, float]:
     """How many replaced secrets still sign, and seconds until the oldest of them stops."""
     row = await conn.fetchrow(LIVE_PREVIOUS_SECRETS_SQL, conversation_id)
     return row["live"], row["oldest_expires_in_s"]

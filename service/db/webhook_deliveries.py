@@ -94,14 +94,14 @@ in_flight AS MATERIALIZED (
 ),
 host_load AS (SELECT host, count(*) AS n FROM in_flight GROUP BY host),
 offered AS (
-    SELECT o.id, o.host, o.next_attempt_at, o.turn
+    SELECT o.id, o.host, o.next_attempt_at, o.tenant_rank
     FROM tenants t
     CROSS JOIN LATERAL (
         SELECT count(*) AS n FROM in_flight f WHERE f.tenant_id = t.tenant_id
     ) load
     CROSS JOIN LATERAL (
         SELECT w.id, {HOST_OF.format(t="w")} AS host, w.next_attempt_at,
-            row_number() OVER (ORDER BY w.next_attempt_at) AS turn
+            row_number() OVER (ORDER BY w.next_attempt_at) AS tenant_rank
         FROM webhook_delivery w
         WHERE w.tenant_id = t.tenant_id AND w.status = 'pending' AND w.next_attempt_at <= now()
           AND {HOST_OF.format(t="w")} NOT IN (SELECT host FROM host_load WHERE n >= $4)
@@ -112,13 +112,13 @@ offered AS (
 ),
 picked AS (
     SELECT id FROM (
-        SELECT o.id, o.host, o.turn, o.next_attempt_at,
-            row_number() OVER (PARTITION BY o.host ORDER BY o.turn, o.next_attempt_at) AS on_host
+        SELECT o.id, o.host, o.tenant_rank, o.next_attempt_at,
+            row_number() OVER (PARTITION BY o.host ORDER BY o.tenant_rank, o.next_attempt_at) AS on_host
         FROM offered o
     ) r
     LEFT JOIN host_load h ON h.host = r.host
     WHERE r.on_host <= $4 - COALESCE(h.n, 0)
-    ORDER BY r.turn, r.next_attempt_at
+    ORDER BY r.tenant_rank, r.next_attempt_at
     LIMIT $1
 ),
 due AS (

@@ -23,6 +23,7 @@ from service.domain import webhooks
 from service.resources import Resources
 from tests.conftest import new_key
 from tests.helpers import create_conversation, post_turn, running_worker
+from tests.processes import WorkerProcess
 from tests.receivers import HangingReceiver, Receiver, hanging, serve
 
 A_DELIVERIES = 110
@@ -93,6 +94,23 @@ async def test_a_tenants_hanging_receiver_does_not_delay_another_tenants_webhook
     assert hanging_then >= cap // 2, "acme's attempts were hanging all along"
     assert delay < 2.0, f"beta waited {delay:.1f} s behind acme's hanging receiver"
     assert dead.max_open <= cap, "never more of acme's attempts in flight than its cap"
+
+
+@pytest.mark.slow
+async def test_a_tenants_cap_holds_across_two_worker_processes(api, settings):
+    cap = settings.webhook_max_in_flight_per_tenant
+    dead = HangingReceiver()
+    async with hanging(dead) as dead_url:
+        await queue_cancelled_turns(api, f"{dead_url}/hook", 3 * cap)
+        with WorkerProcess(settings) as first, WorkerProcess(settings) as second:
+            await dead.wait_open(cap, timeout=60)
+            # Until the first attempts timed out and both workers claimed the next ones.
+            async with asyncio.timeout(60):
+                while not all('"webhook_attempt"' in w.output() for w in (first, second)):
+                    await asyncio.sleep(0.2)
+                while dead.accepted < 2 * cap:
+                    await asyncio.sleep(0.2)
+    assert dead.max_open == cap, "the tenant's cap counts the attempts of both workers"
 
 
 # The claim itself, against rows in Postgres.

@@ -121,6 +121,13 @@ class HangingReceiver:
                 self._changed.clear()
                 await self._changed.wait()
 
+    async def wait_accepted(self, count: int, timeout: float = 30.0) -> None:
+        """Until at least `count` connections were accepted in all."""
+        async with asyncio.timeout(timeout):
+            while self.accepted < count:
+                self._changed.clear()
+                await self._changed.wait()
+
 
 @contextlib.asynccontextmanager
 async def hanging(receiver: HangingReceiver) -> AsyncIterator[str]:

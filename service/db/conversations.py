@@ -132,7 +132,7 @@ WITH current AS (
     WHERE id = $1 AND tenant_id = $2 AND webhook_url IS NOT NULL
     FOR UPDATE
 ), kept AS (
-    INSERT INTO webhook_secret_previous (conversation_id, secret, expires_at)
+    INSERT INTO previous_webhook_secret (conversation_id, secret, expires_at)
     SELECT id, webhook_secret, now() + make_interval(secs => $4) FROM current
     WHERE webhook_secret IS NOT NULL
     ON CONFLICT (conversation_id, secret) DO UPDATE SET expires_at = EXCLUDED.expires_at
@@ -159,11 +159,11 @@ async def rotate_webhook_secret(
 # Expired ones go; the rest are counted, with how long until the oldest expires.
 LIVE_PREVIOUS_SECRETS_SQL = """
 WITH gone AS (
-    DELETE FROM webhook_secret_previous WHERE conversation_id = $1 AND expires_at <= now()
+    DELETE FROM previous_webhook_secret WHERE conversation_id = $1 AND expires_at <= now()
 )
 SELECT count(*) AS live,
     COALESCE(extract(epoch FROM min(expires_at) - now()), 0)::float8 AS oldest_expires_in_s
-FROM webhook_secret_previous WHERE conversation_id = $1 AND expires_at > now()
+FROM previous_webhook_secret WHERE conversation_id = $1 AND expires_at > now()
 """
 
 

@@ -137,7 +137,7 @@ RETURNING d.id, d.tenant_id, d.webhook_id, d.url, d.payload, d.attempts_in_round
         SELECT s.secret FROM (
             SELECT c.webhook_secret AS secret, 'infinity'::timestamptz AS until
             UNION ALL
-            SELECT p.secret, p.expires_at FROM webhook_secret_previous p
+            SELECT p.secret, p.expires_at FROM previous_webhook_secret p
             WHERE p.conversation_id = c.id AND p.expires_at > now()
             UNION ALL
             SELECT c.webhook_secret_previous, c.webhook_secret_previous_until

@@ -4,12 +4,17 @@ hand: the test shifts the stored expiries back instead of sleeping a day."""
 
 from __future__ import annotations
 
+import secrets
+
+import asyncpg
 import msgspec
 import pytest
 import standardwebhooks
 import svix.webhooks
 
+from service.db.migrate import load_migrations
 from service.domain.conversations import MAX_PREVIOUS_SECRETS
+from tests.conftest import with_database
 from tests.helpers import create_conversation, post_turn, wait_turn
 from tests.integration.test_webhooks import wait_ledger
 from tests.receivers import Received, Receiver, serve
@@ -35,7 +40,7 @@ async def age_secrets(resources, conversation_id: str, seconds: float) -> None:
     """Make the conversation's rotations `seconds` older, as if that much time had passed."""
     async with resources.pool.acquire() as conn, conn.transaction():
         await conn.execute(
-            "UPDATE webhook_secret_previous SET expires_at = expires_at - make_interval(secs => $2)"
+            "UPDATE previous_webhook_secret SET expires_at = expires_at - make_interval(secs => $2)"
             " WHERE conversation_id = $1", conversation_id, seconds)
         await conn.execute(
             "UPDATE conversation SET webhook_secret_previous_until = "
@@ -144,4 +149,48 @@ async def test_rotation_needs_a_webhook_url_and_the_tenants_own_conversation(api
     assert response.status_code == 422, response.text
     missing = await api.post("/v1/conversations/conv_nope/webhook-secret/rotate")
     assert missing.status_code == 404, missing.text
-    assert await resources.pool.fetchval("SELECT count(*) FROM webhook_secret_previous") == 0
+    assert await resources.pool.fetchval("SELECT count(*) FROM previous_webhook_secret") == 0
+
+
+async def test_migration_0007_keeps_the_secret_a_rotation_replaced_before_it(pg_admin_url):
+    """A secret replaced under the previous release (one previous secret per conversation)
+    still signs after the upgrade; one that had expired does not come back."""
+    name = f"research_m7_{secrets.token_hex(4)}"
+    url = await clone_empty(pg_admin_url, name)
+    conn = await asyncpg.connect(url)
+    try:
+        before, [(_, _, sql_0007)] = split_migrations(7)
+        for _, _, sql in before:
+            await conn.execute(sql)
+        await conn.execute(
+            "INSERT INTO tenant (id, name) VALUES ('ten_1', 'acme');"
+            "INSERT INTO conversation (id, tenant_id, processor, webhook_url, webhook_secret,"
+            "    webhook_secret_previous, webhook_secret_previous_until) VALUES"
+            " ('conv_live', 'ten_1', 'lite', 'https://example.com/', 'whsec_new', 'whsec_old',"
+            "  now() + interval '3 hours'),"
+            " ('conv_gone', 'ten_1', 'lite', 'https://example.com/', 'whsec_new2', 'whsec_old2',"
+            "  now() - interval '1 second')")
+        await conn.execute(sql_0007)
+        rows = await conn.fetch("SELECT conversation_id, secret, expires_at > now() + "
+                                "interval '2 hours' AS kept FROM previous_webhook_secret")
+        assert [tuple(r) for r in rows] == [("conv_live", "whsec_old", True)]
+    finally:
+        await conn.close()
+        admin = await asyncpg.connect(pg_admin_url)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def clone_empty(admin_url: str, name: str) -> str:
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    return with_database(admin_url, name)
+
+
+def split_migrations(version: int) -> tuple[list[tuple[int, str, str]], list[tuple[int, str, str]]]:
+    """The migrations before `version`, and `version` itself."""
+    every = load_migrations()
+    return [m for m in every if m[0] < version], [m for m in every if m[0] == version]

@@ -14,13 +14,13 @@ CREATE INDEX webhook_delivery_tenant_due_idx ON webhook_delivery (tenant_id, nex
 -- Secrets replaced by a rotation, each signing beside the current one until expires_at (24 h
 -- after it was replaced). conversation.webhook_secret_previous/_until stay written with the
 -- latest one, for workers of the previous release during a rollout.
-CREATE TABLE webhook_secret_previous (
+CREATE TABLE previous_webhook_secret (
     conversation_id  text NOT NULL REFERENCES conversation (id) ON DELETE CASCADE,
     secret           text NOT NULL,
     expires_at       timestamptz NOT NULL,
-    CONSTRAINT webhook_secret_previous_pkey PRIMARY KEY (conversation_id, secret)
+    CONSTRAINT previous_webhook_secret_pkey PRIMARY KEY (conversation_id, secret)
 );
 
-INSERT INTO webhook_secret_previous (conversation_id, secret, expires_at)
+INSERT INTO previous_webhook_secret (conversation_id, secret, expires_at)
 SELECT id, webhook_secret_previous, webhook_secret_previous_until FROM conversation
 WHERE webhook_secret_previous IS NOT NULL AND webhook_secret_previous_until > now();

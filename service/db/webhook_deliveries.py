@@ -113,7 +113,9 @@ offered AS (
 picked AS (
     SELECT id FROM (
         SELECT o.id, o.host, o.tenant_rank, o.next_attempt_at,
-            row_number() OVER (PARTITION BY o.host ORDER BY o.tenant_rank, o.next_attempt_at) AS on_host
+            row_number() OVER (
+                PARTITION BY o.host ORDER BY o.tenant_rank, o.next_attempt_at
+            ) AS on_host
         FROM offered o
     ) r
     LEFT JOIN host_load h ON h.host = r.host

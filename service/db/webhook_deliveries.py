@@ -75,8 +75,9 @@ CLAIM_LOCK_SQL = "SELECT pg_advisory_xact_lock($1)"
 # Claim due deliveries fairly ($1 rows at most, leases of $2 s, at most $3 attempts in flight per
 # tenant and $4 per host): each tenant with pending rows (found by a skip scan of
 # webhook_delivery_tenant_due_idx) offers its earliest due rows up to its free room, on hosts
-# that are not full; the rows are then taken round-robin (every tenant's first, then every
-# tenant's second, ...) within each host's free room. A claimed row's next_attempt_at and
+# that are not full; the rows are then taken round-robin within each host's free room, counting
+# what each tenant already has in flight (tenant_rank: a tenant with 3 in flight offers its next
+# row as its 4th, so it waits behind a tenant with none). A claimed row's next_attempt_at and
 # leased_until move a lease ahead, so a dispatcher that dies mid-send only delays it.
 CLAIM_DUE_SQL = f"""
 WITH RECURSIVE tenants AS (
@@ -101,7 +102,7 @@ offered AS (
     ) load
     CROSS JOIN LATERAL (
         SELECT w.id, {HOST_OF.format(t="w")} AS host, w.next_attempt_at,
-            row_number() OVER (ORDER BY w.next_attempt_at) AS tenant_rank
+            load.n + row_number() OVER (ORDER BY w.next_attempt_at) AS tenant_rank
         FROM webhook_delivery w
         WHERE w.tenant_id = t.tenant_id AND w.status = 'pending' AND w.next_attempt_at <= now()
           AND {HOST_OF.format(t="w")} NOT IN (SELECT host FROM host_load WHERE n >= $4)

@@ -163,6 +163,21 @@ async def test_claims_take_tenants_in_turn_not_the_oldest_first(settings, resour
     assert claim.next_due is not None  # the leases it just took
 
 
+async def test_a_tenant_with_attempts_in_flight_waits_behind_one_without(
+    settings, resources, tenants
+):
+    settings = msgspec.structs.replace(settings, webhook_max_in_flight_per_tenant=10,
+                                       webhook_max_in_flight_per_host=100)
+    await add_due(resources, tenants["t1"], "https://a.example/", 3, age_s=120)
+    assert len((await webhooks.claim_due(resources.pool, settings, 3)).deliveries) == 3
+    await add_due(resources, tenants["t1"], "https://a.example/", 5, age_s=60)
+    await add_due(resources, tenants["t2"], "https://b.example/", 5)
+
+    # t1's backlog is older, but it has 3 in flight and t2 none: t2 gets 3 of the 4 slots.
+    claim = await webhooks.claim_due(resources.pool, settings, 4)
+    assert sorted(await tenant_names(resources, claim.deliveries)) == ["t1", "t2", "t2", "t2"]
+
+
 async def test_in_flight_caps_hold_across_claims_of_several_workers(settings, resources, tenants):
     settings = msgspec.structs.replace(settings, webhook_max_in_flight_per_tenant=4,
                                        webhook_max_in_flight_per_host=6)

@@ -116,6 +116,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # While Redis is away the worker probes it this often, and wakes its loops when it answers.
     redis_retry_s: float = 1.0
 
+    # Fair webhook delivery (docs/webhooks.md): attempts in flight at once across all workers,
+    # per tenant and per receiving host (the URL's host[:port]), so receivers that hang hold up
+    # only their own tenant's and host's deliveries. Keep the tenant cap well below
+    # webhook_batch, each worker's own limit.
+    webhook_max_in_flight_per_tenant: int = 20
+    webhook_max_in_flight_per_host: int = 50
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: object) -> Settings:
         """Build settings from upper-cased environment variables; raises msgspec.ValidationError."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -101,7 +102,18 @@ async def running_worker(settings: Settings) -> AsyncIterator[Any]:
 
 async def until(condition: Any, timeout: float = 10.0) -> None:
     """Wait until condition() holds (checked every 10 ms); fail after `timeout`."""
+    await wait_until(condition, timeout, interval=0.01, what="the condition to hold")
+
+
+async def wait_until(condition: Callable[[], Awaitable[Any] | Any], timeout: float = 20.0,
+                     interval: float = 0.02, what: str = "the condition") -> Any:
+    """Poll `condition` (sync or async) until it returns something truthy; returns that value."""
     deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition never held"
-        await asyncio.sleep(0.01)
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(interval)

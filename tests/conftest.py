@@ -18,10 +18,11 @@ from service.app import create_app
 from service.config import Settings
 from service.db.migrate import migrate
 from service.resources import Resources
-from tests.servers import postgres_server, redis_server
+
 # new_key and with_database live in tests.helpers; they are bound here too for the modules
 # that still import them from conftest.
 from tests.helpers import new_key, running_worker, with_database
+from tests.servers import postgres_server, redis_server
 
 TEMPLATE_DB = f"research_template_{os.getpid()}"
 

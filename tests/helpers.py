@@ -147,10 +147,10 @@ async def until(condition: Any, timeout: float = 10.0) -> None:
     await wait_until(condition, timeout, interval=0.01, what="the condition to hold")
 
 
-async def wait_until(condition: Callable[[], Awaitable[Any] | Any], timeout: float = 20.0,
+async def wait_until(condition: Callable[[], Awaitable[Any] | Any], timeout_s: float = 20.0,
                      interval: float = 0.02, what: str = "the condition") -> Any:
     """Poll `condition` (sync or async) until it returns something truthy; returns that value."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout_s
     while True:
         value = condition()
         if inspect.isawaitable(value):

@@ -21,12 +21,17 @@ from service import queue as jobs_queue
 from service.clients.parallel import ParallelClient
 from service.db import turns as turn_db
 from service.domain import runs
-from worker import jobs
-from worker.follower import Follower
 from tests.helpers import (
-    create_conversation, post_turn, running_worker, sandbox_runs, wait_turn, wait_until,
+    create_conversation,
+    post_turn,
+    running_worker,
+    sandbox_runs,
+    wait_turn,
+    wait_until,
 )
 from tests.receivers import Receiver, serve
+from worker import jobs
+from worker.follower import Follower
 
 TERMINAL_EVENTS = ("turn.completed", "turn.failed", "turn.cancelled")
 

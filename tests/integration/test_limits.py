@@ -8,7 +8,12 @@ import pytest
 
 from service.app import MAX_BODY_BYTES
 from tests.helpers import (
-    assert_problem, counts, create_conversation, new_key, post_turn, settings_of,
+    assert_problem,
+    counts,
+    create_conversation,
+    new_key,
+    post_turn,
+    settings_of,
 )
 
 

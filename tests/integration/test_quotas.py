@@ -17,7 +17,13 @@ from service.domain.ratelimits import RateLimiter, check_rate, lease_size, retry
 from service.errors import RateLimited
 from service.resources import Resources
 from tests.helpers import (
-    assert_problem, counts, create_conversation, post_turn, set_faults, settings_of, wait_turn,
+    assert_problem,
+    counts,
+    create_conversation,
+    post_turn,
+    set_faults,
+    settings_of,
+    wait_turn,
 )
 
 

@@ -18,7 +18,12 @@ import pytest
 from service.db.keys import revoke_key, split_key
 from service.openapi import render
 from tests.helpers import (
-    assert_problem, create_conversation, new_key, post_turn, running_worker, wait_turn,
+    assert_problem,
+    create_conversation,
+    new_key,
+    post_turn,
+    running_worker,
+    wait_turn,
 )
 
 UNAUTHENTICATED = ("/v1/hooks/",)

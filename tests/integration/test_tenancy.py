@@ -18,9 +18,14 @@ import pytest
 from service.db.keys import revoke_key, split_key
 from service.devstack import free_port
 from service.openapi import render
-from tests.conftest import new_key
-from tests.helpers import create_conversation, post_turn, running_worker, wait_turn
-from tests.integration.test_bad_input import assert_problem
+from tests.helpers import (
+    assert_problem,
+    create_conversation,
+    new_key,
+    post_turn,
+    running_worker,
+    wait_turn,
+)
 
 UNAUTHENTICATED = ("/v1/hooks/",)
 # A valid body per operation, so that an answer is about the key, not the body.

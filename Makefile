@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run chat keys test test-fast fuzz openapi bench lock migrate worker api sandbox up down clean
+.PHONY: install run chat keys lint test test-fast fuzz openapi bench lock migrate worker api sandbox up down clean
 
 # The first install takes a minute or two; these lines say so instead of a silent pause.
 $(STAMP): pyproject.toml requirements.lock
@@ -29,6 +29,11 @@ chat: install  ## ask questions (`make chat CONVERSATION=conv_…` resumes one)
 
 keys: install  ## `make keys TENANT=acme` creates a key for that tenant; `make keys` lists them
 	$(if $(TENANT),$(BIN)/research-service keys create --tenant '$(TENANT)',$(BIN)/research-service keys list)
+
+lint: install  ## ruff and mypy, zero findings (docs: pyproject.toml [tool.ruff], [tool.mypy])
+	$(BIN)/ruff check service worker sandbox bench tests
+	$(BIN)/mypy --strict service worker
+	$(BIN)/mypy sandbox bench
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -9,17 +9,21 @@ makes a second run, and the turn then lists that attempt in `doubtful_attempts`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import Counter
 
 import asyncpg
+import httpx
 import msgspec
 import pytest
 import redis.asyncio as aioredis
 from parallel import AsyncParallel
 
 from service import metrics
+from service.app import create_app
+from service.resources import Resources
 from tests.helpers import (
     create_conversation,
     post_turn,
@@ -29,6 +33,9 @@ from tests.helpers import (
     wait_turn,
 )
 from tests.processes import WorkerProcess
+from tests.receivers import serve
+
+SANDBOX_SECRET = "sandbox_webhook_secret"  # SandboxConfig.webhook_secret's default
 
 pytestmark = pytest.mark.slow
 
@@ -277,3 +284,76 @@ async def test_an_attempt_that_never_came_back_is_marked_in_doubt_by_the_next(
     assert row["doubtful_attempts"] == [1]
     assert_runs_explained(row, sandbox_runs(sandbox.url, turn["id"]))
     assert metrics.CREATE_IN_DOUBT.labels("attempt_lost")._value.get() - counted == 1
+
+
+async def wait_for(condition, timeout: float, what: str):
+    """Poll an async condition until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while not (value := await condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+    return value
+
+
+def create_in_flight(sandbox_url: str, calls_before: int):
+    """A condition: a create the sandbox received after `calls_before` has not answered yet."""
+    async def condition() -> bool:
+        calls = httpx.get(f"{sandbox_url}/_sandbox/calls").json()
+        new = list(calls["data"])[-(calls["total"] - calls_before):] if calls["total"] > calls_before else []
+        return any(c["method"] == "POST" and c["path"] == "/v1/tasks/runs" and c["status"] is None
+                   for c in new)
+    return condition
+
+
+@contextlib.asynccontextmanager
+async def turn_api(settings, api_key, push: bool):
+    """(settings for workers, an HTTP client): in push mode the API listens on a real port, so
+    the sandbox's webhooks reach it."""
+    if not push:
+        yield settings, None
+        return
+    api_settings = msgspec.structs.replace(settings, parallel_webhook_secret=SANDBOX_SECRET)
+    resources = await Resources.open(api_settings, listen=True)
+    try:
+        async with serve(create_app(api_settings, resources=resources)) as url, httpx.AsyncClient(
+            base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30
+        ) as http:
+            yield msgspec.structs.replace(api_settings, public_base_url=url), http
+    finally:
+        await resources.close()
+
+
+@pytest.mark.parametrize("mode", ["poll", "push"])
+async def test_a_start_whose_worker_is_killed_mid_create_starts_again_within_the_lease(
+    api, api_key, settings, sandbox, database_url, mode
+):
+    # arq's own claim on the dead worker's job would last JOB_TIMEOUT_S + 10 s (70 s), and the
+    # reconciler cannot re-enqueue a job arq still holds: only the start job's own, shorter
+    # claim lets another worker take it over in time.
+    lease_s = 10.0
+    settings = msgspec.structs.replace(
+        settings, start_lease_s=lease_s, create_timeout_s=5.0, reconcile_interval_s=60,
+        push_poll_initial_s=0.5, push_poll_max_s=1.0)
+    async with turn_api(settings, api_key, push=mode == "push") as (worker_settings, http):
+        client = http or api
+        conversation = await create_conversation(client)
+        calls_before = httpx.get(f"{sandbox.url}/_sandbox/calls").json()["total"]
+        set_faults(sandbox.url, create_delay_s=8.0)  # a slow create: no run exists yet
+        turn = await post_turn(client, conversation["id"], "my worker dies mid-create")
+        first = WorkerProcess(worker_settings).start()
+        try:
+            await wait_for(create_in_flight(sandbox.url, calls_before), 30, "the create")
+            first.kill()
+        finally:
+            first.kill()
+        killed_at = time.monotonic()
+        set_faults(sandbox.url)
+        with WorkerProcess(worker_settings):
+            running = await wait_turn(client, turn, timeout=lease_s + 30,
+                                      statuses={"running", "completed"})
+            restarted_s = time.monotonic() - killed_at
+            done = await wait_turn(client, running, timeout=30)
+    assert done["status"] == "completed"
+    assert restarted_s <= lease_s + 10, f"started again {restarted_s:.1f} s after the kill"
+    row = await fetch_turn(database_url, turn["id"])
+    assert row["start_attempts"] == 2 and row["doubtful_attempts"] == [1]

@@ -215,13 +215,22 @@ async def _record_run(
                 return await _record_run_once(conn, settings, attempt, run)
         except DB_UNAVAILABLE as exc:
             if time.monotonic() + delay > attempt.record_by:
-                log.error("run_not_recorded", turn_id=turn_id, attempt=attempt.number,
-                          run_id=run.run_id, interaction_id=run.interaction_id, error=repr(exc))
-                metrics.extra_run("unrecorded")
+                _not_recorded(attempt, run, exc)
                 raise
             log.warning("record_run_retry", turn_id=turn_id, run_id=run.run_id, error=repr(exc))
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+        except BaseException as exc:  # cancelled (shutdown, job timeout) or a bug
+            _not_recorded(attempt, run, exc)
+            raise
+
+
+def _not_recorded(attempt: Attempt, run: RunInfo, exc: BaseException) -> None:
+    """The run exists and we know its id, but Postgres never stored it: the log line is the
+    only record left (the next attempt will find this one lost, in doubt)."""
+    log.error("run_not_recorded", turn_id=attempt.turn.id, attempt=attempt.number,
+              run_id=run.run_id, interaction_id=run.interaction_id, error=repr(exc))
+    metrics.extra_run("unrecorded")
 
 
 async def _record_run_once(

@@ -136,6 +136,19 @@ def _failed_to_connect(exc: BaseException) -> bool:
     return True
 
 
+def _no_answer_in_time(exc: BaseException) -> bool:
+    """Whether a request failed waiting for its answer (rather than the connection breaking).
+    The SDK calls both APITimeoutError with the aiohttp transport, which reports a hang-up as
+    httpx.ConnectTimeout: the aiohttp error beneath tells them apart."""
+    cause = exc.__cause__
+    if not isinstance(cause, httpx.TimeoutException):
+        return False
+    inner = cause.__cause__
+    if aiohttp is not None and isinstance(inner, aiohttp.ClientError):
+        return isinstance(inner, aiohttp.ServerTimeoutError)
+    return True
+
+
 def _create_error(exc: Exception) -> Exception:
     """The error of a failed create, saying whether a run may exist all the same."""
     if isinstance(exc, TimeoutError):  # the whole call ran out of time, maybe after sending
@@ -146,7 +159,7 @@ def _create_error(exc: Exception) -> Exception:
     if isinstance(error, UpstreamUnavailable):
         if isinstance(exc, parallel.APIConnectionError):
             error.in_doubt = not _failed_to_connect(exc)
-            error.timed_out = error.in_doubt and isinstance(exc, parallel.APITimeoutError)
+            error.timed_out = error.in_doubt and _no_answer_in_time(exc)
         elif not isinstance(exc, parallel.APIStatusError):
             error.in_doubt = True  # it answered 2xx (a run exists) with a body we cannot read
     return error

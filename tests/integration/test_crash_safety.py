@@ -3,7 +3,8 @@
 Every test here checks the same two promises: every turn ends, and each turn has one Parallel run
 (counted by the turn id and attempt the worker puts in the run's metadata), save the documented
 window: a create whose answer was lost (the worker died or the connection broke after sending it)
-makes a second run, and the turn then lists that attempt in `doubtful_attempts`.
+makes a second run, and the turn then lists that attempt in `doubtful_attempts`; a stale attempt
+whose answer came back late is in `turn_extra_run` with its run id.
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ async def wait_all_terminal(database_url: str, expected: int, timeout: float) ->
         while True:
             rows = await conn.fetch(
                 "SELECT id, conversation_id, seq, status, run_id, interaction_id, "
-                "previous_interaction_id, error, start_attempts, doubtful_attempts FROM turn")
+                "previous_interaction_id, error, start_attempts, doubtful_attempts, "
+                "(SELECT coalesce(jsonb_object_agg(attempt::text, run_id), '{}') "
+                " FROM turn_extra_run x WHERE x.turn_id = turn.id) AS extra_runs FROM turn")
             open_turns = [r for r in rows if r["status"] in ("queued", "running")]
             if len(rows) == expected and not open_turns:
                 return {r["id"]: dict(r) for r in rows}
@@ -102,7 +105,12 @@ def assert_runs_explained(turn: dict, runs: list[dict]) -> None:
     recorded = [run for run in runs if run["run_id"] == turn["run_id"]]
     assert len(recorded) == 1, f"the turn's run is not at Parallel: {turn}"
     assert int(recorded[0]["metadata"]["rs_attempt"]) == turn["start_attempts"]
-    others = set(attempts) - {turn["start_attempts"]}
+    extra = {int(a): r for a, r in msgspec.json.decode(turn.get("extra_runs") or "{}").items()}
+    for run in runs:
+        attempt = int(run["metadata"]["rs_attempt"])
+        if attempt in extra:
+            assert extra[attempt] == run["run_id"], f"an extra run with another id: {turn}"
+    others = set(attempts) - {turn["start_attempts"]} - set(extra)
     assert others <= set(turn["doubtful_attempts"]), f"a second run not in doubt: {turn}, {runs}"
 
 

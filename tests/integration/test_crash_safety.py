@@ -362,6 +362,7 @@ async def test_a_start_whose_worker_is_killed_mid_create_starts_again_within_the
             restarted_s = time.monotonic() - killed_at
             done = await wait_turn(client, running, timeout=30)
     assert done["status"] == "completed"
+    print(f"{mode}: started again {restarted_s:.1f} s after the kill (lease {lease_s:.0f} s)")
     assert restarted_s <= lease_s + 10, f"started again {restarted_s:.1f} s after the kill"
     row = await fetch_turn(database_url, turn["id"])
     assert row["start_attempts"] == 2 and row["doubtful_attempts"] == [1]

@@ -307,7 +307,8 @@ def create_in_flight(sandbox_url: str, calls_before: int):
     """A condition: a create the sandbox received after `calls_before` has not answered yet."""
     async def condition() -> bool:
         calls = httpx.get(f"{sandbox_url}/_sandbox/calls").json()
-        new = list(calls["data"])[-(calls["total"] - calls_before):] if calls["total"] > calls_before else []
+        fresh = calls["total"] - calls_before
+        new = list(calls["data"])[-fresh:] if fresh > 0 else []
         return any(c["method"] == "POST" and c["path"] == "/v1/tasks/runs" and c["status"] is None
                    for c in new)
     return condition
@@ -348,11 +349,8 @@ async def test_a_start_whose_worker_is_killed_mid_create_starts_again_within_the
         calls_before = httpx.get(f"{sandbox.url}/_sandbox/calls").json()["total"]
         set_faults(sandbox.url, create_delay_s=8.0)  # a slow create: no run exists yet
         turn = await post_turn(client, conversation["id"], "my worker dies mid-create")
-        first = WorkerProcess(worker_settings).start()
-        try:
+        with WorkerProcess(worker_settings) as first:
             await wait_for(create_in_flight(sandbox.url, calls_before), 30, "the create")
-            first.kill()
-        finally:
             first.kill()
         killed_at = time.monotonic()
         set_faults(sandbox.url)

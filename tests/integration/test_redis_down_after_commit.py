@@ -7,7 +7,7 @@ Redis here is a redis-server of the test's own, stopped and started again by the
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import msgspec
@@ -22,7 +22,7 @@ from tests.stoppable import RedisProcess, redis_process
 
 
 @pytest.fixture
-def own_redis() -> AsyncIterator[RedisProcess]:
+def own_redis() -> Iterator[RedisProcess]:
     with redis_process() as server:
         yield server
 

@@ -151,7 +151,9 @@ class SandboxApp(Litestar):
         is_create = scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/tasks/runs"
         decision = store.faults.decide(is_create)
         if decision is None:
-            await super().__call__(scope, receive, logged_send)
+            if is_create and store.faults.config.create_delay_s > 0:
+                await asyncio.sleep(store.faults.config.create_delay_s)
+            await super().__call__(scope, receive, _answer_later(store, is_create, logged_send))
             return
         kind, status = decision
         entry["fault"] = kind if status is None else str(status)
@@ -170,6 +172,20 @@ class SandboxApp(Litestar):
             await _drop(send)
         elif kind == DROP:
             await _drop(send)
+
+
+def _answer_later(store: Store, is_create: bool, send: Send) -> Send:
+    """`send`, holding a create's answer for `create_answer_delay_s` (its run already exists)."""
+    delay = store.faults.config.create_answer_delay_s
+    if not is_create or delay <= 0:
+        return send
+
+    async def delayed_send(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            await asyncio.sleep(delay)
+        await send(message)
+
+    return delayed_send
 
 
 def _path_run_id(path: str) -> str | None:

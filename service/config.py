@@ -35,9 +35,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     poll_max_s: float = 30.0
     follower_batch: int = 200
     follower_idle_s: float = 1.0
-    # A start attempt that has not recorded its run after this long is considered dead; the
-    # create call itself times out at half of it, so a live attempt never outlasts its lease.
-    start_lease_s: float = 30.0
+    # A start attempt that has not recorded its run after this long is considered dead and
+    # another may begin. A live attempt ends inside it: its create gives up after
+    # create_timeout_s, and storing the run must be done before the lease's last few seconds.
+    start_lease_s: float = 45.0
     # A claimed check not finished within this long (its worker died) becomes due again.
     check_lease_s: float = 30.0
     reconcile_interval_s: int = 30
@@ -122,6 +123,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # webhook_batch, each worker's own limit.
     webhook_max_in_flight_per_tenant: int = 20
     webhook_max_in_flight_per_host: int = 50
+
+    # Start attempts (README, "Guarantees"). Parallel documents its create as answering at once
+    # (the run is queued); one that has not answered in create_timeout_s is given up and may
+    # have made a run nobody can look up. A turn with max_doubtful_attempts such creates fails
+    # with error.code create_in_doubt rather than paying for one more run.
+    create_timeout_s: float = 30.0
+    max_doubtful_attempts: int = 2
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: object) -> Settings:

@@ -133,6 +133,8 @@ class UpstreamUnavailable(UpstreamError):
         self.retry_after = retry_after
         # The request may have been processed although no answer came back.
         self.in_doubt = False
+        # No answer came in time (rather than the connection breaking).
+        self.timed_out = False
 
 
 class UpstreamRejected(UpstreamError):

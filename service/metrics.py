@@ -103,8 +103,16 @@ RECONCILER_REPAIRS = Counter(
 CREATE_IN_DOUBT = Counter(
     "research_create_in_doubt_total",
     "Start attempts whose create may have made a Parallel run nobody follows (billed, never "
-    "read), by reason: connection (broke after sending) or attempt_lost (worker died, lease ran "
-    "out).",
+    "read), by reason: connection (broke after sending), timeout (no answer in time) or "
+    "attempt_lost (worker died, lease ran out).",
+    ["reason"],
+)
+EXTRA_RUNS = Counter(
+    "research_extra_runs_total",
+    "Parallel runs a start attempt made and got the id of, but its turn does not follow (billed, "
+    "never read), by reason: stale_attempt (a newer attempt had taken over; the run is in "
+    "turn_extra_run), turn_deleted, or unrecorded (Postgres did not answer within the attempt's "
+    "lease; the run id is only in the log).",
     ["reason"],
 )
 
@@ -143,6 +151,10 @@ def rate_limit_fail_open() -> None:
 
 def redis_outage() -> None:
     REDIS_OUTAGES.inc()
+
+
+def extra_run(reason: str) -> None:
+    EXTRA_RUNS.labels(reason).inc()
 
 
 def reconciler_repairs(kind: str, count: int) -> None:

@@ -79,9 +79,10 @@ def build_worker(
     options: dict[str, Any] = {
         "functions": [
             # The attempt's lease, not arq's timeout, must be what ends a start attempt: arq
-            # cancelling a create mid-flight would leave a run nobody recorded.
+            # cancelling a create mid-flight, or the store of its run while Postgres is slow to
+            # answer (a statement may take 30 s), would leave a run nobody recorded.
             func(deferred.track(jobs.start_turn), name=queue.START_TURN, keep_result=0,
-                 max_tries=1000, timeout=settings.start_lease_s + 10),
+                 max_tries=1000, timeout=settings.start_lease_s + 40),
             func(deferred.track(jobs.check_turn), name=queue.CHECK_TURN, keep_result=0,
                  max_tries=100),
         ],

@@ -13,6 +13,7 @@ from arq.worker import func
 
 from service import metrics, queue
 from service.config import Settings
+from service.domain import starts
 from service.resources import Resources
 from worker import jobs
 from worker.dispatcher import Dispatcher
@@ -80,9 +81,10 @@ def build_worker(
         "functions": [
             # The attempt's lease, not arq's timeout, must be what ends a start attempt: arq
             # cancelling a create mid-flight, or the store of its run while Postgres is slow to
-            # answer (a statement may take 30 s), would leave a run nobody recorded.
+            # answer (a statement may take 30 s), would leave a run nobody recorded: the job
+            # outlives the store's last retry (service.domain.starts.RECORD_GRACE_S) by 10 s.
             func(deferred.track(jobs.start_turn), name=queue.START_TURN, keep_result=0,
-                 max_tries=1000, timeout=settings.start_lease_s + 40),
+                 max_tries=1000, timeout=settings.start_lease_s + starts.RECORD_GRACE_S + 10),
             func(deferred.track(jobs.check_turn), name=queue.CHECK_TURN, keep_result=0,
                  max_tries=100),
         ],

@@ -3,7 +3,10 @@
 An attempt is begun in Postgres (a lease of START_LEASE_S) before Parallel is called, and every
 write it makes afterwards is conditional on still owning that lease (service.db.attempts). It
 ends strictly inside the lease: its create gets at most CREATE_TIMEOUT_S, and storing the run is
-not tried after the lease's last seconds. See README, "Guarantees", for what may still be billed.
+tried within the lease while it may still become the turn's run. A store still failing then
+keeps being retried until the job's own deadline: its write is fenced, so once a newer attempt
+holds the lease it lands in turn_extra_run with its run id instead. See README, "Guarantees",
+for what may still be billed.
 
 Lock order in every transaction that changes a turn: its conversation row first, then the turn.
 """
@@ -58,17 +61,25 @@ class Attempt(msgspec.Struct, kw_only=True):
     previous_lost: bool  # the attempt before never came back (see doubtful_attempts)
     create_by: float  # time.monotonic() deadlines, inside the lease
     record_by: float
+    give_up_by: float  # past the lease, inside the start job's timeout (worker.main)
 
 
-def attempt_deadlines(settings: Settings, began: float) -> tuple[float, float]:
-    """(create_by, record_by) for an attempt begun at monotonic time `began` (taken before its
-    transaction, so never later than the lease's start as Postgres stamps it).
+# How long past its lease an attempt keeps trying to store a run it made (fenced: as an extra
+# run once a newer attempt holds the lease); worker.main gives the start job 10 s more.
+RECORD_GRACE_S = 30.0
 
-    With the defaults (lease 45 s, create 30 s): the create must have answered by 35 s, the run
-    be stored by 40 s, and 5 s of the lease are left for clocks and the last statement's trip.
+
+def attempt_deadlines(settings: Settings, began: float) -> tuple[float, float, float]:
+    """(create_by, record_by, give_up_by) for an attempt begun at monotonic time `began` (taken
+    before its transaction, so never later than the lease's start as Postgres stamps it).
+
+    With the defaults (lease 45 s, create 30 s): the create must have answered by 35 s and the
+    run be stored by 40 s to become the turn's run, 5 s of the lease being left for clocks and
+    the last statement's trip; a store still failing is retried until 75 s, fenced.
     """
     margin = min(5.0, settings.start_lease_s / 6)
-    return began + settings.start_lease_s - 2 * margin, began + settings.start_lease_s - margin
+    lease_end = began + settings.start_lease_s
+    return lease_end - 2 * margin, lease_end - margin, lease_end + RECORD_GRACE_S
 
 
 async def start_turn(
@@ -128,9 +139,10 @@ async def _begin(
     previous = await turn_db.previous_interaction(conn, turn.parent_turn_id)
     number = await db.begin_start(conn, turn_id, previous, state.attempts, settings.start_lease_s)
     assert number is not None  # the turn is locked and its lease was free
-    create_by, record_by = attempt_deadlines(settings, began)
+    create_by, record_by, give_up_by = attempt_deadlines(settings, began)
     return Attempt(turn=turn, number=number, previous_interaction_id=previous,
-                   previous_lost=state.held, create_by=create_by, record_by=record_by)
+                   previous_lost=state.held, create_by=create_by, record_by=record_by,
+                   give_up_by=give_up_by)
 
 
 def _lost(turn_id: str, attempt: int) -> None:
@@ -205,8 +217,10 @@ async def _fail_in_doubt(
 async def _record_run(
     pool: asyncpg.Pool, settings: Settings, attempt: Attempt, run: RunInfo
 ) -> str:
-    """Store the new run's ids, retrying while Postgres is away, but not after the attempt's
-    record deadline (a try under way then is left to finish: its write is fenced)."""
+    """Store the new run's ids, retrying while Postgres is away. Past the attempt's record
+    deadline the run can no longer be the turn's for sure, but it is still known by id: the
+    fenced write keeps it (as the turn's run while no newer attempt took over, else as an extra
+    run), so retries go on until give_up_by, and only then is the log line its only record."""
     turn_id = attempt.turn.id
     delay = 0.2
     while True:
@@ -214,10 +228,12 @@ async def _record_run(
             async with pool.acquire() as conn:
                 return await _record_run_once(conn, settings, attempt, run)
         except DB_UNAVAILABLE as exc:
-            if time.monotonic() + delay > attempt.record_by:
+            if time.monotonic() + delay > attempt.give_up_by:
                 _not_recorded(attempt, run, exc)
                 raise
-            log.warning("record_run_retry", turn_id=turn_id, run_id=run.run_id, error=repr(exc))
+            late = time.monotonic() > attempt.record_by
+            log.warning("record_run_retry", turn_id=turn_id, run_id=run.run_id, error=repr(exc),
+                        past_lease=late)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
         except BaseException as exc:  # cancelled (shutdown, job timeout) or a bug

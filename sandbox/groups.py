@@ -268,7 +268,7 @@ def _inputs(body: Any, betas: list[str], store: Store) -> list[dict[str, Any]]:
     try:
         check_task_spec(default_spec)
     except ApiError as exc:
-        raise _relocated(exc, ["default_task_spec"]) from None
+        raise _relocated(exc, [], rename="default_task_spec") from None
     bodies = []
     for index, item in enumerate(inputs):
         if isinstance(item, dict) and item.get("task_spec") is None and default_spec is not None:
@@ -286,10 +286,12 @@ def _inputs(body: Any, betas: list[str], store: Store) -> list[dict[str, Any]]:
     return bodies
 
 
-def _relocated(exc: ApiError, prefix: list[Any]) -> ApiError:
-    """The same error, its `loc`s under `prefix` (e.g. ["body", "inputs", 3, "metadata"])."""
-    errors = (exc.detail or {}).get("errors") or []
-    for error in errors:
+def _relocated(exc: ApiError, prefix: list[Any], rename: str = "") -> ApiError:
+    """The same error, its `loc`s under `prefix` (["body", "inputs", 3, "metadata"]), or with
+    `task_spec` renamed (["body", "default_task_spec.output_schema"])."""
+    for error in (exc.detail or {}).get("errors") or []:
         loc = [part for part in error.get("loc", []) if part not in ("body", "")]
+        if rename and loc and isinstance(loc[0], str):
+            loc[0] = loc[0].replace("task_spec", rename, 1)
         error["loc"] = ["body", *prefix, *loc]
     return exc

@@ -161,6 +161,7 @@ async def test_resuming_from_last_event_id_misses_nothing(client: AsyncParallel)
 
     after = await events(client, group.task_group_id, last_event_id=second.event_cursor)
     assert set(second.run_ids) <= set(ended(after))  # the add's cursor precedes its runs' ends
+    assert isinstance(after[0], TaskGroupStatusEvent) and after[0].status.num_task_runs == 10
     assert await events(client, group.task_group_id, last_event_id=seen[-1].event_id) == []
     with pytest.raises(parallel.UnprocessableEntityError):
         await events(client, group.task_group_id, last_event_id=str(len(seen) + 1))
@@ -229,6 +230,9 @@ async def test_a_bad_input_creates_nothing(
         group.task_group_id, inputs=[lite(f"q{i}") for i in range(1000)]
     )
     assert len(batch.run_ids) == len(set(batch.run_ids)) == 1000
+    assert ended(await events(client, group.task_group_id)) == dict.fromkeys(
+        batch.run_ids, "completed"
+    )
     await control.post("/_sandbox/reset")
     group = await client.task_group.create()
     bad_batches: list[tuple[list[Any], type[Exception]]] = [
@@ -256,6 +260,14 @@ async def test_a_bad_input_creates_nothing(
     assert error["loc"] == ["body", "inputs", 1, "metadata"]
     with pytest.raises(parallel.NotFoundError):
         await client.task_group.add_runs("tgrp_unknown", inputs=[lite("q")])
+    await control.patch("/_sandbox/config", json={"strict_interactions": True})
+    try:
+        with pytest.raises(parallel.UnprocessableEntityError):
+            await client.task_group.add_runs(group.task_group_id, inputs=[
+                lite("ok"), lite("chained", previous_interaction_id="intr_unknown")
+            ])
+    finally:
+        await control.patch("/_sandbox/config", json={"strict_interactions": False})
     assert (await control.get("/_sandbox/runs")).json()["data"] == []
     status = (await client.task_group.retrieve(group.task_group_id)).status
     assert status.num_task_runs == 0

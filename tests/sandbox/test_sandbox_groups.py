@@ -56,6 +56,7 @@ async def test_create_and_retrieve_a_group(client: AsyncParallel) -> None:
     fetched = await client.task_group.retrieve(group.task_group_id)
     assert fetched.task_group_id == group.task_group_id and fetched.metadata == group.metadata
     assert (await client.task_group.create()).metadata is None
+    assert await events(client, group.task_group_id) == []  # no run active: the stream ends
 
     with pytest.raises(parallel.NotFoundError) as info:
         await client.task_group.retrieve("tgrp_unknown")
@@ -178,6 +179,25 @@ async def test_the_event_stream_ends_at_its_timeout(client: AsyncParallel) -> No
     assert run.is_active
     with pytest.raises(parallel.UnprocessableEntityError):
         await events(client, group.task_group_id, api_timeout=-1)
+
+
+async def test_a_reset_ends_the_open_streams(
+    client: AsyncParallel, control: httpx.AsyncClient
+) -> None:
+    group = await client.task_group.create()
+    await client.task_group.add_runs(group.task_group_id, inputs=[lite("[sandbox:slow=60] q")])
+    following = asyncio.create_task(events(client, group.task_group_id))
+    async with asyncio.timeout(DEADLINE_S):  # until the stream has started answering
+        while not any(
+            call["path"].endswith("/events") and call["status"] == 200
+            for call in (await control.get("/_sandbox/calls")).json()["data"]
+        ):
+            await asyncio.sleep(0.02)
+    await control.post("/_sandbox/reset")
+    found = await asyncio.wait_for(following, DEADLINE_S)
+    assert [event.type for event in found] == ["task_group_status"]
+    with pytest.raises(parallel.NotFoundError):
+        await client.task_group.retrieve(group.task_group_id)
 
 
 async def test_listing_finds_runs_by_metadata_and_status(

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run chat keys test test-fast openapi bench lock migrate worker api sandbox up down clean
+.PHONY: install run chat keys lint test test-fast fuzz openapi bench lock migrate worker api sandbox up down clean
 
 # The first install takes a minute or two; these lines say so instead of a silent pause.
 $(STAMP): pyproject.toml requirements.lock
@@ -30,11 +30,20 @@ chat: install  ## ask questions (`make chat CONVERSATION=conv_…` resumes one)
 keys: install  ## `make keys TENANT=acme` creates a key for that tenant; `make keys` lists them
 	$(if $(TENANT),$(BIN)/research-service keys create --tenant '$(TENANT)',$(BIN)/research-service keys list)
 
+lint: install  ## ruff and mypy, zero findings (docs: pyproject.toml [tool.ruff], [tool.mypy])
+	$(BIN)/ruff check service worker sandbox bench tests
+	$(BIN)/mypy --strict service worker
+	$(BIN)/mypy sandbox bench
+
 test: install
 	$(BIN)/python -m pytest -q
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+fuzz: install  ## the schema fuzz test at length: FUZZ_CASES (5000) cases, a random seed unless FUZZ_SEED
+	FUZZ_CASES=$${FUZZ_CASES:-5000} FUZZ_SEED=$${FUZZ_SEED:-random} \
+	  $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/integration/test_fuzz.py -k fuzz_finds
 
 openapi: install
 	$(BIN)/python -m service.openapi

@@ -2,7 +2,8 @@
 
 `SandboxApp.__call__` wraps every /v1 request before Litestar sees it: it logs the call, applies
 `response_delay_s`, checks `x-api-key`, and applies the configured fault. It sits outside
-Litestar's own middleware so a "drop" can close the connection without any response.
+Litestar's own middleware so a "drop" can close the connection without any response. It also
+keeps /_sandbox/* to holders of the control token (or to loopback callers: sandbox.control).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from litestar.response import Stream
 from litestar.types import Receive, Scope, Send
 
 from sandbox.config import SandboxConfig
-from sandbox.control import CONTROL_ROUTES
+from sandbox.control import CONTROL_ROUTES, REFUSALS, refusal
 from sandbox.events import stream_events
 from sandbox.faults import DROP, DROP_AFTER_CREATE
 from sandbox.group_routes import GROUP_ROUTES
@@ -118,10 +119,14 @@ def _server_error(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
 
 class SandboxApp(Litestar):
     async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
+        store: Store = self.state.store
+        control = scope["type"] == "http" and scope["path"].startswith("/_sandbox")
+        if control and (status := refusal(scope, store.config)) is not None:
+            await _send_error(send, status, {"www-authenticate": "Bearer"}, REFUSALS[status])
+            return
         if scope["type"] != "http" or not scope["path"].startswith("/v1"):
             await super().__call__(scope, receive, send)
             return
-        store: Store = self.state.store
         entry: dict[str, Any] = {
             "method": scope["method"],
             "path": scope["path"],
@@ -146,7 +151,9 @@ class SandboxApp(Litestar):
         is_create = creates_runs(scope["method"], scope["path"])  # also a group's add runs
         decision = store.faults.decide(is_create)
         if decision is None:
-            await super().__call__(scope, receive, logged_send)
+            if is_create and store.faults.config.create_delay_s > 0:
+                await asyncio.sleep(store.faults.config.create_delay_s)
+            await super().__call__(scope, receive, _answer_later(store, is_create, logged_send))
             return
         kind, status = decision
         entry["fault"] = kind if status is None else str(status)
@@ -167,6 +174,20 @@ class SandboxApp(Litestar):
             await _drop(send)
 
 
+def _answer_later(store: Store, is_create: bool, send: Send) -> Send:
+    """`send`, holding a create's answer for `create_answer_delay_s` (its run already exists)."""
+    delay = store.faults.config.create_answer_delay_s
+    if not is_create or delay <= 0:
+        return send
+
+    async def delayed_send(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            await asyncio.sleep(delay)
+        await send(message)
+
+    return delayed_send
+
+
 def _path_run_id(path: str) -> str | None:
     parts = path.split("/")
     return parts[4] if len(parts) > 4 and parts[4].startswith("trun_") else None
@@ -180,8 +201,10 @@ def _authorized(scope: Scope, api_key: str | None) -> bool:
     return False
 
 
-async def _send_error(send: Send, status: int, headers: dict[str, str] | None = None) -> None:
-    body = error_body(status)
+async def _send_error(
+    send: Send, status: int, headers: dict[str, str] | None = None, message: str | None = None
+) -> None:
+    body = error_body(status, message)
     raw_headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import os
 
 import msgspec
@@ -18,6 +20,17 @@ BASE_PROCESSORS = (
     "ultra8x",
 )
 PROCESSORS = frozenset(BASE_PROCESSORS + tuple(f"{p}-fast" for p in BASE_PROCESSORS))
+# Never shown by GET /_sandbox/config (nor by PATCH's answer).
+SECRET_FIELDS = ("api_key", "webhook_secret", "control_token")
+
+
+class ExposedWithoutToken(ValueError):
+    """The sandbox would listen beyond loopback with an open control API."""
+
+
+def secret_fingerprint(secret: str) -> str:
+    """The SHA-256 of a secret, in hex: comparable, not reversible."""
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 class SandboxConfig(msgspec.Struct, kw_only=True):
@@ -28,6 +41,9 @@ class SandboxConfig(msgspec.Struct, kw_only=True):
     default_latency_s: float = 0.3
     queued_s: float = 0.05
     webhook_secret: str = "sandbox_webhook_secret"
+    # Bearer token for /_sandbox/* (health excepted). Without one, the control API answers
+    # loopback callers only, and the sandbox refuses to listen on any other address.
+    control_token: str | None = None
     webhook_retry_base_s: float = 5.0
     webhook_max_attempts: int = 5
     webhook_timeout_s: float = 10.0
@@ -63,6 +79,8 @@ class SandboxConfig(msgspec.Struct, kw_only=True):
             cfg.default_latency_s = float(lat)
         if secret := env.get("SANDBOX_WEBHOOK_SECRET"):
             cfg.webhook_secret = secret
+        if token := env.get("SANDBOX_CONTROL_TOKEN"):
+            cfg.control_token = token
         if queued := env.get("SANDBOX_QUEUED_S"):
             cfg.queued_s = float(queued)
         if per := env.get("SANDBOX_PROCESSOR_LATENCY_S"):
@@ -76,8 +94,39 @@ class SandboxConfig(msgspec.Struct, kw_only=True):
         cfg.task_groups = groups == "on"
         return cfg
 
+    def public(self) -> dict[str, object]:
+        """The settings as /_sandbox/config shows them: secrets left out, only whether set."""
+        shown = {k: v for k, v in msgspec.structs.asdict(self).items() if k not in SECRET_FIELDS}
+        shown["api_key_required"] = self.api_key is not None
+        shown["control_token_required"] = self.control_token is not None
+        # Lets a client check the secret it holds (service/dev.py) without the secret being shown.
+        shown["webhook_secret_sha256"] = secret_fingerprint(self.webhook_secret)
+        return shown
+
+    def check_exposure(self, host: str) -> None:
+        """Refuse to serve on a non-loopback address without a control token.
+
+        Raises ExposedWithoutToken.
+        """
+        if self.control_token is None and not is_loopback(host):
+            raise ExposedWithoutToken(
+                f"the sandbox would listen on {host!r} with its control API (/_sandbox/*: runs "
+                "and their inputs, faults, settings) open to anyone who reaches it: set "
+                "SANDBOX_CONTROL_TOKEN, or listen on 127.0.0.1"
+            )
+
     def latency_for(self, processor: str) -> float:
         if processor in self.latency_s:
             return self.latency_s[processor]
         base = processor.removesuffix("-fast")
         return self.latency_s.get(base, self.default_latency_s)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address, or "localhost") is loopback only; other names count as not."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -1,17 +1,47 @@
-"""Control and introspection API under /_sandbox (no auth, not logged, never faulted)."""
+"""Control and introspection API under /_sandbox (not logged, never faulted).
+
+It shows every run's input and can change what the sandbox answers, so it is not open: with a
+control token (SANDBOX_CONTROL_TOKEN) every route but /_sandbox/health needs
+`Authorization: Bearer <token>`; without one only loopback callers get in (and the sandbox will
+not listen beyond loopback, SandboxConfig.check_exposure). Secrets are never shown.
+"""
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 import msgspec
 from litestar import Request, Response, delete, get, patch, post
 from litestar.params import FromPath
+from litestar.types import Scope
 
-from sandbox.config import SandboxConfig
+from sandbox.config import SandboxConfig, is_loopback
 from sandbox.faults import FaultConfig
 from sandbox.store import Store
 from sandbox.wire import ApiError, json_response
+
+OPEN_PATHS = frozenset({"/_sandbox/health"})
+REFUSALS = {
+    401: "Unauthorized: /_sandbox/* needs Authorization: Bearer <SANDBOX_CONTROL_TOKEN>",
+    403: "Forbidden: without SANDBOX_CONTROL_TOKEN, /_sandbox/* answers loopback callers only",
+}
+
+
+def refusal(scope: Scope, config: SandboxConfig) -> int | None:
+    """The status a control request is refused with (401, 403), or None when it may pass."""
+    if scope["path"].rstrip("/") in OPEN_PATHS:
+        return None
+    if config.control_token is not None:
+        sent = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, sent = value.partition(b" ")
+                sent = sent.strip() if scheme.lower() == b"bearer" else b""
+        return None if hmac.compare_digest(sent, config.control_token.encode()) else 401
+    client = scope.get("client")
+    # No client address: an in-process ASGI client, not the network.
+    return None if client is None or is_loopback(client[0]) else 403
 
 
 def _store(request: Request[Any, Any, Any]) -> Store:
@@ -121,7 +151,7 @@ async def reset(request: Request[Any, Any, Any]) -> Response[bytes]:
 
 @get("/_sandbox/config")
 async def get_config(request: Request[Any, Any, Any]) -> Response[bytes]:
-    return json_response(msgspec.structs.asdict(_store(request).config))
+    return json_response(_store(request).config.public())
 
 
 @patch("/_sandbox/config")
@@ -129,13 +159,17 @@ async def patch_config(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Change settings at runtime (e.g. latencies); affects runs created afterwards."""
     config = _store(request).config
     changes = await _json(request)
+    if not isinstance(changes, dict):
+        raise ApiError(422, "Invalid config: expected an object")
+    if "control_token" in changes:
+        raise ApiError(422, "Invalid config: control_token is set at start only")
     try:
         merged = msgspec.convert({**msgspec.structs.asdict(config), **changes}, SandboxConfig)
     except (msgspec.ValidationError, TypeError) as exc:
         raise ApiError(422, f"Invalid config: {exc}") from exc
     for field in msgspec.structs.fields(SandboxConfig):
         setattr(config, field.name, getattr(merged, field.name))
-    return json_response(msgspec.structs.asdict(config))
+    return json_response(config.public())
 
 
 CONTROL_ROUTES = [

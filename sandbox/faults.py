@@ -5,6 +5,11 @@ Decision order for a /v1 call: `response_delay_s` sleep, auth (401), then for
 Every fault is decided before the request has side effects, except the kind
 `"drop_after_create"`, which creates the run and then drops the connection (on
 other routes it acts as `"drop"`).
+
+Two faults slow down a create served normally: `create_delay_s` waits before the
+request is handled (no run exists meanwhile: a slow Parallel that has not acted
+yet), `create_answer_delay_s` creates the run at once and waits that long before
+answering (a client that gives up first never learns the run's id).
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ class FaultConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     retry_after_s: float | None = 1.0
     seed: int | None = None
     response_delay_s: float = 0.0
+    create_delay_s: float = 0.0
+    create_answer_delay_s: float = 0.0
     fail_runs: bool = False
 
 
@@ -55,6 +62,8 @@ class FaultState:
             raise ValueError(
                 f"unknown error_kinds {bad}; use HTTP status codes, 'drop' or 'drop_after_create'"
             )
+        if config.create_delay_s < 0 or config.create_answer_delay_s < 0:
+            raise ValueError("create delays must not be negative")
         if not 0.0 <= config.error_rate <= 1.0:
             raise ValueError("error_rate must be between 0 and 1")
         if config.create_status is not None and not 100 <= config.create_status <= 599:

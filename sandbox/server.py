@@ -53,6 +53,7 @@ class SandboxServer:
         self, config: SandboxConfig | None = None, host: str = "127.0.0.1", port: int = 0
     ) -> None:
         self.config = config or SandboxConfig()
+        self.config.check_exposure(host)
         self.app: SandboxApp = create_app(self.config)
         self.host = host
         self._sock = bind(host, port)
@@ -120,8 +121,10 @@ def banner(config: SandboxConfig, url: str) -> str:
 
 def serve(host: str = "127.0.0.1", port: int = 8700, config: SandboxConfig | None = None) -> None:
     """Serve the sandbox until interrupted (for `research-service sandbox --port N`): the same app
-    and SANDBOX_* settings as inside `research-service dev`. PortBusy if the port is taken."""
+    and SANDBOX_* settings as inside `research-service dev`. PortBusy if the port is taken;
+    ExposedWithoutToken for a non-loopback host without SANDBOX_CONTROL_TOKEN."""
     config = config or SandboxConfig.from_env()
+    config.check_exposure(host)
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
     print(banner(config, f"http://{shown}:{sock.getsockname()[1]}"), flush=True)

@@ -13,11 +13,12 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 from service import __version__
 from service.config import Settings
-from service.http.auth import ApiKeyMiddleware
+from service.http.auth import ApiKeyMiddleware, add_rate_limit_headers
 from service.http.conversations import ConversationController
 from service.http.deps import provide_resources
 from service.http.events import EventController
 from service.http.health import HealthController
+from service.http.input import CheckedRequest, reject_unreadable_input
 from service.http.metrics import MetricsController
 from service.http.middleware import access_middleware, add_request_id, request_id_middleware
 from service.http.problems import EXCEPTION_HANDLERS
@@ -68,8 +69,10 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
         route_handlers=[v1, ParallelHookController, HealthController, MetricsController],
         dependencies={"resources": Provide(provide_resources, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[request_id_middleware, access_middleware],
-        before_send=[add_request_id],
+        # reject_unreadable_input runs before the v1 router's API keys: a key is text too.
+        middleware=[request_id_middleware, access_middleware, reject_unreadable_input],
+        request_class=CheckedRequest,
+        before_send=[add_request_id, add_rate_limit_headers],
         lifespan=[lifespan],
         openapi_config=OPENAPI,
         request_max_body_size=MAX_BODY_BYTES,

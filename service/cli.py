@@ -139,11 +139,14 @@ def usd(text: str) -> Decimal:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> None:
+    from sandbox.config import ExposedWithoutToken
     from sandbox.server import PortBusy, serve
 
     try:
         serve(host=args.host, port=args.port)
     except PortBusy as exc:
+        sys.exit(f"[sandbox] error: {exc}")
+    except ExposedWithoutToken as exc:
         sys.exit(f"[sandbox] error: {exc}")
 
 

@@ -35,9 +35,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     poll_max_s: float = 30.0
     follower_batch: int = 200
     follower_idle_s: float = 1.0
-    # A start attempt that has not recorded its run after this long is considered dead; the
-    # create call itself times out at half of it, so a live attempt never outlasts its lease.
-    start_lease_s: float = 30.0
+    # A start attempt that has not recorded its run after this long is considered dead and
+    # another may begin. A live attempt ends inside it: its create gives up after
+    # create_timeout_s, and storing the run must be done before the lease's last few seconds.
+    start_lease_s: float = 45.0
     # A claimed check not finished within this long (its worker died) becomes due again.
     check_lease_s: float = 30.0
     reconcile_interval_s: int = 30
@@ -77,6 +78,58 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     push_poll_max_s: float = 600.0
     # The worker serves Prometheus metrics on this port (0: off); the API serves GET /metrics.
     worker_metrics_port: int = 9102
+    # --- Operational surfaces: /metrics and the worker's metrics server ---
+    # When set, GET /metrics needs `Authorization: Bearer <metrics_token>` (else 401).
+    metrics_token: str | None = None
+    # The gauges of shared state (open turns, queue depth) are measured in Postgres and Redis
+    # at most once per this many seconds, however often /metrics is scraped.
+    metrics_state_max_age_s: float = 5.0
+    # Where the worker's (unauthenticated) metrics server listens: loopback unless a
+    # deployment means it to be scraped from outside (deploy/k8s sets 0.0.0.0).
+    worker_metrics_host: str = "127.0.0.1"
+
+    # Event streams (SSE) and long-polls (docs/design.md, Events): a heartbeat comment after this
+    # many idle seconds, the longest a stream stays open (the client resumes with Last-Event-ID),
+    # and how many SSE streams plus `?wait=` long-polls a tenant may hold open across all API
+    # processes (counted in Redis, service.domain.slots).
+    sse_heartbeat_s: float = 15.0
+    max_stream_s: float = 3600.0
+    max_open_streams_per_tenant: int = 200
+
+    # Outages and deadlines (README, "Configuration"; docs/operations.md, "Outages"): every wait
+    # on Postgres ends. The API's are short (a request answers 503 within a few seconds); the
+    # worker's are longer (batches, no client waiting). Per role: waiting for a pool connection,
+    # one statement (server-side statement_timeout), one lock (lock_timeout).
+    db_acquire_timeout_s: float = 2.0
+    db_statement_timeout_s: float = 5.0
+    db_lock_timeout_s: float = 2.0
+    worker_db_acquire_timeout_s: float = 10.0
+    worker_db_statement_timeout_s: float = 30.0
+    worker_db_lock_timeout_s: float = 5.0
+    # Postgres ends a session idle inside a transaction this long (a process frozen mid-
+    # transaction), releasing its locks; no transaction here waits on anything but SQL.
+    db_idle_in_transaction_timeout_s: float = 15.0
+    # Server-side TCP keepalives on every pool connection: first probe after this idle time.
+    db_tcp_keepalives_idle_s: int = 30
+    # One follower check (Parallel calls and the SQL recording them) ends after this, so a slow
+    # check cannot hold the follower's tick; its claim's lease makes the turn due again.
+    follower_check_timeout_s: float = 20.0
+    # While Redis is away the worker probes it this often, and wakes its loops when it answers.
+    redis_retry_s: float = 1.0
+
+    # Fair webhook delivery (docs/webhooks.md): attempts in flight at once across all workers,
+    # per tenant and per receiving host (the URL's host[:port]), so receivers that hang hold up
+    # only their own tenant's and host's deliveries. Keep the tenant cap well below
+    # webhook_batch, each worker's own limit.
+    webhook_max_in_flight_per_tenant: int = 20
+    webhook_max_in_flight_per_host: int = 50
+
+    # Start attempts (README, "Guarantees"). Parallel documents its create as answering at once
+    # (the run is queued); one that has not answered in create_timeout_s is given up and may
+    # have made a run nobody can look up. A turn with max_doubtful_attempts such creates fails
+    # with error.code create_in_doubt rather than paying for one more run.
+    create_timeout_s: float = 30.0
+    max_doubtful_attempts: int = 2
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: object) -> Settings:

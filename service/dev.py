@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import os
 import signal
 import socket
@@ -129,13 +130,18 @@ def _use_sandbox(env: dict[str, str], sandbox: Any, api_url: str) -> None:
     print(banner(sandbox.config, sandbox.url), flush=True)
 
 
-def _sandbox_secret(base_url: str | None) -> str | None:
-    """A sandbox's webhook secret from its control API, if PARALLEL_BASE_URL is one."""
+def _sha256(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _sandbox_secret_sha256(base_url: str | None) -> str | None:
+    """The SHA-256 of a sandbox's webhook secret from its control API (which never shows the
+    secret itself), if PARALLEL_BASE_URL is a sandbox."""
     if not base_url:
         return None
     try:
         answer = httpx.get(f"{base_url.rstrip('/')}/_sandbox/config", timeout=2, trust_env=False)
-        secret = answer.json().get("webhook_secret") if answer.status_code == 200 else None
+        secret = answer.json().get("webhook_secret_sha256") if answer.status_code == 200 else None
     except (httpx.HTTPError, ValueError, AttributeError):
         return None
     return secret if isinstance(secret, str) else None
@@ -147,14 +153,14 @@ def check_webhook_secret(env: dict[str, str], sandbox: Any) -> None:
     if not public:
         return
     secret = env.get("PARALLEL_WEBHOOK_SECRET")
-    expected = (sandbox.config.webhook_secret if sandbox is not None
-                else _sandbox_secret(env.get("PARALLEL_BASE_URL")))
+    expected = _sha256(sandbox.config.webhook_secret) if sandbox is not None else (
+        _sandbox_secret_sha256(env.get("PARALLEL_BASE_URL")))
     consequence = ("every Parallel webhook will be refused with 401 and turns will end only at "
                    "the safety-net polls (PUSH_POLL_INITIAL_S)")
     if not secret:
         _say(f"WARNING: PUBLIC_BASE_URL is set (push mode) but PARALLEL_WEBHOOK_SECRET is not: "
              f"{consequence}")
-    elif expected is not None and secret != expected:
+    elif expected is not None and _sha256(secret) != expected:
         _say(f"WARNING: PARALLEL_WEBHOOK_SECRET is not the sandbox's webhook secret "
              f"(SANDBOX_WEBHOOK_SECRET, docs/sandbox.md): {consequence}")
     else:

@@ -9,7 +9,8 @@ ServiceError
   ├── Conflict            409
   ├── TooManyRequests     429
   │     ├── RateLimited       the key's requests per minute (with Retry-After)
-  │     └── TooManyOpenTurns  queued plus running turns of a conversation or tenant
+  │     ├── TooManyOpenTurns  queued plus running turns of a conversation or tenant
+  │     └── TooManyStreams    open SSE streams plus ?wait= long-polls of a tenant
   ├── Unavailable         503
   └── UpstreamError              (Parallel; never reaches HTTP)
         ├── UpstreamUnavailable  transient: retry later
@@ -106,6 +107,12 @@ class TooManyOpenTurns(TooManyRequests):
     type_ = "too-many-open-turns"
 
 
+class TooManyStreams(TooManyRequests):
+    """Too many event streams and long-polls are open; close one or retry later."""
+
+    type_ = "too-many-streams"
+
+
 class Unavailable(ServiceError):
     """A backing service is unavailable; retry shortly."""
 
@@ -126,6 +133,8 @@ class UpstreamUnavailable(UpstreamError):
         self.retry_after = retry_after
         # The request may have been processed although no answer came back.
         self.in_doubt = False
+        # No answer came in time (rather than the connection breaking).
+        self.timed_out = False
 
 
 class UpstreamRejected(UpstreamError):

@@ -3,13 +3,15 @@
 Counters and histograms count what this process did. With PROMETHEUS_MULTIPROC_DIR set,
 prometheus_client keeps them in files in that folder and every scrape adds up all the processes
 that share it (several API processes behind one port), so totals stay right. Gauges of shared
-state (turns by status, queue depth) are not kept in any process: the API computes them from
-Postgres and Redis when scraped, so they are right whichever replica answers (aggregate them
-with max(), not sum()). docs/operations.md lists every metric and the alerts worth setting.
+state (turns by status, queue depth) are not kept in any process: the API measures them in
+Postgres and Redis, at most once per `metrics_state_max_age_s` (5 s) whatever the scrape rate
+(StateCache), so they are right whichever replica answers, give or take that age (aggregate
+them with max(), not sum()). docs/operations.md lists every metric and the alerts worth setting.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -18,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     REGISTRY,
     CollectorRegistry,
     Counter,
@@ -41,7 +42,11 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The classic text format (what generate_latest writes for these legacy-named metrics), each
+# parameter once: Prometheus 3 picks its parser with Go's mime.ParseMediaType, which refuses a
+# repeated parameter (prometheus_client's CONTENT_TYPE_LATEST plus Litestar's own charset gave
+# `charset=utf-8` twice, and the scrape failed).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPEN_STATUSES = ("queued", "running")
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 STATE_QUERY_TIMEOUT_S = 2.0
@@ -98,9 +103,26 @@ RECONCILER_REPAIRS = Counter(
 CREATE_IN_DOUBT = Counter(
     "research_create_in_doubt_total",
     "Start attempts whose create may have made a Parallel run nobody follows (billed, never "
-    "read), by reason: connection (broke after sending) or attempt_lost (worker died, lease ran "
-    "out).",
+    "read), by reason: connection (broke after sending), timeout (no answer in time) or "
+    "attempt_lost (worker died, lease ran out).",
     ["reason"],
+)
+EXTRA_RUNS = Counter(
+    "research_extra_runs_total",
+    "Parallel runs a start attempt made and got the id of, but its turn does not follow (billed, "
+    "never read), by reason: stale_attempt (a newer attempt had taken over; the run is in "
+    "turn_extra_run), turn_deleted, or unrecorded (Postgres did not answer within the attempt's "
+    "lease; the run id is only in the log).",
+    ["reason"],
+)
+
+RATE_LIMIT_FAIL_OPEN = Counter(
+    "research_rate_limit_fail_open_total",
+    "Requests let through without a rate-limit count because Redis did not answer.",
+)
+REDIS_OUTAGES = Counter(
+    "research_redis_outages_total",
+    "Times this worker lost Redis (it keeps running, probes it, and resumes when it answers).",
 )
 
 
@@ -121,6 +143,18 @@ def record_webhook_delivery(outcome: str, seconds: float | None = None) -> None:
 
 def create_in_doubt(reason: str) -> None:
     CREATE_IN_DOUBT.labels(reason).inc()
+
+
+def rate_limit_fail_open() -> None:
+    RATE_LIMIT_FAIL_OPEN.inc()
+
+
+def redis_outage() -> None:
+    REDIS_OUTAGES.inc()
+
+
+def extra_run(reason: str) -> None:
+    EXTRA_RUNS.labels(reason).inc()
 
 
 def reconciler_repairs(kind: str, count: int) -> None:
@@ -210,21 +244,58 @@ async def shared_state(pool: asyncpg.Pool, queue: ArqRedis, queue_name: str) -> 
     ]
 
 
-async def render(pool: asyncpg.Pool, queue: ArqRedis, queue_name: str) -> bytes:
-    """The API's /metrics page: process counters plus the shared state measured now."""
+class StateCache:
+    """The shared-state gauges, measured at most once per `max_age_s` however often scraped.
+
+    Scrapes that find the copy stale wait for one refresh together (a lock, bounded by the
+    queries' own timeouts); a failed measurement is kept for the same time, so Postgres or
+    Redis being away does not turn every scrape into a query either.
+    """
+
+    def __init__(self, max_age_s: float, clock: Any = time.monotonic) -> None:
+        self.max_age_s = max_age_s
+        self.refreshes = 0
+        self._clock = clock
+        self._families: list[Any] = []
+        self._measured_at: float | None = None
+        self._lock = asyncio.Lock()
+
+    def _fresh(self) -> bool:
+        at = self._measured_at
+        return at is not None and self._clock() - at < self.max_age_s
+
+    async def families(self, pool: asyncpg.Pool, queue: ArqRedis, queue_name: str) -> list[Any]:
+        if self._fresh():
+            return self._families
+        async with self._lock:
+            if not self._fresh():
+                self._families = await shared_state(pool, queue, queue_name)
+                self._measured_at = self._clock()
+                self.refreshes += 1
+        return self._families
+
+
+async def render(
+    pool: asyncpg.Pool, queue: ArqRedis, queue_name: str, cache: StateCache
+) -> bytes:
+    """The API's /metrics page: process counters plus the shared state, at most `max_age_s` old."""
     snapshot = CollectorRegistry(auto_describe=False)
-    snapshot.register(_Snapshot(await shared_state(pool, queue, queue_name)))
+    snapshot.register(_Snapshot(await cache.families(pool, queue, queue_name)))
     return generate_latest(process_registry()) + generate_latest(snapshot)
 
 
-def start_worker_server(port: int) -> Any:
-    """Serve this worker's metrics on `port` (0: off). A port in use is logged, not fatal."""
+def start_worker_server(port: int, host: str = "127.0.0.1") -> Any:
+    """Serve this worker's metrics on `host`:`port` (0: off). A port in use is logged, not fatal.
+
+    Loopback unless told otherwise (WORKER_METRICS_HOST): the page is unauthenticated, so only
+    a deployment that means it to be scraped from outside (k8s sets 0.0.0.0) exposes it.
+    """
     if port <= 0:
         return None
     try:
-        server, _thread = start_http_server(port, registry=process_registry())
+        server, _thread = start_http_server(port, addr=host, registry=process_registry())
     except OSError as exc:
-        log.warning("metrics_port_unavailable", port=port, error=repr(exc))
+        log.warning("metrics_port_unavailable", host=host, port=port, error=repr(exc))
         return None
-    log.info("metrics_serving", port=port)
+    log.info("metrics_serving", host=host, port=port)
     return server

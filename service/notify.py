@@ -1,8 +1,9 @@
 """Wake-ups from Postgres LISTEN/NOTIFY: one connection per process, many waiters.
 
-Event inserts notify channel `research_events` with the conversation id on commit. Waiters always
-re-read Postgres after a wake-up, and wait with a timeout, so a lost notification (the listening
-connection dropped) costs latency, never correctness. The worker's webhook dispatcher uses the
+Event inserts (and conversation deletes) notify channel `research_events` with the conversation
+id on commit. Waiters always re-read Postgres after a wake-up, and wait with a timeout, so a lost
+notification (the listening connection dropped) costs latency, never correctness; in the API the
+only waiter per conversation is its feed (service.domain.feeds), which reads for all watchers. The worker's webhook dispatcher uses the
 same hub on channel `webhook_deliveries`. Other channels can be followed on the same connection
 with `on_channel` (the API's key cache follows `api_keys`); `epoch` changes whenever the
 connection is made or lost, so a cache can tell whether it may have missed a notification.

@@ -11,10 +11,16 @@ from typing import Any
 
 import msgspec
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.constants import in_progress_key_prefix
+from redis.exceptions import RedisError
 
 START_TURN = "start_turn"
 CHECK_TURN = "check_turn"
 RECONCILE = "reconcile"
+
+# What redis-py and arq raise when Redis is down, refusing connections or too slow: a caller
+# whose write already committed logs it and lets the reconciler repair the queue later.
+QUEUE_UNAVAILABLE: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
 
 _encoder = msgspec.msgpack.Encoder(enc_hook=repr)
 
@@ -44,6 +50,13 @@ async def enqueue_start_turn(queue: ArqRedis, queue_name: str, turn_id: str) -> 
         START_TURN, turn_id, _job_id=f"{START_TURN}:{turn_id}", _queue_name=queue_name
     )
     return job is not None
+
+
+async def limit_job_claim(queue: ArqRedis, job_id: str, seconds: float) -> None:
+    """Let arq's claim on a running job (its in-progress key) lapse after `seconds` instead of
+    the worker-wide longest job timeout + 10 s: if the worker dies, another one takes the job
+    again (it stays queued until it ends) that much sooner."""
+    await queue.pexpire(in_progress_key_prefix + job_id, int(seconds * 1000))
 
 
 # arq runs due jobs in score order (the time they are due). A webhook's check is scored this

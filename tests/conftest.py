@@ -7,7 +7,6 @@ import asyncio
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -17,18 +16,15 @@ from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
 from service.app import create_app
 from service.config import Settings
-from service.db.keys import create_key
 from service.db.migrate import migrate
 from service.resources import Resources
+
+# new_key and with_database live in tests.helpers; they are bound here too for the modules
+# that still import them from conftest.
+from tests.helpers import new_key, running_worker, with_database
 from tests.servers import postgres_server, redis_server
-from tests.helpers import running_worker
 
 TEMPLATE_DB = f"research_template_{os.getpid()}"
-
-
-def with_database(dsn: str, name: str) -> str:
-    parts = urlsplit(dsn)
-    return urlunsplit(parts._replace(path=f"/{name}"))
 
 
 @pytest.fixture(scope="session")
@@ -126,11 +122,6 @@ async def client(settings: Settings, resources: Resources) -> AsyncIterator[http
     transport = httpx.ASGITransport(app=create_app(settings, resources=resources))
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
         yield http
-
-
-async def new_key(resources: Resources, tenant: str) -> str:
-    async with resources.pool.acquire() as conn:
-        return (await create_key(conn, tenant))[1]
 
 
 @pytest.fixture

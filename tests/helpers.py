@@ -4,17 +4,60 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import httpx
+import msgspec
 
 from service.config import Settings
-from service.db.keys import split_key
+from service.db.keys import create_key, split_key
 from service.resources import Resources
 
 TERMINAL = {"completed", "failed", "cancelled"}
+
+
+def with_database(dsn: str, name: str) -> str:
+    """The same server's URL for database `name`."""
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+async def new_key(resources: Resources, tenant: str) -> str:
+    """A new API key of `tenant`, in full."""
+    async with resources.pool.acquire() as conn:
+        return (await create_key(conn, tenant))[1]
+
+
+def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    """The response is a problem+json body of `status` (and no traceback); returns the body."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body: dict[str, Any] = response.json()
+    assert {"type", "title", "status", "detail"} <= body.keys()
+    assert body["status"] == status
+    assert "Traceback" not in response.text
+    return body
+
+
+async def counts(database_url: str) -> tuple[int, int, int]:
+    """How many conversations, turns and events the database holds."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        return tuple(await conn.fetchrow(  # type: ignore[return-value]
+            "SELECT (SELECT count(*) FROM conversation), (SELECT count(*) FROM turn),"
+            " (SELECT count(*) FROM event)"))
+    finally:
+        await conn.close()
+
+
+def settings_of(resources: Resources, **changes: Any) -> None:
+    """Change the running app's settings for this test (the handlers read resources.settings)."""
+    resources.settings = msgspec.structs.replace(resources.settings, **changes)
 
 
 async def create_conversation(api: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
@@ -97,3 +140,22 @@ async def running_worker(settings: Settings) -> AsyncIterator[Any]:
                 raise  # this test is being cancelled, not only a job of the worker
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def until(condition: Any, timeout: float = 10.0) -> None:
+    """Wait until condition() holds (checked every 10 ms); fail after `timeout`."""
+    await wait_until(condition, timeout, interval=0.01, what="the condition to hold")
+
+
+async def wait_until(condition: Callable[[], Awaitable[Any] | Any], timeout_s: float = 20.0,
+                     interval: float = 0.02, what: str = "the condition") -> Any:
+    """Poll `condition` (sync or async) until it returns something truthy; returns that value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(interval)

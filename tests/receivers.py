@@ -1,11 +1,13 @@
 """Real HTTP servers inside the test's event loop: the app itself (SSE needs a real server, as
-httpx.ASGITransport buffers responses) and a webhook receiver that records what it gets."""
+httpx.ASGITransport buffers responses), a webhook receiver that records what it gets, and one
+that accepts connections and never answers."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +44,8 @@ async def serve(app: Any) -> AsyncIterator[str]:
 class Received:
     headers: dict[str, str]
     body: bytes
+    # Wall-clock time of arrival (time.time()), to compare with the service's timestamps.
+    at: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -81,6 +85,63 @@ class Receiver:
                 self.arrived.clear()
                 await self.arrived.wait()
         return self.requests
+
+
+class HangingReceiver:
+    """A TCP server that accepts every connection, reads what comes and never answers."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.open = 0
+        self.max_open = 0
+        self._changed = asyncio.Event()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self.open += 1
+        self.max_open = max(self.max_open, self.open)
+        self._writers.add(writer)
+        self._changed.set()
+        try:
+            while await reader.read(65536):
+                pass  # until the client gives up and closes
+        except ConnectionError:
+            pass
+        finally:
+            self.open -= 1
+            self._writers.discard(writer)
+            self._changed.set()
+            writer.close()
+
+    async def wait_open(self, count: int, timeout: float = 30.0) -> None:
+        """Until at least `count` connections are open at once."""
+        async with asyncio.timeout(timeout):
+            while self.open < count:
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def wait_accepted(self, count: int, timeout: float = 30.0) -> None:
+        """Until at least `count` connections were accepted in all."""
+        async with asyncio.timeout(timeout):
+            while self.accepted < count:
+                self._changed.clear()
+                await self._changed.wait()
+
+
+@contextlib.asynccontextmanager
+async def hanging(receiver: HangingReceiver) -> AsyncIterator[str]:
+    """Serve `receiver` on a free 127.0.0.1 port; yields its base URL."""
+    server = await asyncio.start_server(receiver._handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        for writer in list(receiver._writers):
+            writer.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(server.wait_closed(), 5)
 
 
 @dataclass

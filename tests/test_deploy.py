@@ -206,7 +206,7 @@ def test_manifests_validate_against_the_bundled_kubernetes_schemas(manifests):
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
     kinds = {doc["kind"] for doc in manifests}
     assert {"Deployment", "Service", "Job", "ConfigMap", "Secret", "PodDisruptionBudget",
-            "HorizontalPodAutoscaler"} <= kinds
+            "HorizontalPodAutoscaler", "NetworkPolicy"} <= kinds
 
 
 def test_manifest_commands_env_and_resources_match_the_code(manifests):
@@ -306,3 +306,76 @@ def test_operations_doc_lists_every_metric_and_multiprocess_mode():
     assert not {name for name in names if name not in text}, "docs/operations.md lists them"
     assert "PROMETHEUS_MULTIPROC_DIR" in text and "--workers" in text
     assert command(["api", "--workers", "4"]).workers == 4
+
+
+# --- hardening ----------------------------------------------------------------------------------
+
+def interpolated(value: str) -> str:
+    """A compose value with every ${NAME:-default} at its default (an empty deploy/.env)."""
+    return re.sub(r"\$\{[A-Z_][A-Z0-9_]*:-([^}]*)\}", r"\1", value)
+
+
+def test_compose_publishes_only_the_api_and_on_loopback_by_default(compose):
+    published = {name: svc["ports"] for name, svc in compose["services"].items() if "ports" in svc}
+    assert set(published) == {"api"}, "Postgres, Redis and the worker stay on compose's network"
+    for port in published["api"]:
+        assert interpolated(str(port)).split(":")[0] == "127.0.0.1", port
+    worker_env = ours(compose)["worker"]["environment"]
+    # Its health check runs inside the container, so the metrics port can stay on loopback.
+    assert worker_env.get("WORKER_METRICS_HOST", DEFAULTS.worker_metrics_host) == "127.0.0.1"
+    sandbox = compose["services"]["sandbox"]
+    assert command(sandbox["command"]).host == "0.0.0.0"
+    assert "SANDBOX_CONTROL_TOKEN" in sandbox["environment"], "it refuses to start without one"
+
+
+def test_pods_run_with_seccomp_no_token_and_no_privileges(manifests):
+    for name, spec in pod_specs(manifests).items():
+        assert spec["automountServiceAccountToken"] is False, name
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for container in spec["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False
+            assert context["readOnlyRootFilesystem"] is True
+            assert context["capabilities"]["drop"] == ["ALL"]
+
+
+def policy_ports(rules: list[dict[str, Any]]) -> set[tuple[str, int]]:
+    ports = set()
+    for rule in rules:
+        assert rule.get("ports"), f"a rule without ports admits every port: {rule}"
+        ports |= {(p.get("protocol", "TCP"), int(p["port"])) for p in rule["ports"]}
+    return ports
+
+
+DNS = {("UDP", 53), ("TCP", 53)}
+POSTGRES, REDIS, HTTPS, HTTP = ("TCP", 5432), ("TCP", 6379), ("TCP", 443), ("TCP", 80)
+
+
+def test_each_role_has_a_network_policy_admitting_only_what_it_needs(manifests):
+    config = {key: value for doc in of_kind(manifests, "ConfigMap").values()
+              for key, value in doc["data"].items()}
+    metrics_port = int(config["WORKER_METRICS_PORT"])
+    # The liveness probe and Prometheus reach it on the pod's address, not loopback.
+    assert config["WORKER_METRICS_HOST"] == "0.0.0.0"
+    api_port = command(container_of(manifests, "api")[0]["args"]).port
+    expected = {
+        "api": ({("TCP", api_port)}, DNS | {POSTGRES, REDIS, HTTPS}),
+        "worker": ({("TCP", metrics_port)}, DNS | {POSTGRES, REDIS, HTTPS, HTTP}),
+        "migrate": (set(), DNS | {POSTGRES}),
+    }
+    policies = of_kind(manifests, "NetworkPolicy")
+    covered = set()
+    for kind in ("Deployment", "Job"):
+        for doc in of_kind(manifests, kind).values():
+            labels = doc["spec"]["template"]["metadata"]["labels"].items()
+            role = command(doc["spec"]["template"]["spec"]["containers"][0]["args"]).command
+            chosen = [p for p in policies.values()
+                      if p["spec"]["podSelector"]["matchLabels"].items() <= labels]
+            assert len(chosen) == 1, f"{role}: one NetworkPolicy selects its pods"
+            spec = chosen[0]["spec"]
+            assert sorted(spec["policyTypes"]) == ["Egress", "Ingress"], "both directions closed"
+            ingress, egress = expected[role]
+            assert policy_ports(spec.get("ingress", [])) == ingress, role
+            assert policy_ports(spec["egress"]) == egress, role
+            covered.add(chosen[0]["metadata"]["name"])
+    assert covered == set(policies), "no policy selects nothing"

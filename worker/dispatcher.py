@@ -1,8 +1,10 @@
 """The webhook dispatcher: one loop per worker that sends due deliveries from the outbox.
 
 Deliveries and their schedule live in Postgres (webhook_delivery.next_attempt_at), not in Redis:
-the loop claims due rows with FOR UPDATE SKIP LOCKED (several workers share the load), sends
-them concurrently, and sleeps until the next one is due or a NOTIFY says a new one was written.
+the loop claims due rows with FOR UPDATE SKIP LOCKED (several workers share the load), fairly
+(round-robin across tenants, in-flight caps per tenant and per host, see
+service.db.webhook_deliveries), sends them concurrently, and sleeps until the next one is due,
+an attempt ends or a NOTIFY says a new one was written.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Dispatcher(DueLoop):
         self._sender = WebhookSender(resources.settings.webhook_timeout_s)
         self._hub = EventHub(resources.settings.database_url, channel=db.DELIVERY_CHANNEL)
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._next_due: datetime | None = None
         self._subscription = self._hub.subscribe(db.WAKE_PAYLOAD)
 
     async def start(self) -> None:
@@ -59,17 +62,20 @@ class Dispatcher(DueLoop):
         room = self._res.settings.webhook_batch - len(self._in_flight)
         if room <= 0:
             return False  # a finished attempt wakes the loop
-        claimed = await webhooks.claim_due(self._res.pool, self._res.settings, room)
-        for due in claimed:
+        claim = await webhooks.claim_due(self._res.pool, self._res.settings, room)
+        self._next_due = claim.next_due
+        for due in claim.deliveries:
             task = asyncio.create_task(self._deliver(due))
             self._in_flight.add(task)
             task.add_done_callback(self._finished)
-        return bool(claimed)
+        # A full claim may leave more; a short one left nothing due but rows held back by the
+        # caps, which a finished attempt (a wake-up here, the idle poll for other workers') frees.
+        return len(claim.deliveries) == room
 
     async def next_due(self) -> datetime | None:
         if len(self._in_flight) >= self._res.settings.webhook_batch:
             return None
-        return await db.next_due(self._res.pool)
+        return self._next_due
 
     async def drain(self) -> None:
         if self._in_flight:

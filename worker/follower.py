@@ -57,7 +57,13 @@ class Follower(DueLoop):
             turn_id=row["id"], run_id=row["run_id"], conversation_id=row["conversation_id"]
         )
         try:
-            await runs.check_turn(res.pool, res.parallel, res.queue, res.settings, row, later)
+            # Its own deadline: the tick waits for all its checks, so one stuck on a lock or a
+            # slow answer must not hold the others' next round.
+            async with asyncio.timeout(res.settings.follower_check_timeout_s):
+                await runs.check_turn(res.pool, res.parallel, res.queue, res.settings, row, later)
+        except TimeoutError:
+            log.warning("check_timed_out", turn_id=row["id"],
+                        timeout_s=res.settings.follower_check_timeout_s)
         except Exception:
             # The claim's lease makes the turn due again later.
             log.exception("check_failed", turn_id=row["id"])

@@ -8,10 +8,10 @@ import asyncpg
 import structlog
 from arq import Retry
 
-from service import metrics
+from service import metrics, queue
 from service.db import turns as turn_db
 from service.db.pool import DB_UNAVAILABLE
-from service.domain import runs
+from service.domain import runs, starts
 from service.domain.turns import enqueue_start
 from service.errors import UpstreamUnavailable
 from service.resources import Resources
@@ -35,16 +35,34 @@ def push_url(resources: Resources) -> str | None:
     return f"{base.rstrip('/')}/v1/hooks/parallel" if base else None
 
 
+# arq's claim on a running start job lapses this long after the attempt's lease would (see
+# start_turn), so a worker that dies mid-start holds its turn up for START_LEASE_S + 5 s.
+START_CLAIM_MARGIN_S = 5.0
+
+
 async def start_turn(ctx: dict[str, Any], turn_id: str) -> str:
     """Start the turn's run if the turn is next in its conversation."""
     res: Resources = ctx["resources"]
     # Every log line of this job names the turn (the job runs in its own task and context).
     structlog.contextvars.bind_contextvars(turn_id=turn_id)
+    # arq keeps a running job claimed for the longest job timeout + 10 s (70 s here), and only
+    # then lets another worker take it again if this one died. The attempt's lease is what
+    # guards a start, so the claim only needs to outlive it.
     try:
-        return await runs.start_turn(
+        await queue.limit_job_claim(
+            ctx["redis"], ctx["job_id"], res.settings.start_lease_s + START_CLAIM_MARGIN_S
+        )
+    except queue.QUEUE_UNAVAILABLE as exc:
+        log.warning("start_claim_not_limited", error=repr(exc))
+    try:
+        return await starts.start_turn(
             res.pool, res.parallel, res.queue, res.settings, turn_id, webhook_url=push_url(res),
             before_create=ctx["creation_limiter"].acquire,
         )
+    except starts.LeaseHeld as exc:
+        # A duplicate of this job (or one whose worker froze) holds the lease: look again when
+        # it runs out, rather than ending and leaving the turn to the reconciler.
+        raise Retry(defer=exc.seconds + 0.5) from exc
     except UpstreamUnavailable as exc:
         log.warning("start_retry", turn_id=turn_id, error=exc.detail)
         raise Retry(defer=_backoff(ctx, exc.retry_after)) from exc
@@ -101,14 +119,16 @@ async def check_turn(ctx: dict[str, Any], run_id: str, status: str | None = None
     return str(claimed["id"])
 
 
-async def reconcile(ctx: dict[str, Any]) -> int:
+async def reconcile(ctx: dict[str, Any], min_age_s: float = 5.0) -> int:
     """Re-enqueue turns waiting for a worker whose job Redis lost (the follower's schedule is in
-    Postgres already). Safe to run anywhere, any time: job ids dedupe."""
+    Postgres already). Safe to run anywhere, any time: job ids dedupe. The cron leaves turns
+    younger than `min_age_s` to the API's own enqueue; the worker passes 0 when Redis comes back
+    (every enqueue of the outage failed)."""
     res: Resources = ctx["resources"]
     settings = res.settings
     try:
         turn_ids = await turn_db.startable_turns(
-            res.pool, settings.start_lease_s, min_age_s=5.0, limit=RECONCILE_BATCH
+            res.pool, settings.start_lease_s, min_age_s=min_age_s, limit=RECONCILE_BATCH
         )
     except DB_UNAVAILABLE as exc:
         log.warning("reconcile_db_unavailable", error=repr(exc))

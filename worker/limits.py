@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 from arq.connections import ArqRedis
+from redis.exceptions import RedisError
 
 from service.errors import UpstreamUnavailable
 
@@ -26,10 +27,15 @@ class CreationLimiter:
         now = time.time()
         window = int(now // 60)
         key = f"{self._prefix}:creations:{window}"
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, 120)
-            count, _ = await pipe.execute()
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.incr(key)
+                pipe.expire(key, 120)
+                count, _ = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            # Fail closed: without the shared count, no create (the attempt is given back, not
+            # left holding its lease, and retried once Redis answers).
+            raise UpstreamUnavailable(f"Redis is away: {exc!r}", retry_after=1.0) from exc
         if count > self._per_minute:
             raise UpstreamUnavailable(
                 "Run creation limit reached for this minute.", retry_after=60 - now % 60 + 0.05

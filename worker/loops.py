@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import structlog
@@ -12,6 +13,8 @@ import structlog
 from service.db.pool import DB_UNAVAILABLE
 
 log = structlog.get_logger(__name__)
+
+DB_RETRY_MAX_S = 2.0
 
 
 class DueLoop:
@@ -22,6 +25,9 @@ class DueLoop:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        # Called once when a tick succeeds after Postgres was away (the worker releases the jobs
+        # it deferred meanwhile: worker.recovery).
+        self.on_recovered: Callable[[], Awaitable[None]] | None = None
 
     async def tick(self) -> bool:
         """Claim and handle due work; True when there may be more right away."""
@@ -59,18 +65,31 @@ class DueLoop:
             self._wake.clear()
             try:
                 more = await self.tick()
+                if failures:
+                    log.info(f"{self.name}_db_back", failed_ticks=failures)
+                    await self._recovered()
                 failures = 0
                 if not more:
                     await self._sleep(await self._until_next_due())
             except DB_UNAVAILABLE as exc:
                 failures += 1
-                delay = min(30.0, 0.5 * 2**failures)
+                # A short cap, so work resumes within DB_RETRY_MAX_S of Postgres answering again
+                # (a failed tick costs one refused connection or one timed-out statement).
+                delay = min(DB_RETRY_MAX_S, 0.25 * 2**failures)
                 log.warning(f"{self.name}_db_unavailable", error=repr(exc), retry_in=delay)
                 await self._sleep(delay)
             except Exception:
                 log.exception(f"{self.name}_error")
                 await self._sleep(self._idle_s)
         await self.drain()
+
+    async def _recovered(self) -> None:
+        if self.on_recovered is None:
+            return
+        try:
+            await self.on_recovered()
+        except Exception:
+            log.exception(f"{self.name}_recovery_failed")
 
     async def drain(self) -> None:
         """Wait for work still in hand once the loop stops (nothing by default)."""

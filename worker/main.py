@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
+import structlog
 from arq import cron
 from arq.connections import RedisSettings
-from arq.worker import Worker, func
+from arq.worker import func
 
 from service import metrics, queue
 from service.config import Settings
@@ -16,11 +18,15 @@ from worker import jobs
 from worker.dispatcher import Dispatcher
 from worker.follower import Follower
 from worker.limits import CreationLimiter
+from worker.recovery import DbDeferredJobs
+from worker.supervised import REDIS_DOWN, SupervisedWorker
+
+log = structlog.get_logger(__name__)
 
 
 async def on_startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
-    resources = await Resources.open(settings)
+    resources = await _open_resources(settings)
     ctx["resources"] = resources
     ctx["creation_limiter"] = CreationLimiter(
         resources.queue, settings.creations_per_min, prefix=settings.queue_name
@@ -28,8 +34,24 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     ctx["follower"] = Follower(resources)
     ctx["follower"].start()
     ctx["dispatcher"] = Dispatcher(resources)
+    # Whichever loop sees Postgres back first releases the jobs its outage deferred.
+    ctx["follower"].on_recovered = ctx["dispatcher"].on_recovered = functools.partial(
+        ctx["db_deferred"].release, resources.queue, settings.queue_name)
     await ctx["dispatcher"].start()
-    ctx["metrics_server"] = metrics.start_worker_server(settings.worker_metrics_port)
+    ctx["metrics_server"] = metrics.start_worker_server(
+        settings.worker_metrics_port, settings.worker_metrics_host
+    )
+
+
+async def _open_resources(settings: Settings) -> Resources:
+    """The worker's resources, waiting while Redis (or Postgres, refusing connections) is away
+    at start, rather than exiting into a restart loop."""
+    while True:
+        try:
+            return await Resources.open(settings, role="worker")
+        except REDIS_DOWN as exc:
+            log.warning("startup_waiting", error=repr(exc), retry_in=settings.redis_retry_s)
+            await asyncio.sleep(settings.redis_retry_s)
 
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:
@@ -49,15 +71,20 @@ def reconcile_seconds(interval_s: int) -> set[int]:
     return set(range(0, 60, step))
 
 
-def build_worker(settings: Settings, *, handle_signals: bool = True, **overrides: Any) -> Worker:
+def build_worker(
+    settings: Settings, *, handle_signals: bool = True, **overrides: Any
+) -> SupervisedWorker:
     """The worker for these settings; tests pass handle_signals=False and run it in-process."""
+    deferred = DbDeferredJobs()
     options: dict[str, Any] = {
         "functions": [
             # The attempt's lease, not arq's timeout, must be what ends a start attempt: arq
-            # cancelling a create mid-flight would leave a run nobody recorded.
-            func(jobs.start_turn, name=queue.START_TURN, keep_result=0, max_tries=1000,
-                 timeout=settings.start_lease_s + 10),
-            func(jobs.check_turn, name=queue.CHECK_TURN, keep_result=0, max_tries=100),
+            # cancelling a create mid-flight, or the store of its run while Postgres is slow to
+            # answer (a statement may take 30 s), would leave a run nobody recorded.
+            func(deferred.track(jobs.start_turn), name=queue.START_TURN, keep_result=0,
+                 max_tries=1000, timeout=settings.start_lease_s + 40),
+            func(deferred.track(jobs.check_turn), name=queue.CHECK_TURN, keep_result=0,
+                 max_tries=100),
         ],
         "cron_jobs": [
             cron(jobs.reconcile, name=f"{queue.RECONCILE}:{settings.queue_name}", second=reconcile_seconds(
@@ -69,7 +96,7 @@ def build_worker(settings: Settings, *, handle_signals: bool = True, **overrides
         "queue_name": settings.queue_name,
         "job_serializer": queue.serialize,
         "job_deserializer": queue.deserialize,
-        "ctx": {"settings": settings},
+        "ctx": {"settings": settings, "db_deferred": deferred},
         "handle_signals": handle_signals,
         # SIGTERM: stop taking jobs, let running ones finish for this long, then cancel them.
         "job_completion_wait": settings.shutdown_grace_s,
@@ -81,9 +108,10 @@ def build_worker(settings: Settings, *, handle_signals: bool = True, **overrides
         "job_timeout": settings.job_timeout_s,
         "keep_result": 0,
         "health_check_interval": 30,
+        "redis_retry_s": settings.redis_retry_s,
     }
     options.update(overrides)
-    return Worker(**options)
+    return SupervisedWorker(**options)
 
 
 def run(settings: Settings) -> None:

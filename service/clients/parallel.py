@@ -6,6 +6,7 @@ become UpstreamUnavailable (retry later) or UpstreamRejected (give up).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, Literal, TypeVar
 
@@ -120,16 +121,48 @@ def default_http_client(max_connections: int) -> httpx.AsyncClient:
 
 
 def _failed_to_connect(exc: BaseException) -> bool:
-    """Whether the request failed while connecting, so it never reached Parallel. The aiohttp
-    transport reports every aiohttp connection error, a server hanging up after the request
-    was sent included, as httpx.ConnectTimeout: its own cause tells them apart."""
+    """Whether the request failed while connecting (or waiting for a pooled connection), so it
+    never reached Parallel. The aiohttp transport reports every aiohttp connection error, a
+    server hanging up after the request was sent included, as httpx.ConnectTimeout: its own
+    cause tells them apart."""
     cause = exc.__cause__
+    if isinstance(cause, httpx.PoolTimeout):
+        return True
     if not isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout):
         return False
     inner = cause.__cause__
     if aiohttp is not None and isinstance(inner, aiohttp.ClientError):
         return isinstance(inner, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
     return True
+
+
+def _no_answer_in_time(exc: BaseException) -> bool:
+    """Whether a request failed waiting for its answer (rather than the connection breaking).
+    The SDK calls both APITimeoutError with the aiohttp transport, which reports a hang-up as
+    httpx.ConnectTimeout: the aiohttp error beneath tells them apart."""
+    cause = exc.__cause__
+    if not isinstance(cause, httpx.TimeoutException):
+        return False
+    inner = cause.__cause__
+    if aiohttp is not None and isinstance(inner, aiohttp.ClientError):
+        return isinstance(inner, aiohttp.ServerTimeoutError)
+    return True
+
+
+def _create_error(exc: Exception) -> Exception:
+    """The error of a failed create, saying whether a run may exist all the same."""
+    if isinstance(exc, TimeoutError):  # the whole call ran out of time, maybe after sending
+        error = UpstreamUnavailable("Parallel did not answer the create in time")
+        error.in_doubt = error.timed_out = True
+        return error
+    error = translate(exc)
+    if isinstance(error, UpstreamUnavailable):
+        if isinstance(exc, parallel.APIConnectionError):
+            error.in_doubt = not _failed_to_connect(exc)
+            error.timed_out = error.in_doubt and _no_answer_in_time(exc)
+        elif not isinstance(exc, parallel.APIStatusError):
+            error.in_doubt = True  # it answered 2xx (a run exists) with a body we cannot read
+    return error
 
 
 class ParallelClient:
@@ -168,12 +201,15 @@ class ParallelClient:
         previous_interaction_id: str | None,
         metadata: dict[str, str],
         webhook_url: str | None = None,
-        timeout_s: float = 15.0,
+        timeout_s: float = 30.0,
     ) -> RunInfo:
-        """Create one run, never retried here. Raises UpstreamUnavailable or UpstreamRejected.
+        """Create one run, never retried here, answered within `timeout_s` in all (connecting
+        included). Raises UpstreamUnavailable or UpstreamRejected.
 
-        UpstreamUnavailable.in_doubt is True when the request may have reached Parallel (the
-        connection broke after sending it): a run may exist that we will never learn the id of.
+        UpstreamUnavailable.in_doubt is True only when a run may exist that we will never learn
+        the id of: the request was sent and no answer came (in time, or the connection broke),
+        or the answer could not be read. A failure to connect, or any HTTP error status, means
+        no run was made (Parallel creates a run only when it answers 202).
         """
         kwargs: dict[str, Any] = {
             "input": input,
@@ -188,15 +224,15 @@ class ParallelClient:
             kwargs["betas"] = [WEBHOOK_BETA]
         try:
             with metrics.parallel_call("create_run"):
-                run = await self._sdk.task_run.create(
-                    **kwargs, timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s))
-                )
+                # The SDK's timeouts bound each phase (the read one restarts with every byte);
+                # the outer one bounds the whole call, which must end inside the attempt's lease.
+                async with asyncio.timeout(timeout_s):
+                    run = await self._sdk.task_run.create(
+                        **kwargs, timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s))
+                    )
+            return msgspec.convert(run.model_dump(mode="json"), RunInfo)
         except Exception as exc:
-            error = translate(exc)
-            if isinstance(error, UpstreamUnavailable) and isinstance(exc, parallel.APIConnectionError):
-                error.in_doubt = not _failed_to_connect(exc)
-            raise error from exc
-        return _convert(run.model_dump(mode="json"), RunInfo)
+            raise _create_error(exc) from exc
 
     async def retrieve(self, run_id: str) -> RunInfo:
         """The run's current status. Raises UpstreamUnavailable or UpstreamRejected."""

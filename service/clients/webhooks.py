@@ -22,7 +22,7 @@ USER_AGENT = f"research-service-webhooks/{__version__}"
 
 
 def signature_header(secrets: Sequence[str], webhook_id: str, at: datetime, body: str) -> str:
-    """`webhook-signature`: one `v1,<sig>` per secret, space-separated (both during a rotation)."""
+    """`webhook-signature`: one `v1,<sig>` per live secret, space-separated (after rotations)."""
     return " ".join(Webhook(secret).sign(webhook_id, at, body) for secret in secrets)
 
 

@@ -124,24 +124,62 @@ async def update_conversation(
     return to_conversation(row) if row else None
 
 
+# The replaced secret joins the previous ones (each signs until 24 h after it was replaced);
+# the latest also stays in webhook_secret_previous/_until for workers of the previous release.
 ROTATE_SECRET_SQL = """
-UPDATE conversation SET
-    webhook_secret_previous = webhook_secret,
+WITH current AS (
+    SELECT id, webhook_secret FROM conversation
+    WHERE id = $1 AND tenant_id = $2 AND webhook_url IS NOT NULL
+    FOR UPDATE
+), kept AS (
+    INSERT INTO previous_webhook_secret (conversation_id, secret, expires_at)
+    SELECT id, webhook_secret, now() + make_interval(secs => $4) FROM current
+    WHERE webhook_secret IS NOT NULL
+    ON CONFLICT (conversation_id, secret) DO UPDATE SET expires_at = EXCLUDED.expires_at
+)
+UPDATE conversation AS c SET
+    webhook_secret_previous = current.webhook_secret,
     webhook_secret_previous_until = now() + make_interval(secs => $4),
     webhook_secret = $3,
     updated_at = now()
-WHERE id = $1 AND tenant_id = $2 AND webhook_url IS NOT NULL
-RETURNING id
+FROM current
+WHERE c.id = current.id
+RETURNING c.id
 """
 
 
 async def rotate_webhook_secret(
     conn: asyncpg.Connection, tenant_id: str, conversation_id: str, secret: str, overlap_s: float
 ) -> bool:
-    return await conn.fetchval(ROTATE_SECRET_SQL, conversation_id, tenant_id, secret, overlap_s) is not None
+    """False when the tenant has no such conversation or it has no webhook URL."""
+    rotated = await conn.fetchval(ROTATE_SECRET_SQL, conversation_id, tenant_id, secret, overlap_s)
+    return rotated is not None
 
 
-DELETE_CONVERSATION_SQL = "DELETE FROM conversation WHERE id = $1 AND tenant_id = $2 RETURNING id"
+# Expired ones go; the rest are counted, with how long until the oldest expires.
+LIVE_PREVIOUS_SECRETS_SQL = """
+WITH gone AS (
+    DELETE FROM previous_webhook_secret WHERE conversation_id = $1 AND expires_at <= now()
+)
+SELECT count(*) AS live,
+    COALESCE(extract(epoch FROM min(expires_at) - now()), 0)::float8 AS oldest_expires_in_s
+FROM previous_webhook_secret WHERE conversation_id = $1 AND expires_at > now()
+"""
+
+
+async def live_previous_secrets(
+    conn: asyncpg.Connection, conversation_id: str
+) -> tuple[int, float]:
+    """How many replaced secrets still sign, and seconds until the oldest of them stops."""
+    row = await conn.fetchrow(LIVE_PREVIOUS_SECRETS_SQL, conversation_id)
+    return row["live"], row["oldest_expires_in_s"]
+
+
+# The notification (on commit) ends the conversation's open event streams at once.
+DELETE_CONVERSATION_SQL = """
+DELETE FROM conversation WHERE id = $1 AND tenant_id = $2
+RETURNING id, pg_notify('research_events', id)
+"""
 
 
 async def delete_conversation(conn: asyncpg.Connection, tenant_id: str, conversation_id: str) -> bool:

@@ -54,7 +54,8 @@ async def set_first_response(conn: asyncpg.Connection, turn_id: str, body: Any) 
 
 
 TURN_BY_KEY_SQL = """
-SELECT request_hash, first_response FROM turn WHERE conversation_id = $1 AND idempotency_key = $2
+SELECT id, status, request_hash, first_response FROM turn
+WHERE conversation_id = $1 AND idempotency_key = $2
 """
 
 
@@ -197,69 +198,6 @@ async def previous_interaction(conn: asyncpg.Connection, parent_turn_id: str | N
     if parent_turn_id is None:
         return None
     return await conn.fetchval(PREVIOUS_INTERACTION_SQL, parent_turn_id)
-
-
-# An attempt still marked as started when the next one begins never came back: its worker died
-# or its lease ran out, maybe after Parallel received the create. It joins doubtful_attempts.
-BEGIN_START_SQL = """
-WITH before AS (SELECT id, start_attempt_at IS NOT NULL AS lost FROM turn WHERE id = $1)
-UPDATE turn AS t SET start_attempts = t.start_attempts + 1, start_attempt_at = now(),
-    previous_interaction_id = $2,
-    doubtful_attempts = CASE WHEN before.lost THEN t.doubtful_attempts || t.start_attempts
-                             ELSE t.doubtful_attempts END
-FROM before WHERE t.id = before.id
-RETURNING t.start_attempts, before.lost
-"""
-
-
-class StartAttempt(msgspec.Struct, frozen=True):
-    number: int
-    previous_lost: bool  # the attempt before this one never came back (see doubtful_attempts)
-
-
-async def begin_start(
-    conn: asyncpg.Connection, turn_id: str, previous: str | None
-) -> StartAttempt:
-    """Record a start attempt before calling Parallel."""
-    row = await conn.fetchrow(BEGIN_START_SQL, turn_id, previous)
-    return StartAttempt(row["start_attempts"], row["lost"])
-
-
-ABANDON_START_SQL = """
-UPDATE turn SET start_attempt_at = NULL,
-    doubtful_attempts = CASE WHEN $2 THEN doubtful_attempts || start_attempts
-                             ELSE doubtful_attempts END
-WHERE id = $1 AND run_id IS NULL
-"""
-
-
-async def abandon_start(
-    conn: asyncpg.Connection | asyncpg.Pool, turn_id: str, *, in_doubt: bool = False
-) -> None:
-    """Mark a start attempt as over without a run, so the next attempt need not wait a lease.
-
-    `in_doubt`: the create may have reached Parallel (the attempt joins doubtful_attempts)."""
-    await conn.execute(ABANDON_START_SQL, turn_id, in_doubt)
-
-
-RECORD_RUN_SQL = f"""
-UPDATE turn AS t SET
-    run_id = $2, interaction_id = $3,
-    status = CASE WHEN t.status = 'queued' THEN 'running' ELSE t.status END,
-    started_at = CASE WHEN t.status = 'queued' THEN now() ELSE t.started_at END,
-    next_check_at = CASE WHEN t.status = 'queued' THEN now() + make_interval(secs => $4) END,
-    upstream_may_continue = t.upstream_may_continue OR t.status = 'cancelled'
-WHERE t.id = $1 AND t.run_id IS NULL
-RETURNING {TURN_COLUMNS}
-"""
-
-
-async def record_run(
-    conn: asyncpg.Connection, turn_id: str, run_id: str, interaction_id: str, first_check_s: float
-) -> Turn | None:
-    """Store the run at once; a queued turn becomes running, a cancelled one stays cancelled."""
-    row = await conn.fetchrow(RECORD_RUN_SQL, turn_id, run_id, interaction_id, first_check_s)
-    return to_turn(row) if row else None
 
 
 # Claim due checks: push each claimed turn's next check a lease ahead, so a worker that dies

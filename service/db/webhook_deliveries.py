@@ -52,6 +52,7 @@ async def insert_delivery(conn: asyncpg.Connection, event: Event) -> str | None:
 
 class DueDelivery(msgspec.Struct, frozen=True, kw_only=True):
     id: str
+    tenant_id: str
     webhook_id: str
     url: str
     payload: dict[str, Any]
@@ -61,38 +62,118 @@ class DueDelivery(msgspec.Struct, frozen=True, kw_only=True):
     secrets: list[str]
 
 
-# Claim due deliveries: push each one's next_attempt_at a lease ahead, so a dispatcher that
-# dies mid-send only delays it, and other dispatchers skip rows this one holds.
-CLAIM_DUE_SQL = """
-UPDATE webhook_delivery AS d SET next_attempt_at = now() + make_interval(secs => $2)
-FROM (
-    SELECT id FROM webhook_delivery
-    WHERE status = 'pending' AND next_attempt_at <= now()
-    ORDER BY next_attempt_at
+# The receiving host of a delivery's URL: host[:port] as written, lower-cased, without
+# credentials. In-flight attempts are capped per host, whoever's tenant they are.
+HOST_OF = "COALESCE(lower(substring({t}.url from '^[^:/?#]+://(?:[^@/?#]*@)?([^/?#]*)')), '')"
+
+# Claims are serialized across workers (a transaction-level advisory lock held for the few
+# milliseconds a claim takes), so each sees the leases the one before it took and the caps hold
+# across all workers. The key is arbitrary; nothing else in the service uses it.
+CLAIM_LOCK_KEY = 0x77686B01
+CLAIM_LOCK_SQL = "SELECT pg_advisory_xact_lock($1)"
+
+# Claim due deliveries fairly ($1 rows at most, leases of $2 s, at most $3 attempts in flight per
+# tenant and $4 per host): each tenant with pending rows (found by a skip scan of
+# webhook_delivery_tenant_due_idx) offers its earliest due rows up to its free room, on hosts
+# that are not full; the rows are then taken round-robin within each host's free room, counting
+# what each tenant already has in flight (tenant_rank: a tenant with 3 in flight offers its next
+# row as its 4th, so it waits behind a tenant with none). A claimed row's next_attempt_at and
+# leased_until move a lease ahead, so a dispatcher that dies mid-send only delays it.
+CLAIM_DUE_SQL = f"""
+WITH RECURSIVE tenants AS (
+    (SELECT tenant_id FROM webhook_delivery WHERE status = 'pending'
+     ORDER BY tenant_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT w.tenant_id FROM webhook_delivery w
+            WHERE w.status = 'pending' AND w.tenant_id > t.tenant_id
+            ORDER BY w.tenant_id LIMIT 1)
+    FROM tenants t WHERE t.tenant_id IS NOT NULL
+),
+in_flight AS MATERIALIZED (
+    SELECT f.tenant_id, {HOST_OF.format(t="f")} AS host
+    FROM webhook_delivery f WHERE f.leased_until > now()
+),
+host_load AS (SELECT host, count(*) AS n FROM in_flight GROUP BY host),
+offered AS (
+    SELECT o.id, o.host, o.next_attempt_at, o.tenant_rank
+    FROM tenants t
+    CROSS JOIN LATERAL (
+        SELECT count(*) AS n FROM in_flight f WHERE f.tenant_id = t.tenant_id
+    ) load
+    CROSS JOIN LATERAL (
+        SELECT w.id, {HOST_OF.format(t="w")} AS host, w.next_attempt_at,
+            load.n + row_number() OVER (ORDER BY w.next_attempt_at) AS tenant_rank
+        FROM webhook_delivery w
+        WHERE w.tenant_id = t.tenant_id AND w.status = 'pending' AND w.next_attempt_at <= now()
+          AND {HOST_OF.format(t="w")} NOT IN (SELECT host FROM host_load WHERE n >= $4)
+        ORDER BY w.next_attempt_at
+        LIMIT greatest($3 - load.n, 0)
+    ) o
+    WHERE t.tenant_id IS NOT NULL
+),
+picked AS (
+    SELECT id FROM (
+        SELECT o.id, o.host, o.tenant_rank, o.next_attempt_at,
+            row_number() OVER (
+                PARTITION BY o.host ORDER BY o.tenant_rank, o.next_attempt_at
+            ) AS on_host
+        FROM offered o
+    ) r
+    LEFT JOIN host_load h ON h.host = r.host
+    WHERE r.on_host <= $4 - COALESCE(h.n, 0)
+    ORDER BY r.tenant_rank, r.next_attempt_at
     LIMIT $1
+),
+due AS (
+    SELECT w.id FROM webhook_delivery w
+    WHERE w.id IN (SELECT id FROM picked) AND w.status = 'pending' AND w.next_attempt_at <= now()
     FOR UPDATE SKIP LOCKED
-) due, conversation c
+)
+UPDATE webhook_delivery AS d SET
+    next_attempt_at = now() + make_interval(secs => $2),
+    leased_until = now() + make_interval(secs => $2)
+FROM due, conversation c
 WHERE d.id = due.id AND c.id = d.conversation_id
-RETURNING d.id, d.webhook_id, d.url, d.payload, d.attempts_in_round,
+RETURNING d.id, d.tenant_id, d.webhook_id, d.url, d.payload, d.attempts_in_round,
     d.next_attempt_at AS lease_until,
-    array_remove(ARRAY[
-        c.webhook_secret,
-        CASE WHEN c.webhook_secret_previous_until > now() THEN c.webhook_secret_previous END
-    ], NULL) AS secrets
+    ARRAY(
+        SELECT s.secret FROM (
+            SELECT c.webhook_secret AS secret, 'infinity'::timestamptz AS until
+            UNION ALL
+            SELECT p.secret, p.expires_at FROM previous_webhook_secret p
+            WHERE p.conversation_id = c.id AND p.expires_at > now()
+            UNION ALL
+            SELECT c.webhook_secret_previous, c.webhook_secret_previous_until
+            WHERE c.webhook_secret_previous_until > now()
+        ) s
+        WHERE s.secret IS NOT NULL
+        GROUP BY s.secret ORDER BY max(s.until) DESC
+    ) AS secrets
+"""
+
+# In the claim's transaction, so now() is the claim's: rows due by then were offered to it
+# (and left for caps or other workers), so only later ones are worth waking up for.
+NEXT_DUE_SQL = """
+SELECT min(next_attempt_at) FROM webhook_delivery
+WHERE status = 'pending' AND next_attempt_at > now()
 """
 
 
-async def claim_due(pool: asyncpg.Pool, limit: int, lease_s: float) -> list[DueDelivery]:
-    """Due deliveries with the secrets to sign them with (two during a rotation's overlap)."""
-    rows = await pool.fetch(CLAIM_DUE_SQL, limit, lease_s)
-    return [DueDelivery(**row) for row in rows]
+class Claim(msgspec.Struct, frozen=True, kw_only=True):
+    deliveries: list[DueDelivery]
+    # When the next delivery not yet due falls due (None: nothing is scheduled).
+    next_due: datetime | None
 
 
-NEXT_DUE_SQL = "SELECT min(next_attempt_at) FROM webhook_delivery WHERE status = 'pending'"
-
-
-async def next_due(pool: asyncpg.Pool) -> datetime | None:
-    return await pool.fetchval(NEXT_DUE_SQL)  # type: ignore[no-any-return]
+async def claim_due(
+    pool: asyncpg.Pool, limit: int, lease_s: float, per_tenant: int, per_host: int
+) -> Claim:
+    """Due deliveries with every live secret to sign them with (the current one first)."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(CLAIM_LOCK_SQL, CLAIM_LOCK_KEY)
+        rows = await conn.fetch(CLAIM_DUE_SQL, limit, lease_s, per_tenant, per_host)
+        next_at = await conn.fetchval(NEXT_DUE_SQL)
+    return Claim(deliveries=[DueDelivery(**row) for row in rows], next_due=next_at)
 
 
 # $2 is the claim's lease end: when it no longer matches, the delivery was redelivered while
@@ -108,7 +189,8 @@ WITH d AS (
         delivered_at = CASE WHEN d.next_attempt_at = $2 AND $8 = 'delivered'
             THEN now() ELSE d.delivered_at END,
         next_attempt_at = CASE WHEN d.next_attempt_at <> $2 THEN d.next_attempt_at
-            WHEN $8 = 'pending' THEN now() + make_interval(secs => $9::float8) END
+            WHEN $8 = 'pending' THEN now() + make_interval(secs => $9::float8) END,
+        leased_until = CASE WHEN d.leased_until = $2 THEN NULL ELSE d.leased_until END
     WHERE d.id = $1
     RETURNING d.id, d.attempt_count
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import math
 import secrets
 from datetime import datetime
 
@@ -16,11 +17,14 @@ from service.domain import turns as turn_domain
 from service.domain.cursors import decode_cursor, encode_cursor
 from service.domain.validation import check_processor
 from service.domain.webhook_urls import check_webhook_url
-from service.errors import InvalidInput, NotFound
+from service.errors import InvalidInput, NotFound, TooManyRequests
 from service.models import Conversation
 from service.schemas import ConversationCreate, ConversationPage, ConversationUpdate
 
 SECRET_OVERLAP_S = 24 * 3600
+# Replaced secrets that still sign (within SECRET_OVERLAP_S) at most: a delivery then carries
+# up to 11 signatures (about 530 bytes of webhook-signature).
+MAX_PREVIOUS_SECRETS = 10
 
 
 def new_id(prefix: str) -> str:
@@ -97,12 +101,26 @@ async def update_conversation(
 
 
 async def rotate_webhook_secret(pool: asyncpg.Pool, tenant_id: str, conversation_id: str) -> str:
-    """Give the conversation a new secret; the old one keeps signing for 24 hours."""
+    """Give the conversation a new secret; every secret it replaced within the last 24 hours
+    keeps signing beside it. Raises NotFound, InvalidInput (no webhook_url) and TooManyRequests
+    past MAX_PREVIOUS_SECRETS rotations within 24 hours."""
     secret = new_webhook_secret()
-    async with pool.acquire() as conn:
-        if not await db.rotate_webhook_secret(conn, tenant_id, conversation_id, secret, SECRET_OVERLAP_S):
-            await get_conversation(conn, tenant_id, conversation_id)  # type: ignore[arg-type]
+    async with pool.acquire() as conn, conn.transaction():
+        current = await db.lock_conversation(conn, tenant_id, conversation_id)
+        if current is None:
+            raise NotFound(f"Conversation {conversation_id!r} not found.")
+        if current["webhook_url"] is None:
             raise InvalidInput("The conversation has no webhook_url: set one first.")
+        live, oldest_expires_in_s = await db.live_previous_secrets(conn, conversation_id)
+        if live >= MAX_PREVIOUS_SECRETS:
+            raise TooManyRequests(
+                f"The webhook secret was rotated {live} times within 24 hours, and each of "
+                "those secrets still signs; rotate again once the oldest expires.",
+                retry_after=max(1, math.ceil(oldest_expires_in_s)),
+            )
+        rotated = await db.rotate_webhook_secret(conn, tenant_id, conversation_id, secret,
+                                                 SECRET_OVERLAP_S)
+    assert rotated
     return secret
 
 

@@ -10,14 +10,19 @@ case no one can see: a connection that looks up but has silently stopped deliver
 
 So a change takes effect in a process when Postgres's notification reaches it: well under a
 millisecond after the commit on an idle machine, and before any request sent after
-`research-service keys revoke` has returned.
+`research-service keys revoke` has returned. Open event streams hear of it too: `watch(key)`
+gives an asyncio.Event set when the key may have changed, and `is_live(key)` answers whether it
+still may be used, with one lookup in Postgres however many streams of the key ask at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 
 import asyncpg
 import msgspec
@@ -47,6 +52,10 @@ class KeyCache:
         self._entries: dict[str, _Entry] = {}
         # Bumped by every invalidation, so that a lookup that raced one does not store its answer.
         self._generation = 0
+        # key id -> events of the streams opened with it (see watch()).
+        self._watchers: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
+        # (key hash, generation) -> the lookup in flight, shared by concurrent is_live() calls.
+        self._lookups: dict[tuple[bytes, int], asyncio.Future[KeyAuth | None]] = {}
         if hub is not None:
             hub.on_channel(CHANGES_CHANNEL, self.invalidate)
 
@@ -60,6 +69,36 @@ class KeyCache:
             self._entries.clear()
         else:
             self._entries.pop(key_id, None)
+        for watched, events in self._watchers.items():
+            if key_id in ("*", watched):
+                for event in events:
+                    event.set()
+
+    @contextlib.contextmanager
+    def watch(self, key: str) -> Iterator[asyncio.Event]:
+        """An Event set whenever the key may have changed (ask is_live() then)."""
+        event = asyncio.Event()
+        key_id = split_key(key) or ""
+        self._watchers[key_id].add(event)
+        try:
+            yield event
+        finally:
+            events = self._watchers.get(key_id)
+            if events is not None:
+                events.discard(event)
+                if not events:
+                    del self._watchers[key_id]
+
+    async def is_live(self, pool: asyncpg.Pool, key: str) -> bool:
+        """Whether the key is still valid (not revoked), as authenticate() answers; concurrent
+        calls for one key while the cache cannot answer share one lookup."""
+        flight = (hash_key(key), self._generation)
+        lookup = self._lookups.get(flight)
+        if lookup is None:
+            lookup = asyncio.ensure_future(self.authenticate(pool, key))
+            self._lookups[flight] = lookup
+            lookup.add_done_callback(lambda _f: self._lookups.pop(flight, None))
+        return await asyncio.shield(lookup) is not None
 
     def _epoch(self) -> int | None:
         """The listening connection's epoch while it is up; None when entries cannot be trusted."""

@@ -3,6 +3,13 @@
 Parallel signs like Standard Webhooks but keys the HMAC with the raw UTF-8 bytes of the account
 secret (docs/parallel.md §4), where the `standardwebhooks` package would base64-decode it: so
 this one check is written out by hand.
+
+A delivery is checked once: its `webhook-id` is remembered in Redis (SET NX EX) for as long as
+its signature is accepted, so a captured request replayed within that window is answered 2xx
+and queues nothing. Redis, not Postgres: the ids live minutes, expire by themselves and cost no
+table, sweep or write on the database for an unauthenticated route. While Redis is unreachable
+the check is made due in Postgres instead (the worker's follower finds it within a second), so
+the webhook still gets its 204; replays then cost one idempotent UPDATE each, not a check.
 """
 
 from __future__ import annotations
@@ -10,9 +17,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import time
 from collections.abc import Mapping
 
+import asyncpg
 import msgspec
 import structlog
 from arq.connections import ArqRedis
@@ -21,7 +30,9 @@ from redis.exceptions import RedisError
 from service import metrics
 from service import queue as jobs
 from service.config import Settings
-from service.errors import BadRequest, Unauthorized, Unavailable
+from service.db import turns as turn_db
+from service.domain.validation import unstorable_field
+from service.errors import BadRequest, Unauthorized
 
 log = structlog.get_logger(__name__)
 
@@ -30,6 +41,13 @@ TOLERANCE_S = 300
 # This many well-formed deliveries in a row whose signature does not match: the secret is
 # probably wrong (logged then, and again at 10, 100, 1000… in a row).
 WRONG_SECRET_STREAK = 3
+# A delivery is accepted from TOLERANCE_S before its timestamp to TOLERANCE_S after it, so its id
+# is remembered that long from whenever it first came.
+SEEN_FOR_S = 2 * TOLERANCE_S
+# Unix seconds, ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+_TIMESTAMP = re.compile(r"[0-9]{1,12}", re.ASCII)
+MAX_WEBHOOK_ID = 256  # a Redis key part; Parallel's are ~30 characters
+REDIS_DOWN = (RedisError, OSError, TimeoutError)
 
 
 class InvalidSignature(Unauthorized):
@@ -70,7 +88,7 @@ def verify_parallel_webhook(
                                reason="unconfigured")
     webhook_id = headers.get("webhook-id", "")
     timestamp = headers.get("webhook-timestamp", "")
-    if not webhook_id or not timestamp.isdigit():
+    if not 0 < len(webhook_id) <= MAX_WEBHOOK_ID or not _TIMESTAMP.fullmatch(timestamp):
         raise InvalidSignature("webhook-id and webhook-timestamp headers are required.",
                                reason="headers")
     now = time.time() if now is None else now
@@ -84,14 +102,31 @@ def verify_parallel_webhook(
     raise InvalidSignature()
 
 
-async def receive_parallel_webhook(
-    queue: ArqRedis, settings: Settings, headers: Mapping[str, str], body: bytes
-) -> str | None:
-    """Verify the delivery and enqueue a check of its run; returns the run id.
+def seen_key(queue_name: str, webhook_id: str) -> str:
+    return f"{queue_name}:parallel-webhook:{webhook_id}"
 
-    Nothing else happens here: the check (worker) reads the run's state from Parallel itself,
-    so a duplicate delivery only costs one more check. Raises InvalidSignature, BadRequest,
-    Unavailable (Redis is down: Parallel retries).
+
+def parse_parallel_webhook(body: bytes) -> ParallelWebhook:
+    """The delivery's body, with strings Postgres can store. Raises BadRequest."""
+    try:
+        raw = msgspec.json.decode(body)
+        hook = msgspec.convert(raw, ParallelWebhook)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"Not a task_run.status webhook: {exc}") from None
+    if (field := unstorable_field(raw)) is not None:
+        raise BadRequest(f"Not a task_run.status webhook: {field} holds a NUL.")
+    return hook
+
+
+async def receive_parallel_webhook(
+    pool: asyncpg.Pool, queue: ArqRedis, settings: Settings, headers: Mapping[str, str],
+    body: bytes,
+) -> str | None:
+    """Verify the delivery and have its run checked now, once per webhook-id; returns the run id
+    (None for another event type or a replay).
+
+    Nothing else happens here: the check (worker) reads the run's state from Parallel itself.
+    Raises InvalidSignature, BadRequest.
     """
     try:
         verify_parallel_webhook(settings.parallel_webhook_secret, headers, body)
@@ -99,21 +134,23 @@ async def receive_parallel_webhook(
         _rejected(exc.reason)
         raise
     _refused_in_a_row.count = 0
-    try:
-        hook = msgspec.json.decode(body, type=ParallelWebhook)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise BadRequest(f"Not a task_run.status webhook: {exc}") from None
+    hook = parse_parallel_webhook(body)
     if hook.type != "task_run.status":
         log.info("parallel_webhook_ignored", type=hook.type)
         return None
+    run_id, status = hook.data.run_id, hook.data.status
     try:
-        await jobs.enqueue_check_turn(
-            queue, settings.queue_name, hook.data.run_id, hook.data.status
-        )
-    except (RedisError, OSError, TimeoutError) as exc:
-        raise Unavailable("Redis is not reachable; retry the webhook.") from exc
-    log.info("parallel_webhook", run_id=hook.data.run_id, status=hook.data.status)
-    return hook.data.run_id
+        # After the signature only: an unsigned request must not use up a genuine id.
+        key = seen_key(settings.queue_name, headers["webhook-id"])
+        if not await queue.set(key, b"1", nx=True, ex=SEEN_FOR_S):
+            log.info("parallel_webhook_replayed", run_id=run_id)
+            return None
+        await jobs.enqueue_check_turn(queue, settings.queue_name, run_id, status)
+    except REDIS_DOWN as exc:
+        log.warning("parallel_webhook_via_postgres", run_id=run_id, error=repr(exc))
+        await turn_db.check_now(pool, run_id)
+    log.info("parallel_webhook", run_id=run_id, status=status)
+    return run_id
 
 
 class _Streak:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
 
 from service.config import Settings
-from service.errors import InvalidInput
+from service.errors import BadRequest, InvalidInput
 from service.schemas import JsonSchema, TextSchema, TurnCreate
 
 # Parallel refuses output schemas nested deeper than this (docs/parallel.md §1.2).
@@ -15,6 +16,57 @@ MAX_SCHEMA_DEPTH = 3
 # Raw nesting (objects and arrays) allowed in a json_schema: room for a 3-deep schema with
 # arrays and combinators, and a bound for the recursive checks below.
 MAX_SCHEMA_NESTING = 16
+
+# Postgres integer columns: every number a client sends for one is bounded by these first
+# (asyncpg refuses a larger one client-side, which would otherwise be a 500).
+INT4_MAX = 2**31 - 1
+INT8_MAX = 2**63 - 1
+
+# What Postgres cannot store in text or jsonb (NUL), and what UTF-8 cannot encode (lone
+# surrogates, which asyncpg would fail to encode).
+UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def unstorable_field(value: Any, where: str = "body") -> str | None:
+    """The dotted path of the first string (value or object key) in a decoded JSON value that
+    Postgres cannot store, or None. Walks iteratively: decoded bodies may nest deeply."""
+    stack: list[tuple[Any, str]] = [(value, where)]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if UNSTORABLE.search(item):
+                return path
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if isinstance(key, str) and UNSTORABLE.search(key):
+                    return path
+                stack.append((child, f"{path}.{key}" if path != "body" else str(key)))
+        elif isinstance(item, list):
+            stack.extend((child, f"{path}[{n}]") for n, child in enumerate(item))
+    return None
+
+
+def check_storable(value: Any, where: str = "body") -> None:
+    """Refuse a decoded JSON value holding a NUL or a lone surrogate anywhere.
+
+    Raises InvalidInput."""
+    field = unstorable_field(value, where)
+    if field is not None:
+        raise InvalidInput(
+            f"{field}: strings may not contain NUL (\\u0000) or unpaired surrogates.",
+            errors=[{"field": field, "message": "contains NUL or an unpaired surrogate"}],
+        )
+
+
+def check_raw_text(raw: bytes, where: str) -> str:
+    """Raw bytes of a path, query or header as text: UTF-8 without NUL. Raises BadRequest."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest(f"The {where} is not valid UTF-8.") from None
+    if "\x00" in text:
+        raise BadRequest(f"The {where} contains a NUL character.")
+    return text
 
 
 def check_processor(settings: Settings, processor: str) -> None:

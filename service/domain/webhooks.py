@@ -3,7 +3,9 @@
 A delivery row is written with its terminal event (service.db.events.insert_event); the worker's
 dispatcher (worker/dispatcher.py) claims due rows, sends each once, records the attempt and
 schedules the next one from WEBHOOK_RETRY_SCHEDULE_S, so the schedule lives in Postgres and
-survives any crash.
+survives any crash. Claims are fair: round-robin across tenants, and never more attempts in
+flight (across all workers) than WEBHOOK_MAX_IN_FLIGHT_PER_TENANT for a tenant or
+WEBHOOK_MAX_IN_FLIGHT_PER_HOST for a receiving host, so hanging receivers hold up only their own.
 """
 
 from __future__ import annotations
@@ -50,9 +52,12 @@ def next_step(ok: bool, attempts_in_round: int, schedule: list[float]) -> tuple[
     return "failed", None
 
 
-async def claim_due(pool: asyncpg.Pool, settings: Settings, limit: int) -> list[db.DueDelivery]:
-    """Claim up to `limit` due deliveries for one attempt each (a lease, see LEASE_MARGIN_S)."""
-    return await db.claim_due(pool, limit, lease_s(settings))
+async def claim_due(pool: asyncpg.Pool, settings: Settings, limit: int) -> db.Claim:
+    """Claim up to `limit` due deliveries for one attempt each (a lease, see LEASE_MARGIN_S),
+    round-robin across tenants and within the in-flight caps per tenant and per host."""
+    return await db.claim_due(pool, limit, lease_s(settings),
+                              settings.webhook_max_in_flight_per_tenant,
+                              settings.webhook_max_in_flight_per_host)
 
 
 async def deliver(

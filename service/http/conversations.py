@@ -81,7 +81,8 @@ class ConversationController(Controller):
         return _with_secret(conversation, secret)
 
     @post("/{conversation_id:str}/webhook-secret/rotate", operation_id="RotateWebhookSecret",
-          summary="Rotate the webhook secret; the old one signs too for 24 h", status_code=200,
+          summary="Rotate the webhook secret; each one replaced within 24 h keeps signing",
+          status_code=200,
           responses={**problem_responses(404), **ex.answer(
               200, WebhookSecret, "The new secret, shown once",
               ex.example("rotated", "A new secret",

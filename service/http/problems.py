@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import asyncpg
 import structlog
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
@@ -20,7 +21,8 @@ log = structlog.get_logger(__name__)
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 
 PROBLEM_DESCRIPTIONS = {
-    400: "The request could not be understood (malformed JSON, a bad cursor)",
+    400: "The request could not be understood (malformed JSON, bytes that are not UTF-8, a NUL "
+         "in the path, query or a header, a bad cursor)",
     401: "No valid API key (missing, malformed, unknown or revoked)",
     402: "The tenant's monthly budget is spent",
     404: "No such resource, or another tenant's",
@@ -135,6 +137,10 @@ def handle_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Resp
 
 def handle_unavailable(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     log.warning("backend_unavailable", error=repr(exc))
+    if isinstance(exc, asyncpg.LockNotAvailableError):
+        # lock_timeout: another session (maybe a frozen process) holds what this request needs.
+        return handle_service_error(_, Unavailable(
+            "Another request holds this resource; retry shortly."))
     return handle_service_error(_, Unavailable())
 
 

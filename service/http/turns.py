@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import asyncio
+from collections.abc import Coroutine
+from typing import Annotated, Any, TypeVar
 
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
@@ -23,6 +25,9 @@ IdempotencyKey = Annotated[
 Wait = Annotated[
     float, QueryParameter(ge=0, le=60, description="Seconds to wait for the turn to end (0 to 60)")
 ]
+
+
+T = TypeVar("T")
 
 
 class TurnController(Controller):
@@ -73,10 +78,14 @@ class TurnController(Controller):
         turn_id: FromPath[str], wait: Wait = 0,
     ) -> Turn:
         tenant_id = tenant_of(request)
-        if wait > 0 and resources.hub is not None:
-            return await turns.wait_for_turn(
-                resources.pool, resources.hub, tenant_id, conversation_id, turn_id, wait
-            )
+        if wait > 0 and resources.streams is not None:
+            # A long-poll holds one of the tenant's stream slots while it waits.
+            async with resources.streams.long_poll(tenant_id) as feeds:
+                waited = await _unless_disconnected(request, turns.wait_for_turn(
+                    resources.pool, feeds, tenant_id, conversation_id, turn_id, wait
+                ))
+            if waited is not None:
+                return waited
         return await turns.get_turn(resources.pool, tenant_id, conversation_id, turn_id)
 
     @post("/{turn_id:str}/cancel", operation_id="CancelTurn", summary="Cancel a turn",
@@ -91,3 +100,24 @@ class TurnController(Controller):
             resources.pool, resources.queue, resources.settings, tenant_of(request),
             conversation_id, turn_id,
         )
+
+
+async def _unless_disconnected(request: Request[Any, Any, Any], work: Coroutine[Any, Any, T]) -> T | None:
+    """The long-poll's answer, or None once the client has gone away: the wait then stops, and
+    gives its slot back, at once rather than when `wait` runs out."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (gone, task):
+            pending.cancel()
+        await asyncio.gather(gone, task, return_exceptions=True)
+    if task.cancelled():
+        return None
+    return task.result()
+
+
+async def _disconnected(request: Request[Any, Any, Any]) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

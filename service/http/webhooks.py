@@ -65,5 +65,5 @@ class ParallelHookController(Controller):
     ) -> None:
         body = await request.body()
         await push.receive_parallel_webhook(
-            resources.queue, resources.settings, request.headers, body
+            resources.pool, resources.queue, resources.settings, request.headers, body
         )

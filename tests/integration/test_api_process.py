@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from service.devstack import free_port
-from tests.conftest import new_key
+from tests.helpers import new_key
 from tests.processes import ApiProcess, settings_env
 
 pytestmark = pytest.mark.slow

@@ -3,18 +3,21 @@
 Every test here checks the same two promises: every turn ends, and each turn has one Parallel run
 (counted by the turn id and attempt the worker puts in the run's metadata), save the documented
 window: a create whose answer was lost (the worker died or the connection broke after sending it)
-makes a second run, and the turn then lists that attempt in `doubtful_attempts`.
+makes a second run, and the turn then lists that attempt in `doubtful_attempts`; a stale attempt
+whose answer came back late is in `turn_extra_run` with its run id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import Counter
 from collections.abc import Iterator
 
 import asyncpg
+import httpx
 import msgspec
 import pytest
 import redis.asyncio as aioredis
@@ -22,6 +25,8 @@ from parallel import AsyncParallel
 
 from service import metrics
 from service.devstack import embedded_redis_unavailable_reason
+from service.app import create_app
+from service.resources import Resources
 from tests.helpers import (
     create_conversation,
     post_turn,
@@ -32,6 +37,9 @@ from tests.helpers import (
 )
 from tests.processes import WorkerProcess
 from tests.servers import own_redis_server
+from tests.receivers import serve
+
+SANDBOX_SECRET = "sandbox_webhook_secret"  # SandboxConfig.webhook_secret's default
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +70,9 @@ async def wait_all_terminal(database_url: str, expected: int, timeout: float) ->
         while True:
             rows = await conn.fetch(
                 "SELECT id, conversation_id, seq, status, run_id, interaction_id, "
-                "previous_interaction_id, error, start_attempts, doubtful_attempts FROM turn")
+                "previous_interaction_id, error, start_attempts, doubtful_attempts, "
+                "(SELECT coalesce(jsonb_object_agg(attempt::text, run_id), '{}') "
+                " FROM turn_extra_run x WHERE x.turn_id = turn.id) AS extra_runs FROM turn")
             open_turns = [r for r in rows if r["status"] in ("queued", "running")]
             if len(rows) == expected and not open_turns:
                 return {r["id"]: dict(r) for r in rows}
@@ -98,7 +108,12 @@ def assert_runs_explained(turn: dict, runs: list[dict]) -> None:
     recorded = [run for run in runs if run["run_id"] == turn["run_id"]]
     assert len(recorded) == 1, f"the turn's run is not at Parallel: {turn}"
     assert int(recorded[0]["metadata"]["rs_attempt"]) == turn["start_attempts"]
-    others = set(attempts) - {turn["start_attempts"]}
+    extra = {int(a): r for a, r in msgspec.json.decode(turn.get("extra_runs") or "{}").items()}
+    for run in runs:
+        attempt = int(run["metadata"]["rs_attempt"])
+        if attempt in extra:
+            assert extra[attempt] == run["run_id"], f"an extra run with another id: {turn}"
+    others = set(attempts) - {turn["start_attempts"]} - set(extra)
     assert others <= set(turn["doubtful_attempts"]), f"a second run not in doubt: {turn}, {runs}"
 
 
@@ -287,3 +302,75 @@ async def test_an_attempt_that_never_came_back_is_marked_in_doubt_by_the_next(
     assert row["doubtful_attempts"] == [1]
     assert_runs_explained(row, sandbox_runs(sandbox.url, turn["id"]))
     assert metrics.CREATE_IN_DOUBT.labels("attempt_lost")._value.get() - counted == 1
+
+
+async def wait_for(condition, timeout: float, what: str):
+    """Poll an async condition until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while not (value := await condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+    return value
+
+
+def create_in_flight(sandbox_url: str, calls_before: int):
+    """A condition: a create the sandbox received after `calls_before` has not answered yet."""
+    async def condition() -> bool:
+        calls = httpx.get(f"{sandbox_url}/_sandbox/calls").json()
+        fresh = calls["total"] - calls_before
+        new = list(calls["data"])[-fresh:] if fresh > 0 else []
+        return any(c["method"] == "POST" and c["path"] == "/v1/tasks/runs" and c["status"] is None
+                   for c in new)
+    return condition
+
+
+@contextlib.asynccontextmanager
+async def turn_api(settings, api_key, push: bool):
+    """(settings for workers, an HTTP client): in push mode the API listens on a real port, so
+    the sandbox's webhooks reach it."""
+    if not push:
+        yield settings, None
+        return
+    api_settings = msgspec.structs.replace(settings, parallel_webhook_secret=SANDBOX_SECRET)
+    resources = await Resources.open(api_settings, listen=True)
+    try:
+        async with serve(create_app(api_settings, resources=resources)) as url, httpx.AsyncClient(
+            base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30
+        ) as http:
+            yield msgspec.structs.replace(api_settings, public_base_url=url), http
+    finally:
+        await resources.close()
+
+
+@pytest.mark.parametrize("mode", ["poll", "push"])
+async def test_a_start_whose_worker_is_killed_mid_create_starts_again_within_the_lease(
+    api, api_key, settings, sandbox, database_url, mode
+):
+    # arq's own claim on the dead worker's job would last JOB_TIMEOUT_S + 10 s (70 s), and the
+    # reconciler cannot re-enqueue a job arq still holds: only the start job's own, shorter
+    # claim lets another worker take it over in time.
+    lease_s = 10.0
+    settings = msgspec.structs.replace(
+        settings, start_lease_s=lease_s, create_timeout_s=5.0, reconcile_interval_s=60,
+        push_poll_initial_s=0.5, push_poll_max_s=1.0)
+    async with turn_api(settings, api_key, push=mode == "push") as (worker_settings, http):
+        client = http or api
+        conversation = await create_conversation(client)
+        calls_before = httpx.get(f"{sandbox.url}/_sandbox/calls").json()["total"]
+        set_faults(sandbox.url, create_delay_s=8.0)  # a slow create: no run exists yet
+        turn = await post_turn(client, conversation["id"], "my worker dies mid-create")
+        with WorkerProcess(worker_settings) as first:
+            await wait_for(create_in_flight(sandbox.url, calls_before), 30, "the create")
+            first.kill()
+        killed_at = time.monotonic()
+        set_faults(sandbox.url)
+        with WorkerProcess(worker_settings):
+            running = await wait_turn(client, turn, timeout=lease_s + 30,
+                                      statuses={"running", "completed"})
+            restarted_s = time.monotonic() - killed_at
+            done = await wait_turn(client, running, timeout=30)
+    assert done["status"] == "completed"
+    print(f"{mode}: started again {restarted_s:.1f} s after the kill (lease {lease_s:.0f} s)")
+    assert restarted_s <= lease_s + 10, f"started again {restarted_s:.1f} s after the kill"
+    row = await fetch_turn(database_url, turn["id"])
+    assert row["start_attempts"] == 2 and row["doubtful_attempts"] == [1]

@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncpg
 import structlog
 
-from tests.helpers import create_conversation
-from tests.integration.test_bad_input import assert_problem
+from tests.helpers import assert_problem, create_conversation
 
 
 async def test_every_kind_of_answer_carries_a_request_id(api, client, resources):

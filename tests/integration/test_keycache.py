@@ -13,9 +13,7 @@ import pytest
 from service.db.keys import create_key, revoke_key, split_key
 from service.domain.keycache import KeyCache
 from service.resources import Resources
-from tests.conftest import new_key
-from tests.helpers import forgotten
-from tests.integration.test_bad_input import assert_problem
+from tests.helpers import assert_problem, forgotten, new_key
 
 
 async def listening(resources: Resources) -> None:

@@ -4,24 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import asyncpg
-import msgspec
 import pytest
 
 from service.app import MAX_BODY_BYTES
-from tests.conftest import new_key
-from tests.helpers import create_conversation, post_turn
-from tests.integration.test_bad_input import assert_problem
-
-
-async def counts(database_url: str) -> tuple[int, int, int]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        return tuple(await conn.fetchrow(  # type: ignore[return-value]
-            "SELECT (SELECT count(*) FROM conversation), (SELECT count(*) FROM turn),"
-            " (SELECT count(*) FROM event)"))
-    finally:
-        await conn.close()
+from tests.helpers import (
+    assert_problem,
+    counts,
+    create_conversation,
+    new_key,
+    post_turn,
+    settings_of,
+)
 
 
 def nested(depth: int) -> dict[str, Any]:
@@ -38,11 +31,6 @@ def object_schema(depth: int) -> dict[str, Any]:
     for _ in range(depth):
         schema = {"type": "object", "properties": {"x": schema}}
     return schema
-
-
-def settings_of(resources, **changes: Any) -> None:
-    """Change the running app's settings for this test (the handlers read resources.settings)."""
-    resources.settings = msgspec.structs.replace(resources.settings, **changes)
 
 
 async def check_boundary(api, database_url, path: str, ok: dict, too_much: dict,

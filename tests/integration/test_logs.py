@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import structlog
 
+from service.devstack import free_port
 from service.logs import Redactor, configure_logging
 from tests.helpers import create_conversation, post_turn, wait_turn
 
@@ -47,7 +48,7 @@ def find(lines: list[dict[str, Any]], event: str, **fields: Any) -> list[dict[st
 
 
 async def test_a_workload_logs_json_lines_with_ids_and_no_secrets(logs, api, api_key, worker):
-    conversation = await create_conversation(api, webhook_url="http://127.0.0.1:9/hook")
+    conversation = await create_conversation(api, webhook_url=f"http://127.0.0.1:{free_port()}/hook")
     secret = conversation["webhook_secret"]
     turn = await post_turn(api, conversation["id"], "Who won the 2026 Winter Olympics?")
     done = await wait_turn(api, turn)

@@ -7,7 +7,7 @@ import asyncio
 import asyncpg
 
 from service.db.migrate import load_migrations, migrate
-from tests.conftest import with_database
+from tests.helpers import with_database
 
 
 async def test_migrate_from_empty_is_idempotent_and_safe_concurrently(pg_admin_url):

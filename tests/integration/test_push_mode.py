@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from service.app import create_app
 from service.domain.push import parallel_signature
 from service.resources import Resources
-from tests.helpers import create_conversation, post_turn, running_worker, wait_turn
+from tests.helpers import create_conversation, post_turn, running_worker, wait_turn, wait_until
 from tests.receivers import serve
 
 SANDBOX_SECRET = "sandbox_webhook_secret"  # SandboxConfig.webhook_secret's default
@@ -70,11 +70,16 @@ async def test_a_webhook_that_says_completed_too_early_changes_nothing_but_a_che
     body = json.dumps({"timestamp": "2026-01-01T00:00:00Z", "type": "task_run.status",
                        "data": {"run_id": turn["run_id"], "status": "completed"}}).encode()
     assert (await post_hook(push, body, hook_headers(body))).status_code == 204
-    await asyncio.sleep(1.5)  # the check's result call waits 1 s, then asks for the status
+
+    def calls_of_the_run() -> list[dict] | None:
+        calls = [c for c in httpx.get(f"{sandbox.url}/_sandbox/calls").json()["data"]
+                 if c["run_id"] == turn["run_id"]]
+        return calls if len(calls) >= 3 else None
+
+    # The check's result call waits 1 s, then the check asks for the status.
+    calls = await wait_until(calls_of_the_run, what="the check's result and status calls")
     still = (await push.get(f"/v1/conversations/{conversation['id']}/turns/{turn['id']}")).json()
     assert still["status"] == "running" and still["output"] is None
-    calls = [c for c in httpx.get(f"{sandbox.url}/_sandbox/calls").json()["data"]
-             if c["run_id"] == turn["run_id"]]
     assert [(c["method"], c["path"].rsplit("/", 1)[-1], c["status"]) for c in calls][:3] == [
         ("POST", "runs", 202), ("GET", "result", 408), ("GET", turn["run_id"], 200),
     ]

@@ -16,9 +16,15 @@ from service.db.keys import create_key
 from service.domain.ratelimits import RateLimiter, check_rate, lease_size, retry_after_s
 from service.errors import RateLimited
 from service.resources import Resources
-from tests.helpers import create_conversation, post_turn, set_faults, wait_turn
-from tests.integration.test_bad_input import assert_problem
-from tests.integration.test_limits import counts, settings_of
+from tests.helpers import (
+    assert_problem,
+    counts,
+    create_conversation,
+    post_turn,
+    set_faults,
+    settings_of,
+    wait_turn,
+)
 
 
 async def key_for(resources: Resources, tenant: str, **options) -> dict[str, str]:

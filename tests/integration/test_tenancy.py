@@ -16,10 +16,16 @@ import asyncpg
 import pytest
 
 from service.db.keys import revoke_key, split_key
+from service.devstack import free_port
 from service.openapi import render
-from tests.conftest import new_key
-from tests.helpers import create_conversation, post_turn, running_worker, wait_turn
-from tests.integration.test_bad_input import assert_problem
+from tests.helpers import (
+    assert_problem,
+    create_conversation,
+    new_key,
+    post_turn,
+    running_worker,
+    wait_turn,
+)
 
 UNAUTHENTICATED = ("/v1/hooks/",)
 # A valid body per operation, so that an answer is about the key, not the body.
@@ -86,7 +92,7 @@ async def delivery_of(settings, api, conversation: dict[str, Any]) -> str:
 @pytest.fixture
 async def world(api, api_key, client, resources, settings, database_url) -> dict[str, Any]:
     """acme's conversation, its queued turn and (when routes need one) a webhook delivery."""
-    conversation = await create_conversation(api, webhook_url="http://127.0.0.1:9/hook",
+    conversation = await create_conversation(api, webhook_url=f"http://127.0.0.1:{free_port()}/hook",
                                              metadata={"owner": "acme"})
     ids = {"conversation_id": conversation["id"]}
     if any("{delivery_id}" in path for _, path, _ in operations()):

@@ -7,6 +7,8 @@ SANDBOX_WEBHOOK_SECRET, and a busy port is one line.
 
 from __future__ import annotations
 
+import hashlib
+
 import contextlib
 import os
 import socket
@@ -84,7 +86,8 @@ def test_the_standalone_sandbox_serves_parallels_api_with_its_settings(standalon
     client.task_run.result(slow.run_id, api_timeout=10)
     assert time.monotonic() - started >= 1.4
     config = httpx.get(f"{url}/_sandbox/config").json()
-    assert config["default_latency_s"] == 0.2 and config["webhook_secret"] == SECRET
+    assert config["default_latency_s"] == 0.2 and "webhook_secret" not in config
+    assert config["webhook_secret_sha256"] == hashlib.sha256(SECRET.encode()).hexdigest()
 
 
 def test_the_standalone_sandbox_signs_webhooks_with_its_secret(standalone) -> None:

@@ -217,7 +217,12 @@ async def test_webhook_retries_keep_the_id(client: AsyncParallel, receiver: Any)
 async def test_many_runs_complete_on_schedule(
     sandbox: SandboxServer, control: httpx.AsyncClient
 ) -> None:
-    async with httpx.AsyncClient(base_url=sandbox.url, headers={"x-api-key": "k"}) as http:
+    # 300 waits share httpx's pool of 100 connections: on a loaded machine the last ones queued
+    # for a connection past the default 5 s pool timeout.
+    timeout = httpx.Timeout(10.0, pool=60.0)
+    async with httpx.AsyncClient(
+        base_url=sandbox.url, headers={"x-api-key": "k"}, timeout=timeout
+    ) as http:
 
         async def create(i: int) -> str:
             resp = await http.post("/v1/tasks/runs", json={"input": f"q{i}", "processor": "lite"})

@@ -1,0 +1,159 @@
+"""SQL for start attempts: the lease an attempt holds while it creates its turn's Parallel run.
+
+Attempt N of a turn owns the lease while `start_attempts = N` and `start_attempt_at` is set.
+Every write an attempt makes (begin, record its run, abandon, fail the turn) is conditional on
+that number, so a stale attempt (its lease ran out and a newer one began) changes nothing of the
+newer attempt's state; the run a stale attempt made is kept in turn_extra_run instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from service.db.turns import TURN_COLUMNS, to_turn
+from service.models import Turn
+
+ATTEMPT_STATE_SQL = """
+SELECT start_attempts, doubtful_attempts, start_attempt_at IS NOT NULL AS held,
+       GREATEST(0, EXTRACT(epoch FROM start_attempt_at + make_interval(secs => $2) - now()))
+           AS lease_left_s
+FROM turn WHERE id = $1
+"""
+
+
+class AttemptState(msgspec.Struct, frozen=True):
+    attempts: int  # begun so far; the newest one owns the lease when `held`
+    doubtful: list[int]
+    held: bool  # the newest attempt has not ended (no run recorded, not abandoned)
+    lease_left_s: float  # > 0: its lease is live, nobody may begin another attempt
+
+
+async def attempt_state(conn: asyncpg.Connection, turn_id: str, lease_s: float) -> AttemptState:
+    """The turn's attempts as Postgres's clock sees the lease (call it with the turn locked)."""
+    row = await conn.fetchrow(ATTEMPT_STATE_SQL, turn_id, lease_s)
+    return AttemptState(
+        row["start_attempts"], list(row["doubtful_attempts"]), row["held"],
+        float(row["lease_left_s"] or 0),
+    )
+
+
+# Begins attempt $3 + 1, only if attempt $3 is still the newest and holds no live lease. An
+# attempt still holding a lease that ran out never came back (its worker died or froze, maybe
+# after Parallel had made its run): it joins doubtful_attempts.
+BEGIN_START_SQL = """
+UPDATE turn AS t SET start_attempts = t.start_attempts + 1, start_attempt_at = now(),
+    previous_interaction_id = $2,
+    doubtful_attempts = CASE WHEN t.start_attempt_at IS NOT NULL
+                             THEN t.doubtful_attempts || t.start_attempts
+                             ELSE t.doubtful_attempts END
+WHERE t.id = $1 AND t.start_attempts = $3 AND t.status = 'queued' AND t.run_id IS NULL
+  AND (t.start_attempt_at IS NULL OR t.start_attempt_at <= now() - make_interval(secs => $4))
+RETURNING t.start_attempts
+"""
+
+
+async def begin_start(
+    conn: asyncpg.Connection, turn_id: str, previous: str | None, after: int, lease_s: float
+) -> int | None:
+    """Begin the attempt after attempt `after`, before calling Parallel; its number, or None
+    when another attempt began first or still holds a live lease."""
+    number: int | None = await conn.fetchval(BEGIN_START_SQL, turn_id, previous, after, lease_s)
+    return number
+
+
+# Only the attempt that owns the lease ends it. A stale attempt is already in doubtful_attempts
+# (the attempt that took over its lease put it there), so it has nothing left to write.
+ABANDON_START_SQL = """
+UPDATE turn SET start_attempt_at = NULL,
+    doubtful_attempts = CASE WHEN $3 THEN doubtful_attempts || $2 ELSE doubtful_attempts END
+WHERE id = $1 AND start_attempts = $2 AND start_attempt_at IS NOT NULL AND run_id IS NULL
+RETURNING cardinality(doubtful_attempts)
+"""
+
+
+async def abandon_start(
+    conn: asyncpg.Connection | asyncpg.Pool, turn_id: str, attempt: int, *, in_doubt: bool
+) -> int | None:
+    """End attempt `attempt` without a run, so the next one need not wait out the lease.
+
+    `in_doubt`: its create may have made a run (it joins doubtful_attempts). Returns how many
+    attempts are in doubt now, or None when the attempt no longer owned the lease."""
+    doubtful: int | None = await conn.fetchval(ABANDON_START_SQL, turn_id, attempt, in_doubt)
+    return doubtful
+
+
+# The attempt that owns the lease (it is the newest and has not ended: abandoned, or its turn
+# failed for it) records its run: a queued turn becomes running, a cancelled one stays
+# cancelled and says its run may go on. Any other attempt's run is an extra run.
+RECORD_RUN_SQL = f"""
+WITH recorded AS (
+    UPDATE turn AS t SET
+        run_id = $2, interaction_id = $3, start_attempt_at = NULL,
+        status = CASE WHEN t.status = 'queued' THEN 'running' ELSE t.status END,
+        started_at = CASE WHEN t.status = 'queued' THEN now() ELSE t.started_at END,
+        next_check_at = CASE WHEN t.status = 'queued' THEN now() + make_interval(secs => $4) END,
+        upstream_may_continue = t.upstream_may_continue OR t.status = 'cancelled'
+    WHERE t.id = $1 AND t.start_attempts = $5 AND t.start_attempt_at IS NOT NULL
+      AND t.run_id IS NULL
+    RETURNING {TURN_COLUMNS}
+), extra AS (
+    INSERT INTO turn_extra_run (turn_id, attempt, run_id, interaction_id)
+    SELECT $1, $5, $2, $3 WHERE NOT EXISTS (SELECT 1 FROM recorded)
+    ON CONFLICT (turn_id, attempt) DO NOTHING
+    RETURNING run_id
+)
+SELECT recorded.*, (SELECT count(*) FROM extra) AS extra
+FROM (SELECT 1) AS one LEFT JOIN recorded ON true
+"""
+
+
+class Recorded(msgspec.Struct, frozen=True):
+    turn: Turn | None  # the turn with its run, when this attempt owned the lease
+    extra: bool  # otherwise the run was stored as an extra run (False: it was already there)
+
+
+async def record_run(
+    conn: asyncpg.Connection, turn_id: str, attempt: int, run_id: str, interaction_id: str,
+    first_check_s: float,
+) -> Recorded:
+    """Store attempt `attempt`'s run: as the turn's run if that attempt still owns the lease,
+    else in turn_extra_run. Call it with the turn's conversation locked (the turn exists)."""
+    row = await conn.fetchrow(
+        RECORD_RUN_SQL, turn_id, run_id, interaction_id, first_check_s, attempt
+    )
+    if row["id"] is None:
+        return Recorded(None, bool(row["extra"]))
+    fields: dict[str, Any] = {k: v for k, v in row.items() if k != "extra"}
+    return Recorded(msgspec.convert(fields, Turn), False)
+
+
+# Parallel refused the attempt's create, or too many creates are in doubt: the turn fails,
+# unless a newer attempt owns it by now (or the turn left `queued`: a cancel won).
+FAIL_START_SQL = f"""
+UPDATE turn AS t SET status = 'failed', error = $3, completed_at = now(), next_check_at = NULL,
+    start_attempt_at = NULL
+WHERE t.id = $1 AND t.start_attempts = $2 AND t.status = 'queued' AND t.run_id IS NULL
+RETURNING {TURN_COLUMNS}
+"""
+
+
+async def fail_start(
+    conn: asyncpg.Connection, turn_id: str, attempt: int, error: dict[str, str]
+) -> Turn | None:
+    """Fail the queued turn for attempt `attempt`; None when that attempt no longer owns it."""
+    row = await conn.fetchrow(FAIL_START_SQL, turn_id, attempt, error)
+    return to_turn(row) if row else None
+
+
+EXTRA_RUNS_SQL = """
+SELECT attempt, run_id, interaction_id, found_at FROM turn_extra_run WHERE turn_id = $1
+ORDER BY attempt
+"""
+
+
+async def extra_runs(conn: asyncpg.Connection | asyncpg.Pool, turn_id: str) -> list[asyncpg.Record]:
+    """The runs the turn's stale attempts made (billed, not followed), oldest attempt first."""
+    return await conn.fetch(EXTRA_RUNS_SQL, turn_id)

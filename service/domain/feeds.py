@@ -1,0 +1,170 @@
+"""One Postgres read per event per watched conversation per API process, shared by every watcher.
+
+Each conversation that someone watches (an SSE stream, a `?wait=` long-poll) has one `Feed` in
+the process. Its reader task is the only one that reads the conversation's new events: once per
+notification on the event hub (several notifications during a read make one more read), and
+every `refresh_s` in case a notification was lost or the conversation was deleted without one.
+It keeps the newest events in memory; watchers take theirs from there and wait on `tick`, so
+300 watchers of one conversation cost the reads one watcher costs. A watcher further behind than
+the buffer reaches (a resume from an old Last-Event-ID) catches up with reads of its own first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import asyncpg
+import structlog
+
+from service.db.pool import DB_UNAVAILABLE
+from service.db.streams import FeedRead, read_feed
+from service.models import TERMINAL_STATUSES, Event
+from service.notify import EventHub
+
+log = structlog.get_logger(__name__)
+
+# Events kept in memory per feed; a read asks for at most this many.
+BUFFER = 256
+
+
+class Feed:
+    """What one process knows of a watched conversation's events, and a tick when that grows."""
+
+    def __init__(self, conversation_id: str) -> None:
+        self.conversation_id = conversation_id
+        self.last = 0  # the highest sequence read
+        self.running: tuple[str, str] | None = None  # (turn id, run id) as of `last`
+        self.gone = False  # the conversation was deleted
+        self.broken = False  # Postgres could not be read: watchers end, clients reconnect
+        self.reads = 0
+        self.ready = asyncio.Event()
+        self.watchers = 0
+        self._events: list[Event] = []
+        self._floor = 0  # _events holds every event with a sequence above this
+        self._tick = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def tick(self) -> asyncio.Event:
+        """Set at the next change: take it before looking at the feed, then wait on it."""
+        return self._tick
+
+    @property
+    def ended(self) -> bool:
+        return self.gone or self.broken
+
+    def after(self, sequence: int) -> list[Event] | None:
+        """The events read with a higher sequence; None when the buffer no longer reaches back
+        that far (read them from Postgres)."""
+        if sequence >= self.last:
+            return []
+        if sequence < self._floor:
+            return None
+        return [e for e in self._events if e.sequence > sequence]
+
+    def apply(self, read: FeedRead, *, tail: bool) -> None:
+        self.reads += 1
+        if not read.exists:
+            self.gone = True
+        else:
+            if tail:
+                self._floor = read.events[0].sequence - 1 if len(read.events) == BUFFER else 0
+            new = [e for e in read.events if e.sequence > self.last]
+            self._events.extend(new)
+            if len(self._events) > BUFFER:
+                dropped = self._events[: len(self._events) - BUFFER]
+                self._floor = dropped[-1].sequence
+                del self._events[: len(dropped)]
+            if new:
+                self.last = new[-1].sequence
+            # The state and the events come from one snapshot, so they agree.
+            self.running = read.running
+        self._wake()
+
+    def fail(self) -> None:
+        self.broken = True
+        self._wake()
+
+    def _wake(self) -> None:
+        tick, self._tick = self._tick, asyncio.Event()
+        tick.set()
+
+
+class Feeds:
+    """The process's feeds, one per watched conversation (on Resources, with the event hub)."""
+
+    def __init__(self, pool: asyncpg.Pool, hub: EventHub, *, refresh_s: float) -> None:
+        self._pool = pool
+        self._hub = hub
+        self._refresh_s = refresh_s
+        self._feeds: dict[str, Feed] = {}
+
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+    def get(self, conversation_id: str) -> Feed | None:
+        return self._feeds.get(conversation_id)
+
+    @contextlib.asynccontextmanager
+    async def join(self, conversation_id: str) -> AsyncIterator[Feed]:
+        """The conversation's feed, read at least once, for the duration of the block."""
+        feed = self._feeds.get(conversation_id)
+        if feed is None or feed.ended:
+            feed = self._feeds[conversation_id] = Feed(conversation_id)
+            feed.task = asyncio.create_task(self._follow(feed), name=f"feed:{conversation_id}")
+        feed.watchers += 1
+        try:
+            await feed.ready.wait()
+            yield feed
+        finally:
+            feed.watchers -= 1
+            if feed.watchers == 0:
+                if self._feeds.get(conversation_id) is feed:
+                    del self._feeds[conversation_id]
+                if feed.task is not None:
+                    feed.task.cancel()
+
+    async def close(self) -> None:
+        """Stop every feed; their watchers end."""
+        tasks = [f.task for f in self._feeds.values() if f.task is not None]
+        for feed in self._feeds.values():
+            feed.fail()
+        self._feeds.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _follow(self, feed: Feed) -> None:
+        """The feed's reader: subscribed before its first read, so no commit goes unseen."""
+        try:
+            with self._hub.subscribe(feed.conversation_id) as notified:
+                tail = True
+                while not feed.ended:
+                    notified.clear()  # before reading: a commit after this wakes the next wait
+                    read = await read_feed(
+                        self._pool, feed.conversation_id, None if tail else feed.last, BUFFER
+                    )
+                    feed.apply(read, tail=tail)
+                    feed.ready.set()
+                    if tail or len(read.events) < BUFFER:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(notified.wait(), self._refresh_s)
+                    tail = False
+        except DB_UNAVAILABLE as exc:
+            log.warning("feed_read_failed", conversation_id=feed.conversation_id, error=repr(exc))
+            feed.fail()
+        except Exception:
+            log.exception("feed_error", conversation_id=feed.conversation_id)
+            feed.fail()
+        finally:
+            feed.ready.set()
+
+
+def terminal_event_of(events: list[Event], turn_id: str) -> Event | None:
+    """The event among these that ended the turn, if one did."""
+    for event in events:
+        if event.turn_id == turn_id and event.data.status in TERMINAL_STATUSES:
+            return event
+    return None

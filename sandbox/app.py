@@ -23,12 +23,12 @@ from sandbox.config import SandboxConfig
 from sandbox.control import CONTROL_ROUTES, REFUSALS, refusal
 from sandbox.events import stream_events
 from sandbox.faults import DROP, DROP_AFTER_CREATE
+from sandbox.group_routes import GROUP_ROUTES
+from sandbox.groups import Groups, creates_runs
 from sandbox.store import Run, Store
 from sandbox.validation import validate_create
 from sandbox.webhooks import WebhookSender
-from sandbox.wire import ApiError, error_body, error_response, json_response, rfc3339
-
-CALL_KEY = "sandbox.call"
+from sandbox.wire import CALL_KEY, ApiError, error_body, error_response, json_response, rfc3339
 
 
 class ConnectionDropped(Exception):
@@ -148,7 +148,7 @@ class SandboxApp(Litestar):
         if not _authorized(scope, store.config.api_key):
             await _send_error(logged_send, 401)
             return
-        is_create = scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/tasks/runs"
+        is_create = creates_runs(scope["method"], scope["path"])  # also a group's add runs
         decision = store.faults.decide(is_create)
         if decision is None:
             if is_create and store.faults.config.create_delay_s > 0:
@@ -247,6 +247,7 @@ def create_app(config: SandboxConfig | None = None) -> SandboxApp:
             run_input,
             run_result,
             run_events,
+            *GROUP_ROUTES,
             *CONTROL_ROUTES,
         ],
         exception_handlers={ApiError: _api_error, HTTPException: _http_error, 500: _server_error},
@@ -258,5 +259,6 @@ def create_app(config: SandboxConfig | None = None) -> SandboxApp:
     )
     app.state.config = config
     app.state.store = store
+    app.state.groups = Groups(store)
     app.state.webhooks = sender
     return app

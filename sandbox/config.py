@@ -58,6 +58,9 @@ class SandboxConfig(msgspec.Struct, kw_only=True):
     # Progress tick of the SSE stream; None scales it with the run's latency (0.1 s to 2 s).
     events_interval_s: float | None = None
     events_max_s: float = 570
+    # Task groups (sandbox/groups.py): False answers their routes 404, as a deployment without them.
+    task_groups: bool = True
+    group_events_max_s: float = 3600  # Parallel keeps a group's event stream open up to an hour
     # Cap on the call and webhook-attempt logs kept for /_sandbox/calls and /_sandbox/webhooks.
     max_log_entries: int = 200_000
 
@@ -66,7 +69,7 @@ class SandboxConfig(msgspec.Struct, kw_only=True):
         """Read SANDBOX_API_KEY, SANDBOX_LATENCY_S, SANDBOX_WEBHOOK_SECRET and optional extras.
 
         SANDBOX_PROCESSOR_LATENCY_S takes "lite=2,core=10"; SANDBOX_QUEUED_S a float;
-        SANDBOX_STRICT_INTERACTIONS "1"/"true".
+        SANDBOX_STRICT_INTERACTIONS "1"/"true"; SANDBOX_TASK_GROUPS "on" (default) or "off".
         """
         env = os.environ
         cfg = cls()
@@ -86,6 +89,9 @@ class SandboxConfig(msgspec.Struct, kw_only=True):
                 cfg.latency_s[name.strip()] = float(value)
         if env.get("SANDBOX_STRICT_INTERACTIONS", "").lower() in ("1", "true", "yes"):
             cfg.strict_interactions = True
+        if (groups := env.get("SANDBOX_TASK_GROUPS", "on").lower()) not in ("on", "off"):
+            raise ValueError(f"SANDBOX_TASK_GROUPS must be on or off, not {groups!r}")
+        cfg.task_groups = groups == "on"
         return cfg
 
     def public(self) -> dict[str, object]:

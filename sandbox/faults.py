@@ -1,7 +1,8 @@
 """Fault injection set through `POST /_sandbox/faults`.
 
-Decision order for a /v1 call: `response_delay_s` sleep, auth (401), then for
-`POST /v1/tasks/runs` the `create_status` fault, then the random `error_rate` fault.
+Decision order for a /v1 call: `response_delay_s` sleep, auth (401), then for a call that
+creates runs (`POST /v1/tasks/runs`, a group's `POST …/runs`) the `create_status` fault, then
+the random `error_rate` fault.
 Every fault is decided before the request has side effects, except the kind
 `"drop_after_create"`, which creates the run and then drops the connection (on
 other routes it acts as `"drop"`).

@@ -40,6 +40,7 @@ class Run:
         "processor",
         "run_id",
         "running_mono",
+        "taskgroup_id",
         "waiters",
         "will_fail",
     )
@@ -62,6 +63,7 @@ class Run:
         self.finished_mono: float | None = None
         self.error: dict[str, Any] | None = None
         self.waiters: list[asyncio.Future[None]] | None = None
+        self.taskgroup_id: str | None = None  # set when the run was added to a task group
 
 
 class Store:
@@ -74,6 +76,7 @@ class Store:
         self.webhook_log: deque[dict[str, Any]] = deque(maxlen=config.max_log_entries)
         self.faults = FaultState()
         self.on_terminal: list[Callable[[Run], None]] = []
+        self.on_reset: list[Callable[[], None]] = []
         self.closed = False
         self.loop: asyncio.AbstractEventLoop | None = None  # set at app startup
         self._heap: list[tuple[float, str]] = []
@@ -200,6 +203,8 @@ class Store:
         self.calls_total = 0
         self.webhook_log.clear()
         self.faults.clear()
+        for callback in self.on_reset:
+            callback()
 
     def close(self) -> None:
         self.closed = True
@@ -240,7 +245,7 @@ class Store:
             "error": run.error,
             "processor": run.processor,
             "metadata": run.body.get("metadata"),
-            "taskgroup_id": None,
+            "taskgroup_id": run.taskgroup_id,
             "created_at": rfc3339(run.created_wall),
             "modified_at": rfc3339(modified),
         }
@@ -265,6 +270,7 @@ class Store:
             "processor": run.processor,
             "input": body["input"],
             "metadata": body.get("metadata"),
+            "taskgroup_id": run.taskgroup_id,
             "previous_interaction_id": body.get("previous_interaction_id"),
             "task_spec": body.get("task_spec"),
             "webhook": body.get("webhook"),

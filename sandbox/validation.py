@@ -77,7 +77,7 @@ def object_depth(schema: Any, defs: dict[str, Any], guard: int = 0) -> int:
     return depth
 
 
-def _check_task_spec(task_spec: Any) -> None:
+def check_task_spec(task_spec: Any) -> None:
     if task_spec is None:
         return
     if not isinstance(task_spec, dict) or "output_schema" not in task_spec:
@@ -106,7 +106,7 @@ def _check_task_spec(task_spec: Any) -> None:
             )
 
 
-def _check_metadata(metadata: Any) -> None:
+def check_metadata(metadata: Any) -> None:
     if metadata is None:
         return
     if not isinstance(metadata, dict):
@@ -157,8 +157,8 @@ def validate_create(body: Any, betas: list[str], strict_betas: bool = False) -> 
     prev = body.get("previous_interaction_id")
     if prev is not None and not isinstance(prev, str):
         raise _invalid("previous_interaction_id", "previous_interaction_id must be a string")
-    _check_task_spec(body.get("task_spec"))
-    _check_metadata(body.get("metadata"))
+    check_task_spec(body.get("task_spec"))
+    check_metadata(body.get("metadata"))
     _check_webhook(body.get("webhook"), betas, strict_betas)
     if body.get("enable_events") is not None and not isinstance(body["enable_events"], bool):
         raise _invalid("enable_events", "enable_events must be a boolean")

@@ -11,6 +11,9 @@ from litestar import Response
 
 _encoder = msgspec.json.Encoder()
 
+# The scope key of the /v1 call's log entry, where handlers note the ids they touched.
+CALL_KEY = "sandbox.call"
+
 ERROR_MESSAGES = {
     400: "Bad request",
     401: "Unauthorized: missing or invalid x-api-key",

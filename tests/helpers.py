@@ -74,10 +74,10 @@ async def post_turn(api: httpx.AsyncClient, conversation_id: str, question: str 
     return response.json()  # type: ignore[no-any-return]
 
 
-async def wait_turn(api: httpx.AsyncClient, turn: dict[str, Any], timeout: float = 30.0,
+async def wait_turn(api: httpx.AsyncClient, turn: dict[str, Any], timeout_s: float = 30.0,
                     statuses: set[str] = TERMINAL) -> dict[str, Any]:
     """Long-poll the turn until its status is one of `statuses`."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout_s
     path = f"/v1/conversations/{turn['conversation_id']}/turns/{turn['id']}"
     # ?wait= only answers early for terminal turns; for others, poll.
     params = {"wait": 2} if statuses <= TERMINAL else {}
@@ -98,6 +98,14 @@ def sandbox_runs(sandbox_url: str, turn_id: str | None = None) -> list[dict[str,
     if turn_id is None:
         return runs  # type: ignore[no-any-return]
     return [r for r in runs if (r.get("metadata") or {}).get("rs_turn") == turn_id]
+
+
+async def sandbox_record(sandbox_url: str, name: str) -> Any:
+    """One of the sandbox's records (`calls`, `runs`, `webhooks`...), without blocking the loop."""
+    async with httpx.AsyncClient(base_url=sandbox_url) as http:
+        response = await http.get(f"/_sandbox/{name}")
+        response.raise_for_status()
+        return response.json()
 
 
 def set_faults(sandbox_url: str, **faults: Any) -> None:
@@ -142,9 +150,9 @@ async def running_worker(settings: Settings) -> AsyncIterator[Any]:
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def until(condition: Any, timeout: float = 10.0) -> None:
+async def until(condition: Any, timeout_s: float = 10.0) -> None:
     """Wait until condition() holds (checked every 10 ms); fail after `timeout`."""
-    await wait_until(condition, timeout, interval=0.01, what="the condition to hold")
+    await wait_until(condition, timeout_s, interval=0.01, what="the condition to hold")
 
 
 async def wait_until(condition: Callable[[], Awaitable[Any] | Any], timeout_s: float = 20.0,

@@ -8,6 +8,7 @@ stack's own sandbox, a busy port is one line, and a dead worker is restarted.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -148,7 +149,7 @@ def test_the_readme_curl_session_runs_as_pasted(dev: Dev) -> None:
     assert all(f'"{q}"' in last["answer"].split("Context:")[1] for q in QUESTIONS[:2])
     assert [t["status"] for t in turns] == ["completed"] * 3
     assert turns[0]["previous_interaction_id"] is None  # each chained to the one before
-    for earlier, later in zip(turns, turns[1:], strict=False):
+    for earlier, later in itertools.pairwise(turns):
         assert later["previous_interaction_id"] == earlier["interaction_id"]
     completed = [e["turn_id"] for e in events if e["type"] == "turn.completed"]
     assert completed == [t["id"] for t in posted], events

@@ -200,7 +200,8 @@ class Tally:
 
     def report(self) -> str:
         return (f"fuzz: {sum(self.statuses.values())} cases (seed {SEED}): "
-                f"{dict(sorted(self.statuses.items()))}; hostile {dict(sorted(self.kinds.items()))};"
+                f"{dict(sorted(self.statuses.items()))};"
+                f" hostile {dict(sorted(self.kinds.items()))};"
                 f" 5xx {self.statuses['5xx']}; writes from a 4xx {len(self.writes_from_4xx)}")
 
 

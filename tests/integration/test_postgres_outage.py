@@ -64,7 +64,7 @@ async def test_api_answers_503_while_postgres_is_down_and_all_turns_complete(set
                     assert statuses == {503}
                     server.start()
                     assert (await api.get("/readyz")).status_code == 200
-                    turns = await wait_all_terminal(url, expected=15, timeout=120)
+                    turns = await wait_all_terminal(url, expected=15, timeout_s=120)
             await resources.close()
             assert_chains_and_single_runs(turns, sandbox.url)
         finally:

@@ -14,7 +14,8 @@ async def test_create_answers_202_with_location_and_a_queued_turn(api):
                               json={"input": "Why is the sky blue?", "metadata": {"k": "v"}})
     assert response.status_code == 202
     turn = response.json()
-    assert response.headers["location"] == f"/v1/conversations/{conversation['id']}/turns/{turn['id']}"
+    location = f"/v1/conversations/{conversation['id']}/turns/{turn['id']}"
+    assert response.headers["location"] == location
     assert turn["status"] == "queued"
     assert turn["seq"] == 1
     assert turn["processor"] == "lite"

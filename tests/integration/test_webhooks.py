@@ -40,9 +40,9 @@ async def ledger(api, conversation_id: str) -> list[dict]:
     return response.json()["data"]
 
 
-async def wait_ledger(api, conversation_id: str, status: str, timeout: float = 20) -> dict:
+async def wait_ledger(api, conversation_id: str, status: str, timeout_s: float = 20) -> dict:
     """The conversation's only delivery once it has `status`."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout_s
     while True:
         deliveries = await ledger(api, conversation_id)
         if deliveries and deliveries[-1]["status"] == status:
@@ -210,7 +210,7 @@ async def test_a_worker_killed_after_the_turn_completed_still_delivers(api, sett
     conversation = await create_conversation(api, webhook_url=receiver.url)
     turn = await post_turn(api, conversation["id"], "Will this webhook survive a crash?")
     with WorkerProcess(settings) as first:
-        [in_flight] = await receiver.wait_for(1, timeout=60)
+        [in_flight] = await receiver.wait_for(1, timeout_s=60)
         first.kill()
     assert (await api.get(f"/v1/conversations/{conversation['id']}/turns/{turn['id']}")
             ).json()["status"] == "completed"
@@ -219,7 +219,7 @@ async def test_a_worker_killed_after_the_turn_completed_still_delivers(api, sett
 
     receiver.delay_s = 0
     with WorkerProcess(settings):
-        delivered = await wait_ledger(api, conversation["id"], "delivered", timeout=60)
+        delivered = await wait_ledger(api, conversation["id"], "delivered", timeout_s=60)
     first_request, last = receiver.requests
     assert first_request is in_flight
     assert last.headers["webhook-id"] == in_flight.headers["webhook-id"] == pending["webhook_id"]

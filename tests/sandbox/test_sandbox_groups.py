@@ -15,6 +15,7 @@ from parallel.types import TaskGroupStatusEvent, TaskRun, TaskRunEvent
 
 from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -187,12 +188,12 @@ async def test_a_reset_ends_the_open_streams(
     group = await client.task_group.create()
     await client.task_group.add_runs(group.task_group_id, inputs=[lite("[sandbox:slow=60] q")])
     following = asyncio.create_task(events(client, group.task_group_id))
-    async with asyncio.timeout(DEADLINE_S):  # until the stream has started answering
-        while not any(
-            call["path"].endswith("/events") and call["status"] == 200
-            for call in (await control.get("/_sandbox/calls")).json()["data"]
-        ):
-            await asyncio.sleep(0.02)
+
+    async def answering() -> bool:
+        calls = (await control.get("/_sandbox/calls")).json()["data"]
+        return any(c["path"].endswith("/events") and c["status"] == 200 for c in calls)
+
+    await wait_until(answering, DEADLINE_S, what="the stream to start answering")
     await control.post("/_sandbox/reset")
     found = await asyncio.wait_for(following, DEADLINE_S)
     assert [event.type for event in found] == ["task_group_status"]

@@ -212,3 +212,12 @@ class ThreadedReceiver:
 
     def payloads(self) -> list[dict[str, Any]]:
         return [json.loads(body) for _, body in self.received]
+
+
+@contextlib.asynccontextmanager
+async def receiving() -> AsyncIterator[Receiver]:
+    """A Receiver served in this event loop, its `url` set to its /hooks/research."""
+    receiver = Receiver()
+    async with serve(receiver) as url:
+        receiver.url = f"{url}/hooks/research"
+        yield receiver

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import random
 import time
-from collections import Counter
 from collections.abc import Iterator
 
 import asyncpg
@@ -29,12 +27,15 @@ from service.app import create_app
 from service.devstack import embedded_redis_unavailable_reason
 from service.resources import Resources
 from tests.helpers import (
+    assert_chains_and_single_runs,
+    assert_runs_explained,
     create_conversation,
     post_turn,
     running_worker,
     sandbox_record,
     sandbox_runs,
     set_faults,
+    wait_all_terminal,
     wait_turn,
     wait_until,
 )
@@ -64,60 +65,6 @@ async def post_workload(api, conversations: int, turns_each: int) -> list[list[d
             for k in range(turns_each)
         ])
     return posted
-
-
-async def wait_all_terminal(database_url: str, expected: int, timeout_s: float) -> dict[str, dict]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            rows = await conn.fetch(
-                "SELECT id, conversation_id, seq, status, run_id, interaction_id, "
-                "previous_interaction_id, error, start_attempts, doubtful_attempts, "
-                "(SELECT coalesce(jsonb_object_agg(attempt::text, run_id), '{}') "
-                " FROM turn_extra_run x WHERE x.turn_id = turn.id) AS extra_runs FROM turn")
-            open_turns = [r for r in rows if r["status"] in ("queued", "running")]
-            if len(rows) == expected and not open_turns:
-                return {r["id"]: dict(r) for r in rows}
-            assert time.monotonic() < deadline, f"{len(open_turns)} turns still open"
-            await asyncio.sleep(0.25)
-    finally:
-        await conn.close()
-
-
-def assert_chains_and_single_runs(turns: dict[str, dict], sandbox_url: str) -> None:
-    assert Counter(t["status"] for t in turns.values()) == {"completed": len(turns)}
-    runs: dict[str, list[dict]] = {turn_id: [] for turn_id in turns}
-    for run in sandbox_runs(sandbox_url):
-        turn_id = (run.get("metadata") or {}).get("rs_turn")
-        if turn_id in runs:
-            runs[turn_id].append(run)
-    for turn_id, turn in turns.items():
-        assert_runs_explained(turn, runs[turn_id])
-    by_conversation: dict[str, list[dict]] = {}
-    for turn in turns.values():
-        by_conversation.setdefault(turn["conversation_id"], []).append(turn)
-    for chain in by_conversation.values():
-        chain.sort(key=lambda t: t["seq"])
-        assert chain[0]["previous_interaction_id"] is None
-        for before, after in itertools.pairwise(chain):
-            assert after["previous_interaction_id"] == before["interaction_id"]
-
-
-def assert_runs_explained(turn: dict, runs: list[dict]) -> None:
-    """The turn's recorded run is its last attempt's; any other run is an attempt in doubt's."""
-    attempts = Counter(int(run["metadata"]["rs_attempt"]) for run in runs)
-    assert all(count == 1 for count in attempts.values()), f"an attempt made two runs: {turn}"
-    recorded = [run for run in runs if run["run_id"] == turn["run_id"]]
-    assert len(recorded) == 1, f"the turn's run is not at Parallel: {turn}"
-    assert int(recorded[0]["metadata"]["rs_attempt"]) == turn["start_attempts"]
-    extra = {int(a): r for a, r in msgspec.json.decode(turn.get("extra_runs") or "{}").items()}
-    for run in runs:
-        attempt = int(run["metadata"]["rs_attempt"])
-        if attempt in extra:
-            assert extra[attempt] == run["run_id"], f"an extra run with another id: {turn}"
-    others = set(attempts) - {turn["start_attempts"]} - set(extra)
-    assert others <= set(turn["doubtful_attempts"]), f"a second run not in doubt: {turn}, {runs}"
 
 
 async def fetch_turn(database_url: str, turn_id: str) -> dict:

@@ -16,27 +16,20 @@ from pathlib import Path
 import httpx
 import msgspec
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from service.devstack import free_port
-from tests.helpers import create_conversation, post_turn, running_worker, wait_turn
+from tests.helpers import (
+    Samples,
+    create_conversation,
+    parse,
+    post_turn,
+    running_worker,
+    value,
+    wait_turn,
+)
 from tests.processes import settings_env
 from tests.receivers import Receiver, serve
 from worker import jobs
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def parse(text: str) -> Samples:
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 @pytest.fixture

@@ -19,9 +19,9 @@ from service.devstack import free_port
 from service.domain.turns import create_turn
 from service.queue import START_TURN, enqueue_start_turn
 from service.schemas import TurnCreate
-from tests.helpers import create_conversation, post_turn, wait_turn
-from tests.integration.test_outages import api_client, own_postgres, own_redis
+from tests.helpers import api_client, create_conversation, post_turn, wait_turn
 from tests.processes import ApiProcess, WorkerProcess
+from tests.servers import own_postgres, own_redis
 
 pytestmark = pytest.mark.slow
 

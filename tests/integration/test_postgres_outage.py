@@ -16,8 +16,12 @@ from service.db.keys import create_key
 from service.db.migrate import migrate
 from service.devstack import EmbeddedPostgres, embedded_postgres_unavailable_reason, free_port
 from service.resources import Resources
-from tests.helpers import create_conversation, post_turn
-from tests.integration.test_crash_safety import assert_chains_and_single_runs, wait_all_terminal
+from tests.helpers import (
+    assert_chains_and_single_runs,
+    create_conversation,
+    post_turn,
+    wait_all_terminal,
+)
 from tests.processes import WorkerProcess
 
 pytestmark = [

@@ -4,51 +4,42 @@ rotation, the SSRF guard, and a worker SIGKILLed with a delivery outstanding."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import time
 
-import httpx
 import msgspec
 import pytest
 from standardwebhooks import Webhook
 
-from service.app import create_app
-from tests.conftest import new_key
-from tests.helpers import create_conversation, post_turn, running_worker, wait_turn
+from tests.helpers import (
+    create_conversation,
+    fast_webhook_retries,
+    guarded_client,
+    ledger,
+    new_key,
+    post_turn,
+    running_worker,
+    wait_ledger,
+    wait_turn,
+)
 from tests.processes import WorkerProcess
-from tests.receivers import Receiver, serve
+from tests.receivers import receiving
 
 
 @pytest.fixture
 def settings(settings):
-    """Retries a fifth of a second apart instead of 5 s, 30 s, 2 min, …"""
-    return msgspec.structs.replace(settings, webhook_retry_schedule_s=[0.2] * 4,
-                                   webhook_timeout_s=2)
+    return fast_webhook_retries(settings)
 
 
 @pytest.fixture
 async def receiver():
-    receiver = Receiver()
-    async with serve(receiver) as url:
-        receiver.url = f"{url}/hooks/research"
+    async with receiving() as receiver:
         yield receiver
 
 
-async def ledger(api, conversation_id: str) -> list[dict]:
-    response = await api.get(f"/v1/conversations/{conversation_id}/webhook-deliveries")
-    assert response.status_code == 200, response.text
-    return response.json()["data"]
-
-
-async def wait_ledger(api, conversation_id: str, status: str, timeout_s: float = 20) -> dict:
-    """The conversation's only delivery once it has `status`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        deliveries = await ledger(api, conversation_id)
-        if deliveries and deliveries[-1]["status"] == status:
-            return deliveries[-1]
-        assert time.monotonic() < deadline, f"delivery never {status}: {deliveries}"
-        await asyncio.sleep(0.1)
+@pytest.fixture
+async def guarded_api(settings, resources, api_key):
+    """The API with WEBHOOK_ALLOW_PRIVATE off."""
+    async with guarded_client(settings, resources, api_key) as http:
+        yield http
 
 
 async def test_a_completed_turn_is_posted_once_signed_with_the_answer(api, worker, receiver):
@@ -157,17 +148,6 @@ REFUSED_URLS = [
     "http://[fd00:ec2::254]/", "http://0.0.0.0/hook", "http://2130706433/hook",
     "http://localhost:8080/hook",
 ]
-
-
-@pytest.fixture
-async def guarded_api(settings, resources, api_key):
-    """The API with WEBHOOK_ALLOW_PRIVATE off."""
-    guarded = dataclasses.replace(
-        resources, settings=msgspec.structs.replace(settings, webhook_allow_private=False))
-    transport = httpx.ASGITransport(app=create_app(guarded.settings, resources=guarded))
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver",
-                                 headers={"Authorization": f"Bearer {api_key}"}) as http:
-        yield http
 
 
 @pytest.mark.parametrize("url", REFUSED_URLS)

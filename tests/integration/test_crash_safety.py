@@ -48,6 +48,12 @@ SANDBOX_SECRET = "sandbox_webhook_secret"  # SandboxConfig.webhook_secret's defa
 pytestmark = pytest.mark.slow
 
 
+def runs_of(sandbox_url: str, posted: list[list[dict]]) -> list[dict]:
+    """The sandbox's runs made for the posted turns."""
+    ids = {turn["id"] for turns in posted for turn in turns}
+    return [r for r in sandbox_runs(sandbox_url) if (r.get("metadata") or {}).get("rs_turn") in ids]
+
+
 def fast_recovery(settings, **changes):
     """Short leases and timeouts, so recovery after a kill takes seconds, not minutes."""
     return msgspec.structs.replace(
@@ -107,9 +113,9 @@ async def test_redis_losing_everything_mid_workload_loses_no_turn(
     api, settings, sandbox, database_url, own_redis
 ):
     settings = fast_recovery(settings, redis_url=own_redis)
-    await post_workload(api, conversations=10, turns_each=3)
+    posted = await post_workload(api, conversations=10, turns_each=3)
     with WorkerProcess(settings):
-        await asyncio.sleep(2.0)
+        await wait_until(lambda: runs_of(sandbox.url, posted), 30, what="the workload under way")
         client = aioredis.from_url(own_redis)
         await client.flushdb()
         await client.aclose()
@@ -171,8 +177,13 @@ async def test_a_burst_beyond_the_creation_limit_waits_instead_of_failing(
     settings = fast_recovery(settings, creations_per_min=3)
     convs = [await create_conversation(api) for _ in range(5)]
     turns = [await post_turn(api, c["id"], "burst") for c in convs]
-    with WorkerProcess(settings):
-        await asyncio.sleep(4)
+    window = int(time.time() // 60)
+    with WorkerProcess(settings) as worker:
+        # Every turn tried once: three got a slot and a run, two were refused and requeued.
+        await wait_until(
+            lambda: len(runs_of(sandbox.url, [turns])) == 3
+            and worker.output().count("start_retry") >= 2, 30, what="five creation attempts")
+        assert int(time.time() // 60) == window, "the minute turned: the limit was reset"
         statuses = [(await api.get(f"/v1/conversations/{t['conversation_id']}/turns/{t['id']}"))
                     .json()["status"] for t in turns]
     created = [t for t in turns if sandbox_runs(sandbox.url, t["id"])]
@@ -207,10 +218,7 @@ async def test_a_create_whose_answer_is_lost_is_retried_and_its_run_marked_in_do
     conversation = await create_conversation(api)
     turn = await post_turn(api, conversation["id"], "the answer to this create is lost")
     async with running_worker(fast_recovery(settings)):
-        for _ in range(200):
-            if sandbox_runs(sandbox.url, turn["id"]):
-                break
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: sandbox_runs(sandbox.url, turn["id"]), 10, what="the run")
         set_faults(sandbox.url)  # Parallel answers again
         done = await wait_turn(api, turn, timeout_s=60)
     assert done["status"] == "completed"
@@ -254,15 +262,6 @@ async def test_an_attempt_that_never_came_back_is_marked_in_doubt_by_the_next(
     assert row["doubtful_attempts"] == [1]
     assert_runs_explained(row, sandbox_runs(sandbox.url, turn["id"]))
     assert metrics.CREATE_IN_DOUBT.labels("attempt_lost")._value.get() - counted == 1
-
-
-async def wait_for(condition, timeout_s: float, what: str):
-    """Poll an async condition until it returns something truthy."""
-    deadline = time.monotonic() + timeout_s
-    while not (value := await condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-    return value
 
 
 def create_in_flight(sandbox_url: str, calls_before: int):
@@ -312,7 +311,7 @@ async def test_a_start_whose_worker_is_killed_mid_create_starts_again_within_the
         set_faults(sandbox.url, create_delay_s=8.0)  # a slow create: no run exists yet
         turn = await post_turn(client, conversation["id"], "my worker dies mid-create")
         with WorkerProcess(worker_settings) as first:
-            await wait_for(create_in_flight(sandbox.url, calls_before), 30, "the create")
+            await wait_until(create_in_flight(sandbox.url, calls_before), 30, what="the create")
             first.kill()
         killed_at = time.monotonic()
         set_faults(sandbox.url)

@@ -53,9 +53,11 @@ async def counts(database_url: str) -> tuple[int, int, int]:
     """How many conversations, turns and events the database holds."""
     conn = await asyncpg.connect(database_url)
     try:
-        return tuple(await conn.fetchrow(  # type: ignore[return-value]
+        row = await conn.fetchrow(
             "SELECT (SELECT count(*) FROM conversation), (SELECT count(*) FROM turn),"
-            " (SELECT count(*) FROM event)"))
+            " (SELECT count(*) FROM event)")
+        assert row is not None
+        return row[0], row[1], row[2]
     finally:
         await conn.close()
 
@@ -68,7 +70,7 @@ def settings_of(resources: Resources, **changes: Any) -> None:
 async def create_conversation(api: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
     response = await api.post("/v1/conversations", json=body)
     assert response.status_code == 201, response.text
-    return response.json()  # type: ignore[no-any-return]
+    return response.json()
 
 
 async def post_turn(api: httpx.AsyncClient, conversation_id: str, question: str | dict[str, Any],
@@ -76,7 +78,7 @@ async def post_turn(api: httpx.AsyncClient, conversation_id: str, question: str 
     response = await api.post(f"/v1/conversations/{conversation_id}/turns",
                               json={"input": question, **body})
     assert response.status_code == 202, response.text
-    return response.json()  # type: ignore[no-any-return]
+    return response.json()
 
 
 async def wait_turn(api: httpx.AsyncClient, turn: dict[str, Any], timeout_s: float = 30.0,
@@ -91,7 +93,7 @@ async def wait_turn(api: httpx.AsyncClient, turn: dict[str, Any], timeout_s: flo
         assert response.status_code == 200, response.text
         current = response.json()
         if current["status"] in statuses:
-            return current  # type: ignore[no-any-return]
+            return current
         assert current["status"] not in TERMINAL, f"turn ended {current['status']}: {current}"
         assert time.monotonic() < deadline, f"turn still {current['status']}: {current}"
         await asyncio.sleep(0 if params else 0.05)
@@ -101,7 +103,7 @@ def sandbox_runs(sandbox_url: str, turn_id: str | None = None) -> list[dict[str,
     """Runs the sandbox recorded, optionally only those created for one turn."""
     runs = httpx.get(f"{sandbox_url}/_sandbox/runs").json()["data"]
     if turn_id is None:
-        return runs  # type: ignore[no-any-return]
+        return runs
     return [r for r in runs if (r.get("metadata") or {}).get("rs_turn") == turn_id]
 
 

@@ -25,7 +25,7 @@ from bench.harness import (
     ratio,
     scratch_database,
 )
-from bench.load import run_load
+from bench.load import LoadStats, run_load
 from bench.procs import api_proc, floor_proc
 
 BODY = b'{"input": "Which country won the most gold medals in 2026?"}'
@@ -67,7 +67,7 @@ async def run(size: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
         try:
             for name, proc in procs.items():
                 proc.wait_http(f"http://127.0.0.1:{ports[name]}/healthz")
-            results: dict[str, dict[str, list[dict[str, float]]]] = {
+            results: dict[str, dict[str, list[LoadStats]]] = {
                 "POST": {"service": [], "floor": []},
                 "GET": {"service": [], "floor": []},
             }

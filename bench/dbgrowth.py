@@ -29,7 +29,7 @@ from bench.harness import (
     ratio,
     scratch_database,
 )
-from bench.load import run_load
+from bench.load import LoadStats, run_load
 from bench.procs import api_proc
 from service.db.turns import TURN_COLUMNS
 
@@ -114,7 +114,7 @@ def targets(conversations: int, keys: list[str], count: int) -> dict[str, list[t
 
 async def measure(
     dbs: dict[str, tuple[str, int, list[str]]], size: dict[str, Any]
-) -> dict[str, dict[str, list[dict[str, float]]]]:
+) -> dict[str, dict[str, list[LoadStats]]]:
     """p50s of the three reads on each database; the two APIs take turns, `rounds` times."""
     ports = {label: free_port() for label in dbs}
     procs = {
@@ -126,7 +126,7 @@ async def measure(
         )
         for label, (dsn, _, _) in dbs.items()
     }
-    out: dict[str, dict[str, list[dict[str, float]]]] = {}
+    out: dict[str, dict[str, list[LoadStats]]] = {}
     try:
         for label, proc in procs.items():
             proc.start().wait_http(f"http://127.0.0.1:{ports[label]}/healthz")
@@ -160,12 +160,11 @@ async def explain_all(dsn: str) -> dict[str, Any]:
     conn = await asyncpg.connect(dsn)
     report: dict[str, Any] = {}
     try:
-        rows = dict(
-            await conn.fetch(
-                "SELECT relname, reltuples::bigint FROM pg_class WHERE relname = ANY($1::text[])",
-                list(GROWING_TABLES),
-            )
+        found = await conn.fetch(
+            "SELECT relname, reltuples::bigint FROM pg_class WHERE relname = ANY($1::text[])",
+            list(GROWING_TABLES),
         )
+        rows: dict[str, int] = {r["relname"]: r["reltuples"] for r in found}
         big = {t for t, n in rows.items() if n >= BIG_TABLE_ROWS}
         await conn.execute("SET plan_cache_mode = force_generic_plan")
         for info in pkgutil.iter_modules(service.db.__path__):

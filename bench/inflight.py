@@ -63,7 +63,7 @@ async def run_config(mode: str, n: int, length_s: float) -> dict[str, Any]:
         }
         with service_stack(
             settings, mode, api_port, sandbox_port, WEBHOOK_SECRET, **env
-        ) as (sandbox, api, worker):
+        ) as (_sandbox, _api, worker):
             if mode == "push" and not await push_available(f"http://127.0.0.1:{api_port}"):
                 return {"mode": mode, "n": n, "length_s": length_s, "unavailable": True}
             await wait_worker(worker)

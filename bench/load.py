@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import TypedDict
 
 import httpx
 
@@ -65,6 +66,18 @@ def have_wrk() -> bool:
 Target = tuple[str, str]  # (path, API key)
 
 
+class LoadStats(TypedDict):
+    """One load run: throughput, latency percentiles (ms), counts, and which generator ran."""
+
+    rps: float
+    p50: float
+    p90: float
+    p99: float
+    requests: int
+    errors: int
+    generator: str
+
+
 def run_load(
     base_url: str,
     method: str,
@@ -73,7 +86,7 @@ def run_load(
     body: bytes = b"",
     duration_s: float,
     connections: int = 32,
-) -> dict[str, float]:
+) -> LoadStats:
     """Load base_url for duration_s; returns {rps, p50, p90, p99 (ms), requests, errors}."""
     if have_wrk():
         return _run_wrk(base_url, method, targets, body, duration_s, connections)
@@ -92,7 +105,7 @@ def _run_wrk(
     body: bytes,
     duration_s: float,
     connections: int,
-) -> dict[str, float]:
+) -> LoadStats:
     threads = 2
     folder = Path(tempfile.mkdtemp(prefix="bench-wrk-"))
     (folder / "paths.txt").write_text("".join(f"{path}\t{key}\n" for path, key in targets))
@@ -130,7 +143,7 @@ async def _run_httpx(
     body: bytes,
     duration_s: float,
     connections: int,
-) -> dict[str, float]:
+) -> LoadStats:
     latencies: list[float] = []
     errors = 0
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)

@@ -127,7 +127,7 @@ class _Generator:
         low = schema.get("minimum", schema.get("exclusiveMinimum", 0))
         high = schema.get("maximum", schema.get("exclusiveMaximum", low + 1000))
         span = max(high - low, 0)
-        value = low + (self._n(path) % 1000) / 1000 * span
+        value: float = low + (self._n(path) % 1000) / 1000 * span
         if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
             value = (low + high) / 2
         if integer:

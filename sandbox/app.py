@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
 from litestar.params import FromPath
 from litestar.response import Stream
-from litestar.types import Receive, Scope, Send
+from litestar.types import LifeSpanReceive, LifeSpanSend, Receive, Scope, Send
 
 from sandbox.config import SandboxConfig
 from sandbox.control import CONTROL_ROUTES, REFUSALS, refusal
@@ -28,7 +28,15 @@ from sandbox.groups import Groups, creates_runs
 from sandbox.store import Run, Store
 from sandbox.validation import validate_create
 from sandbox.webhooks import WebhookSender
-from sandbox.wire import CALL_KEY, ApiError, error_body, error_response, json_response, rfc3339
+from sandbox.wire import (
+    CALL_KEY,
+    ApiError,
+    call_entry,
+    error_body,
+    error_response,
+    json_response,
+    rfc3339,
+)
 
 
 class ConnectionDropped(Exception):
@@ -36,7 +44,8 @@ class ConnectionDropped(Exception):
 
 
 def _store(request: Request[Any, Any, Any]) -> Store:
-    return request.app.state.store
+    store: Store = request.app.state.store
+    return store
 
 
 def _run(request: Request[Any, Any, Any], run_id: str) -> Run:
@@ -56,7 +65,7 @@ async def create_run(request: Request[Any, Any, Any]) -> Response[bytes]:
     betas = [b.strip() for b in request.headers.get("parallel-beta", "").split(",") if b.strip()]
     validate_create(body, betas, store.config.strict_betas)
     run = store.create(body, betas)
-    call = request.scope.get(CALL_KEY)  # type: ignore[misc]
+    call = call_entry(request.scope)
     if call is not None:
         call["run_id"] = run.run_id
     return json_response(store.task_run(run), 202)
@@ -118,13 +127,22 @@ def _server_error(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
 
 
 class SandboxApp(Litestar):
-    async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
+    async def __call__(
+        self, scope: Any, receive: Receive | LifeSpanReceive, send: Send | LifeSpanSend
+    ) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        # ASGI pairs an http scope with http's receive and send; the union is for lifespan.
+        await self._http(scope, cast("Receive", receive), cast("Send", send))
+
+    async def _http(self, scope: Any, receive: Receive, send: Send) -> None:
         store: Store = self.state.store
-        control = scope["type"] == "http" and scope["path"].startswith("/_sandbox")
+        control = scope["path"].startswith("/_sandbox")
         if control and (status := refusal(scope, store.config)) is not None:
             await _send_error(send, status, {"www-authenticate": "Bearer"}, REFUSALS[status])
             return
-        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
+        if not scope["path"].startswith("/v1"):
             await super().__call__(scope, receive, send)
             return
         entry: dict[str, Any] = {

@@ -45,7 +45,8 @@ def refusal(scope: Scope, config: SandboxConfig) -> int | None:
 
 
 def _store(request: Request[Any, Any, Any]) -> Store:
-    return request.app.state.store
+    store: Store = request.app.state.store
+    return store
 
 
 async def _json(request: Request[Any, Any, Any]) -> Any:

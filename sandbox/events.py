@@ -31,7 +31,8 @@ SOURCES_READ = 12
 
 
 def _sse(payload: dict[str, Any]) -> bytes:
-    return b"event: " + payload["type"].encode() + b"\ndata: " + encode(payload) + b"\n\n"
+    kind: str = payload["type"]
+    return b"event: " + kind.encode() + b"\ndata: " + encode(payload) + b"\n\n"
 
 
 def _state(store: Store, run: Run, final: bool) -> bytes:

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Literal
+from typing import Final, Literal
 
 import msgspec
 
-DROP = "drop"
-DROP_AFTER_CREATE = "drop_after_create"
+DROP: Final = "drop"
+DROP_AFTER_CREATE: Final = "drop_after_create"
 _KIND = re.compile(r"^(drop|drop_after_create|[1-5][0-9][0-9])$")
 
 FAIL_MARKER = "[sandbox:fail]"

@@ -17,7 +17,7 @@ from litestar.params import FromPath
 from litestar.response import Stream
 
 from sandbox.groups import STATUSES, Group, Groups
-from sandbox.wire import CALL_KEY, ApiError, json_response
+from sandbox.wire import ApiError, call_entry, json_response
 
 _BASES = ("/v1/tasks/groups", "/v1beta/tasks/groups")
 _TRUE = frozenset({"true", "1", "yes", "on"})
@@ -32,7 +32,8 @@ def _paths(suffix: str) -> list[str]:
 def _groups(request: Request[Any, Any, Any]) -> Groups:
     if not request.app.state.store.config.task_groups:
         raise NotFoundException  # what Litestar raises for a route it does not have
-    return request.app.state.groups  # type: ignore[no-any-return]
+    groups: Groups = request.app.state.groups
+    return groups
 
 
 def _group(request: Request[Any, Any, Any], taskgroup_id: str) -> Group:
@@ -43,7 +44,7 @@ def _group(request: Request[Any, Any, Any], taskgroup_id: str) -> Group:
 
 def _note(request: Request[Any, Any, Any], **fields: Any) -> None:
     """Add ids to this call's entry in /_sandbox/calls."""
-    call = request.scope.get(CALL_KEY)  # type: ignore[misc]
+    call = call_entry(request.scope)
     if call is not None:
         call.update(fields)
 

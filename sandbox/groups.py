@@ -12,6 +12,7 @@ Counts per status are kept as runs change, so a status costs O(1) with 10,000 ru
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import re
 import secrets
@@ -39,7 +40,8 @@ def creates_runs(method: str, path: str) -> bool:
 
 
 def sse(payload: dict[str, Any]) -> bytes:
-    return b"event: " + payload["type"].encode() + b"\ndata: " + encode(payload) + b"\n\n"
+    kind: str = payload["type"]
+    return b"event: " + kind.encode() + b"\ndata: " + encode(payload) + b"\n\n"
 
 
 class Group:
@@ -134,10 +136,9 @@ class Group:
         """Until the next event is appended, the group is forgotten, or `seconds` pass."""
         if self.waiter is None:
             self.waiter = asyncio.get_running_loop().create_future()
-        try:  # shielded: the future is shared by every follower of the group
+        # shielded: the future is shared by every follower of the group
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self.waiter), seconds)
-        except TimeoutError:
-            pass
 
     def response(self) -> dict[str, Any]:
         return {
@@ -211,9 +212,9 @@ class Groups:
             group.wake()
         self.groups.clear()
 
-    async def events(self, group: Group, after: int, timeout: float) -> AsyncIterator[bytes]:
-        """The log after position `after`, then new events while a run is active (≤ timeout)."""
-        deadline = time.monotonic() + timeout
+    async def events(self, group: Group, after: int, timeout_s: float) -> AsyncIterator[bytes]:
+        """The log after position `after`, then new events while a run is active (≤ timeout_s)."""
+        deadline = time.monotonic() + timeout_s
         sent = after
         while True:
             while sent < len(group.log):

@@ -66,7 +66,8 @@ class SandboxServer:
     @property
     def store(self) -> Store:
         """The running app's store, for in-process inspection."""
-        return self.app.state.store  # type: ignore[no-any-return]
+        store: Store = self.app.state.store
+        return store
 
     def start(self, timeout: float = 10.0) -> SandboxServer:
         if self._thread is not None:

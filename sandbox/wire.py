@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,6 +14,12 @@ _encoder = msgspec.json.Encoder()
 
 # The scope key of the /v1 call's log entry, where handlers note the ids they touched.
 CALL_KEY = "sandbox.call"
+
+
+def call_entry(scope: Mapping[str, Any]) -> dict[str, Any] | None:
+    """This /v1 call's entry in /_sandbox/calls (SandboxApp puts it in the scope), else None."""
+    entry: dict[str, Any] | None = scope.get(CALL_KEY)
+    return entry
 
 ERROR_MESSAGES = {
     400: "Bad request",

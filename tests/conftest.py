@@ -4,11 +4,9 @@ HTTP, the app, and an in-process worker."""
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
 
-import asyncpg
 import httpx
 import pytest
 
@@ -16,51 +14,24 @@ from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
 from service.app import create_app
 from service.config import Settings
-from service.db.migrate import migrate
 from service.resources import Resources
-
-# new_key and with_database live in tests.helpers; they are bound here too for the modules
-# that still import them from conftest.
-from tests.helpers import new_key, running_worker, with_database
-from tests.servers import postgres_server, redis_server
-
-TEMPLATE_DB = f"research_template_{os.getpid()}"
+from tests.helpers import new_key, running_worker
+from tests.servers import (
+    TEMPLATE_DB,
+    clone_template,
+    create_template,
+    drop_database,
+    postgres_server,
+    redis_server,
+)
 
 
 @pytest.fixture(scope="session")
 def pg_admin_url() -> Iterator[str]:
     with postgres_server() as url:
-        asyncio.run(_create_template(url))
+        asyncio.run(create_template(url))
         yield url
-        asyncio.run(_drop_database(url, TEMPLATE_DB))
-
-
-async def _create_template(admin_url: str) -> None:
-    await _drop_database(admin_url, TEMPLATE_DB)
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
-    finally:
-        await conn.close()
-    await migrate(with_database(admin_url, TEMPLATE_DB))
-
-
-async def _drop_database(admin_url: str, name: str) -> None:
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
-async def clone_template(admin_url: str, name: str) -> str:
-    """Create database `name` from the migrated template; returns its URL."""
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
-    finally:
-        await conn.close()
-    return with_database(admin_url, name)
+        asyncio.run(drop_database(url, TEMPLATE_DB))
 
 
 @pytest.fixture
@@ -68,7 +39,7 @@ async def database_url(pg_admin_url: str) -> AsyncIterator[str]:
     """A fresh database cloned from the migrated template, dropped afterwards."""
     name = f"research_test_{secrets.token_hex(6)}"
     yield await clone_template(pg_admin_url, name)
-    await _drop_database(pg_admin_url, name)
+    await drop_database(pg_admin_url, name)
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
+import itertools
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -13,7 +16,9 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import httpx
 import msgspec
+from prometheus_client.parser import text_string_to_metric_families
 
+from service.app import create_app
 from service.config import Settings
 from service.db.keys import create_key, split_key
 from service.resources import Resources
@@ -48,9 +53,11 @@ async def counts(database_url: str) -> tuple[int, int, int]:
     """How many conversations, turns and events the database holds."""
     conn = await asyncpg.connect(database_url)
     try:
-        return tuple(await conn.fetchrow(  # type: ignore[return-value]
+        row = await conn.fetchrow(
             "SELECT (SELECT count(*) FROM conversation), (SELECT count(*) FROM turn),"
-            " (SELECT count(*) FROM event)"))
+            " (SELECT count(*) FROM event)")
+        assert row is not None
+        return row[0], row[1], row[2]
     finally:
         await conn.close()
 
@@ -63,7 +70,7 @@ def settings_of(resources: Resources, **changes: Any) -> None:
 async def create_conversation(api: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
     response = await api.post("/v1/conversations", json=body)
     assert response.status_code == 201, response.text
-    return response.json()  # type: ignore[no-any-return]
+    return response.json()
 
 
 async def post_turn(api: httpx.AsyncClient, conversation_id: str, question: str | dict[str, Any],
@@ -71,13 +78,13 @@ async def post_turn(api: httpx.AsyncClient, conversation_id: str, question: str 
     response = await api.post(f"/v1/conversations/{conversation_id}/turns",
                               json={"input": question, **body})
     assert response.status_code == 202, response.text
-    return response.json()  # type: ignore[no-any-return]
+    return response.json()
 
 
-async def wait_turn(api: httpx.AsyncClient, turn: dict[str, Any], timeout: float = 30.0,
+async def wait_turn(api: httpx.AsyncClient, turn: dict[str, Any], timeout_s: float = 30.0,
                     statuses: set[str] = TERMINAL) -> dict[str, Any]:
     """Long-poll the turn until its status is one of `statuses`."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout_s
     path = f"/v1/conversations/{turn['conversation_id']}/turns/{turn['id']}"
     # ?wait= only answers early for terminal turns; for others, poll.
     params = {"wait": 2} if statuses <= TERMINAL else {}
@@ -86,7 +93,7 @@ async def wait_turn(api: httpx.AsyncClient, turn: dict[str, Any], timeout: float
         assert response.status_code == 200, response.text
         current = response.json()
         if current["status"] in statuses:
-            return current  # type: ignore[no-any-return]
+            return current
         assert current["status"] not in TERMINAL, f"turn ended {current['status']}: {current}"
         assert time.monotonic() < deadline, f"turn still {current['status']}: {current}"
         await asyncio.sleep(0 if params else 0.05)
@@ -96,8 +103,16 @@ def sandbox_runs(sandbox_url: str, turn_id: str | None = None) -> list[dict[str,
     """Runs the sandbox recorded, optionally only those created for one turn."""
     runs = httpx.get(f"{sandbox_url}/_sandbox/runs").json()["data"]
     if turn_id is None:
-        return runs  # type: ignore[no-any-return]
+        return runs
     return [r for r in runs if (r.get("metadata") or {}).get("rs_turn") == turn_id]
+
+
+async def sandbox_record(sandbox_url: str, name: str) -> Any:
+    """One of the sandbox's records (`calls`, `runs`, `webhooks`...), without blocking the loop."""
+    async with httpx.AsyncClient(base_url=sandbox_url) as http:
+        response = await http.get(f"/_sandbox/{name}")
+        response.raise_for_status()
+        return response.json()
 
 
 def set_faults(sandbox_url: str, **faults: Any) -> None:
@@ -142,9 +157,9 @@ async def running_worker(settings: Settings) -> AsyncIterator[Any]:
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def until(condition: Any, timeout: float = 10.0) -> None:
+async def until(condition: Any, timeout_s: float = 10.0) -> None:
     """Wait until condition() holds (checked every 10 ms); fail after `timeout`."""
-    await wait_until(condition, timeout, interval=0.01, what="the condition to hold")
+    await wait_until(condition, timeout_s, interval=0.01, what="the condition to hold")
 
 
 async def wait_until(condition: Callable[[], Awaitable[Any] | Any], timeout_s: float = 20.0,
@@ -159,3 +174,123 @@ async def wait_until(condition: Callable[[], Awaitable[Any] | Any], timeout_s: f
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(interval)
+
+
+async def wait_all_terminal(database_url: str, expected: int, timeout_s: float) -> dict[str, dict]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rows = await conn.fetch(
+                "SELECT id, conversation_id, seq, status, run_id, interaction_id, "
+                "previous_interaction_id, error, start_attempts, doubtful_attempts, "
+                "(SELECT coalesce(jsonb_object_agg(attempt::text, run_id), '{}') "
+                " FROM turn_extra_run x WHERE x.turn_id = turn.id) AS extra_runs FROM turn")
+            open_turns = [r for r in rows if r["status"] in ("queued", "running")]
+            if len(rows) == expected and not open_turns:
+                return {r["id"]: dict(r) for r in rows}
+            assert time.monotonic() < deadline, f"{len(open_turns)} turns still open"
+            await asyncio.sleep(0.25)
+    finally:
+        await conn.close()
+
+
+def assert_chains_and_single_runs(turns: dict[str, dict], sandbox_url: str) -> None:
+    assert Counter(t["status"] for t in turns.values()) == {"completed": len(turns)}
+    runs: dict[str, list[dict]] = {turn_id: [] for turn_id in turns}
+    for run in sandbox_runs(sandbox_url):
+        turn_id = (run.get("metadata") or {}).get("rs_turn")
+        if turn_id in runs:
+            runs[turn_id].append(run)
+    for turn_id, turn in turns.items():
+        assert_runs_explained(turn, runs[turn_id])
+    by_conversation: dict[str, list[dict]] = {}
+    for turn in turns.values():
+        by_conversation.setdefault(turn["conversation_id"], []).append(turn)
+    for chain in by_conversation.values():
+        chain.sort(key=lambda t: t["seq"])
+        assert chain[0]["previous_interaction_id"] is None
+        for before, after in itertools.pairwise(chain):
+            assert after["previous_interaction_id"] == before["interaction_id"]
+
+
+def assert_runs_explained(turn: dict, runs: list[dict]) -> None:
+    """The turn's recorded run is its last attempt's; any other run is an attempt in doubt's."""
+    attempts = Counter(int(run["metadata"]["rs_attempt"]) for run in runs)
+    assert all(count == 1 for count in attempts.values()), f"an attempt made two runs: {turn}"
+    recorded = [run for run in runs if run["run_id"] == turn["run_id"]]
+    assert len(recorded) == 1, f"the turn's run is not at Parallel: {turn}"
+    assert int(recorded[0]["metadata"]["rs_attempt"]) == turn["start_attempts"]
+    extra = {int(a): r for a, r in msgspec.json.decode(turn.get("extra_runs") or "{}").items()}
+    for run in runs:
+        attempt = int(run["metadata"]["rs_attempt"])
+        if attempt in extra:
+            assert extra[attempt] == run["run_id"], f"an extra run with another id: {turn}"
+    others = set(attempts) - {turn["start_attempts"]} - set(extra)
+    assert others <= set(turn["doubtful_attempts"]), f"a second run not in doubt: {turn}, {runs}"
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Samples:
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+@contextlib.asynccontextmanager
+async def api_client(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, Resources]]:
+    """The app over its own Resources, with a fresh tenant's key on every request."""
+    resources = await Resources.open(settings, listen=True)
+    try:
+        async with resources.pool.acquire() as conn:
+            key = (await create_key(conn, "acme"))[1]
+        transport = httpx.ASGITransport(app=create_app(settings, resources=resources))
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver",
+                                     headers={"Authorization": f"Bearer {key}"}) as api:
+            yield api, resources
+    finally:
+        await resources.close()
+
+
+async def ledger(api, conversation_id: str) -> list[dict]:
+    response = await api.get(f"/v1/conversations/{conversation_id}/webhook-deliveries")
+    assert response.status_code == 200, response.text
+    return response.json()["data"]
+
+
+async def wait_ledger(api, conversation_id: str, status: str, timeout_s: float = 20) -> dict:
+    """The conversation's only delivery once it has `status`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        deliveries = await ledger(api, conversation_id)
+        if deliveries and deliveries[-1]["status"] == status:
+            return deliveries[-1]
+        assert time.monotonic() < deadline, f"delivery never {status}: {deliveries}"
+        await asyncio.sleep(0.1)
+
+
+def fast_webhook_retries(settings: Settings) -> Settings:
+    """Retries a fifth of a second apart instead of 5 s, 30 s, 2 min, …, and 2 s per attempt."""
+    return msgspec.structs.replace(settings, webhook_retry_schedule_s=[0.2] * 4,
+                                   webhook_timeout_s=2)
+
+
+@contextlib.asynccontextmanager
+async def guarded_client(
+    settings: Settings, resources: Resources, api_key: str
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The API with WEBHOOK_ALLOW_PRIVATE off, with `api_key` on every request."""
+    guarded = dataclasses.replace(
+        resources, settings=msgspec.structs.replace(settings, webhook_allow_private=False))
+    transport = httpx.ASGITransport(app=create_app(guarded.settings, resources=guarded))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver",
+                                 headers={"Authorization": f"Bearer {api_key}"}) as http:
+        yield http

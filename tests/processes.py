@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import httpx
 
 from service.config import Settings
 from service.devstack.processes import settings_env
@@ -82,3 +87,39 @@ class ApiProcess:
         if self.process and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
+
+
+CHAT_QUESTIONS = [
+    "Which country won the most Winter Olympics gold medals in 2026?",
+    "How many medals did they win?",
+    "How does that compare to the second place country?",
+]
+
+
+def stop_process_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM dev's process group (its worker outlives a lone SIGTERMed dev), then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        deadline = time.monotonic() + 15
+        while _group_alive(process) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not _group_alive(process):
+            break
+    process.wait(timeout=5)
+
+
+def _group_alive(process: subprocess.Popen[bytes]) -> bool:
+    process.poll()  # reaps dev itself once it exits
+    try:
+        os.killpg(process.pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

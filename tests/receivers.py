@@ -1,15 +1,18 @@
 """Real HTTP servers inside the test's event loop: the app itself (SSE needs a real server, as
 httpx.ASGITransport buffers responses), a webhook receiver that records what it gets, and one
-that accepts connections and never answers."""
+that accepts connections and never answers; and a threaded receiver for tests without a loop."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import uvicorn
@@ -78,9 +81,9 @@ class Receiver:
                     "headers": [(b"content-type", b"text/plain")]})
         await send({"type": "http.response.body", "body": f"answer {status}".encode()})
 
-    async def wait_for(self, count: int, timeout: float = 20.0) -> list[Received]:
+    async def wait_for(self, count: int, timeout_s: float = 20.0) -> list[Received]:
         """The requests once at least `count` arrived."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(timeout_s):
             while len(self.requests) < count:
                 self.arrived.clear()
                 await self.arrived.wait()
@@ -114,16 +117,16 @@ class HangingReceiver:
             self._changed.set()
             writer.close()
 
-    async def wait_open(self, count: int, timeout: float = 30.0) -> None:
+    async def wait_open(self, count: int, timeout_s: float = 30.0) -> None:
         """Until at least `count` connections are open at once."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(timeout_s):
             while self.open < count:
                 self._changed.clear()
                 await self._changed.wait()
 
-    async def wait_accepted(self, count: int, timeout: float = 30.0) -> None:
+    async def wait_accepted(self, count: int, timeout_s: float = 30.0) -> None:
         """Until at least `count` connections were accepted in all."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(timeout_s):
             while self.accepted < count:
                 self._changed.clear()
                 await self._changed.wait()
@@ -171,3 +174,50 @@ async def sse_messages(lines: AsyncIterator[str]) -> AsyncIterator[SseMessage]:
             message.data = f"{message.data}\n{value}" if message.data else value
         elif name in ("event", "id"):
             setattr(message, name, value)
+
+
+class ThreadedReceiver:
+    """A webhook receiver in a thread (http.server), for tests outside an event loop; answers
+    `statuses` in turn, then 200."""
+
+    def __init__(self, statuses: list[int] | None = None) -> None:
+        self.statuses = list(statuses or [])
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        self.arrived = threading.Condition()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                with receiver.arrived:
+                    headers = {k.lower(): v for k, v in self.headers.items()}
+                    receiver.received.append((headers, body))
+                    receiver.arrived.notify_all()
+                status = receiver.statuses.pop(0) if receiver.statuses else 200
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def wait_for(self, count: int, timeout: float = 5.0) -> bool:
+        """Block until `count` deliveries arrived (run it with asyncio.to_thread)."""
+        with self.arrived:
+            return self.arrived.wait_for(lambda: len(self.received) >= count, timeout)
+
+    def payloads(self) -> list[dict[str, Any]]:
+        return [json.loads(body) for _, body in self.received]
+
+
+@contextlib.asynccontextmanager
+async def receiving() -> AsyncIterator[Receiver]:
+    """A Receiver served in this event loop, its `url` set to its /hooks/research."""
+    receiver = Receiver()
+    async with serve(receiver) as url:
+        receiver.url = f"{url}/hooks/research"
+        yield receiver

@@ -2,7 +2,8 @@
 
 Order: TEST_DATABASE_URL / TEST_REDIS_URL when set (CI sets them); else testcontainers when a
 Docker engine answers; else the embedded servers (service.devstack, from the devstack extra,
-imported only when used). Never a mock.
+imported only when used). Never a mock. Also here: the migrated template that each test's
+database is cloned from, and servers of a test's own for the tests that stop them.
 """
 
 from __future__ import annotations
@@ -10,10 +11,18 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from service.devstack import docker_available
+import asyncpg
+
+from service.db.migrate import migrate
+from service.devstack import docker_available, free_port
+from tests.helpers import with_database
+
+if TYPE_CHECKING:
+    from service.devstack import EmbeddedPostgres, EmbeddedRedis
 
 
 @contextlib.contextmanager
@@ -66,3 +75,64 @@ def own_redis_server() -> Iterator[str]:
             yield server.start()
         finally:
             server.stop()
+
+
+@contextlib.contextmanager
+def own_redis() -> Iterator[EmbeddedRedis]:
+    """An embedded Redis of the caller's own that the test may stop and start again."""
+    from service.devstack import EmbeddedRedis
+
+    with tempfile.TemporaryDirectory(prefix="outage-redis-") as folder:
+        server = EmbeddedRedis(Path(folder), port=free_port())
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@contextlib.asynccontextmanager
+async def own_postgres(**server_settings: str) -> AsyncIterator[EmbeddedPostgres]:
+    """An embedded, migrated PostgreSQL of the caller's own that the test may stop or slow."""
+    from service.devstack import EmbeddedPostgres
+
+    with tempfile.TemporaryDirectory(prefix="outage-pg-") as folder:
+        server = EmbeddedPostgres(Path(folder), port=free_port(), settings=server_settings)
+        url = server.start()
+        try:
+            await migrate(url)
+            yield server
+        finally:
+            server.stop()
+
+
+# One template per pytest process: migrated once, cloned for each test's database.
+TEMPLATE_DB = f"research_template_{os.getpid()}"
+
+
+async def create_template(admin_url: str) -> None:
+    await drop_database(admin_url, TEMPLATE_DB)
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
+    finally:
+        await conn.close()
+    await migrate(with_database(admin_url, TEMPLATE_DB))
+
+
+async def drop_database(admin_url: str, name: str) -> None:
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def clone_template(admin_url: str, name: str) -> str:
+    """Create database `name` from the migrated template; returns its URL."""
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
+    finally:
+        await conn.close()
+    return with_database(admin_url, name)

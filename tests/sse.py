@@ -20,12 +20,12 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 async def read_events(
     http: httpx.AsyncClient, conversation_id: str, until: Callable[[ServerSentEvent], bool] | None,
     *, headers: dict[str, str] | None = None, params: dict[str, Any] | None = None,
-    timeout: float = 30,
+    timeout_s: float = 30,
 ) -> list[ServerSentEvent]:
     """The messages httpx-sse dispatches on one connection, up to the first where until() holds
     (until=None: to the end of the stream, which must end within `timeout`)."""
     got: list[ServerSentEvent] = []
-    async with asyncio.timeout(timeout), aconnect_sse(
+    async with asyncio.timeout(timeout_s), aconnect_sse(
         http, "GET", f"/v1/conversations/{conversation_id}/events", params=params,
         headers=dict(headers or {}),
     ) as source:
@@ -125,11 +125,11 @@ class WhatwgEventStream:
 async def read_whatwg(
     http: httpx.AsyncClient, conversation_id: str,
     until: Callable[[WhatwgEventStream], bool], *, headers: dict[str, str] | None = None,
-    timeout: float = 30,
+    timeout_s: float = 30,
 ) -> WhatwgEventStream:
     """Interpret one connection's bytes by the standard until until(stream) holds."""
     stream = WhatwgEventStream()
-    async with asyncio.timeout(timeout), http.stream(
+    async with asyncio.timeout(timeout_s), http.stream(
         "GET", f"/v1/conversations/{conversation_id}/events",
         headers={"Accept": "text/event-stream", **(headers or {})},
     ) as response:

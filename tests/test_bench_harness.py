@@ -148,7 +148,7 @@ async def test_load_without_wrk_runs_inside_the_benchmarks_event_loop(monkeypatc
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:
             status = 200 if self.headers["Authorization"] == "Bearer k1" else 401
             self.send_response(status)
             self.send_header("Content-Length", "0")

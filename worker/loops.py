@@ -44,7 +44,7 @@ class DueLoop:
         self._wake.set()
 
     async def stop_loop(self, grace_s: float) -> bool:
-        """Let the loop finish what it holds for up to grace_s; False when it had to be cancelled."""
+        """Let the loop finish what it holds for up to grace_s; False if it had to be cancelled."""
         self._stopping = True
         self._wake.set()
         if self._task is None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from tests.conftest import new_key
-from tests.helpers import create_conversation, forgotten, post_turn
+from tests.helpers import create_conversation, forgotten, new_key, post_turn
 
 TOO_DEEP = {"type": "object", "properties": {"a": {"type": "object", "properties": {
     "b": {"type": "object", "properties": {"c": {"type": "object", "properties": {

@@ -6,7 +6,6 @@ the chat client finds the API key where `dev` stored it, as it would after `make
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pty
 import re
@@ -23,15 +22,9 @@ import httpx
 import pytest
 
 from service.devstack import free_port
+from tests.processes import CHAT_QUESTIONS, healthy, stop_process_group
 
 pytestmark = pytest.mark.slow
-
-QUESTIONS = [
-    "Which country won the most Winter Olympics gold medals in 2026?",
-    "How many medals did they win?",
-    "How does that compare to the second place country?",
-]
-
 
 class Terminal:
     """`research-service chat ARGS` on a pseudo-terminal (its controlling terminal, so ^C works)."""
@@ -79,28 +72,6 @@ class Terminal:
         raise AssertionError(f"chat did not exit; the terminal showed:\n{self.output}")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM dev's process group (its worker outlives a lone SIGTERMed dev), then SIGKILL."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        deadline = time.monotonic() + 15
-        while _group_alive(process) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if not _group_alive(process):
-            break
-    process.wait(timeout=5)
-
-
-def _group_alive(process: subprocess.Popen[bytes]) -> bool:
-    process.poll()  # reaps dev itself once it exits
-    try:
-        os.killpg(process.pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.fixture
 def dev(tmp_path: Path, database_url: str, redis_url: str) -> Iterator[dict[str, str]]:
     """`research-service dev` on free ports; yields the environment a chat client needs."""
@@ -117,21 +88,14 @@ def dev(tmp_path: Path, database_url: str, redis_url: str) -> Iterator[dict[str,
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 30
-        while not _healthy(url):
+        while not healthy(url):
             if process.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"research-service dev did not start:\n{log.read_text()}")
             time.sleep(0.1)
         chat_env = {k: v for k, v in env.items() if k != "DATABASE_URL"}
         yield {**chat_env, "RESEARCH_API_URL": url, "TERM": "dumb", "COLUMNS": "120"}
     finally:
-        _stop(process)
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
+        stop_process_group(process)
 
 
 def _key(dev: dict[str, str]) -> str:
@@ -141,11 +105,11 @@ def _key(dev: dict[str, str]) -> str:
 def test_three_chained_questions_then_exit(dev: dict[str, str]) -> None:
     chat = Terminal(dev)
     assert "resume it with: research-service chat --conversation " in chat.expect("you> ")
-    for number, question in enumerate(QUESTIONS):
+    for number, question in enumerate(CHAT_QUESTIONS):
         chat.type(question + "\n")
         shown = chat.expect("you> ", timeout=20)
         assert f'Answer to "{question}"' in shown, shown
-        for earlier in QUESTIONS[:number]:  # later turns were chained to the earlier ones
+        for earlier in CHAT_QUESTIONS[:number]:  # later turns were chained to the earlier ones
             assert f'"{earlier}"' in shown.split("Answer to", 1)[1], shown
         assert "citations:\r\n  [1] https://example.org/" in shown, shown
         assert f"[completed · turn {number + 1} · " in shown, shown
@@ -159,7 +123,7 @@ def test_three_chained_questions_then_exit(dev: dict[str, str]) -> None:
 def test_resume_shows_earlier_turns_and_ctrl_d_exits(dev: dict[str, str]) -> None:
     first = Terminal(dev)
     conversation_id = first.expect("you> ").split("conversation ", 1)[1].split()[0]
-    first.type(QUESTIONS[0] + "\n")
+    first.type(CHAT_QUESTIONS[0] + "\n")
     first.expect("[completed · turn 1")
     first.expect("you> ")
     first.type("quit\n")
@@ -169,10 +133,12 @@ def test_resume_shows_earlier_turns_and_ctrl_d_exits(dev: dict[str, str]) -> Non
     intro = again.expect("Ctrl-C cancels a running turn")  # earlier turns also start with you>
     again.expect("you> ")
     assert f"conversation {conversation_id}" in intro
-    assert f"you> {QUESTIONS[0]}" in intro and f'Answer to "{QUESTIONS[0]}"' in intro, intro
-    again.type(QUESTIONS[1] + "\n")
+    first_question, second_question = CHAT_QUESTIONS[:2]
+    assert f"you> {first_question}" in intro and f'Answer to "{first_question}"' in intro, intro
+    again.type(second_question + "\n")
     shown = again.expect("[completed · turn 2", timeout=20)
-    assert f'Answer to "{QUESTIONS[1]}" (processor lite). Context: "{QUESTIONS[0]}"' in shown
+    assert (f'Answer to "{second_question}" (processor lite). Context: "{first_question}"'
+            in shown)
     again.expect("you> ")
     again.type("\x04")  # Ctrl-D
     assert again.wait() == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 from tests.helpers import create_conversation, post_turn, sandbox_runs, set_faults, wait_turn
 
@@ -45,11 +46,11 @@ async def test_ten_questions_posted_at_once_run_one_at_a_time_in_order(api, work
     posted = await asyncio.gather(
         *(post_turn(api, conversation["id"], f"Question number {i}") for i in range(10))
     )
-    done = sorted([await wait_turn(api, t, timeout=60) for t in posted], key=lambda t: t["seq"])
+    done = sorted([await wait_turn(api, t, timeout_s=60) for t in posted], key=lambda t: t["seq"])
 
     assert [t["seq"] for t in done] == list(range(1, 11))
     assert all(t["status"] == "completed" for t in done)
-    for before, after in zip(done, done[1:], strict=False):
+    for before, after in itertools.pairwise(done):
         assert after["previous_interaction_id"] == before["interaction_id"]
         # One at a time: a turn starts only once the one before it has finished.
         assert after["started_at"] >= before["completed_at"]
@@ -58,7 +59,8 @@ async def test_ten_questions_posted_at_once_run_one_at_a_time_in_order(api, work
 async def test_conversations_run_concurrently(api, worker, sandbox):
     set_faults(sandbox.url)  # none
     conversations = [await create_conversation(api) for _ in range(5)]
-    posted = [await post_turn(api, c["id"], "[sandbox:slow=1.5] a slow question") for c in conversations]
+    posted = [await post_turn(api, c["id"], "[sandbox:slow=1.5] a slow question")
+              for c in conversations]
     done = [await wait_turn(api, t) for t in posted]
     assert all(t["status"] == "completed" for t in done)
     starts = sorted(t["started_at"] for t in done)

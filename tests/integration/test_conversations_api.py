@@ -54,7 +54,8 @@ async def test_rotate_gives_a_new_secret_and_needs_a_webhook(api):
     assert rotated.json()["webhook_secret"].startswith("whsec_")
     assert rotated.json()["webhook_secret"] != hooked["webhook_secret"]
     plain = await create_conversation(api)
-    assert (await api.post(f"/v1/conversations/{plain['id']}/webhook-secret/rotate")).status_code == 422
+    rotated = await api.post(f"/v1/conversations/{plain['id']}/webhook-secret/rotate")
+    assert rotated.status_code == 422
 
 
 async def test_status_is_active_while_a_turn_is_open(api, worker):
@@ -67,7 +68,9 @@ async def test_status_is_active_while_a_turn_is_open(api, worker):
     assert (await api.get(f"/v1/conversations/{conversation['id']}")).json()["status"] == "idle"
 
 
-async def test_delete_cancels_open_turns_then_removes_everything(api, worker, sandbox, database_url):
+async def test_delete_cancels_open_turns_then_removes_everything(
+    api, worker, sandbox, database_url
+):
     conversation = await create_conversation(api)
     done = await wait_turn(api, await post_turn(api, conversation["id"], "kept until delete"))
     running = await post_turn(api, conversation["id"], "[sandbox:slow=3] in flight")

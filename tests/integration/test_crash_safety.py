@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import random
 import time
-from collections import Counter
 from collections.abc import Iterator
 
 import asyncpg
@@ -24,24 +23,35 @@ import redis.asyncio as aioredis
 from parallel import AsyncParallel
 
 from service import metrics
-from service.devstack import embedded_redis_unavailable_reason
 from service.app import create_app
+from service.devstack import embedded_redis_unavailable_reason
 from service.resources import Resources
 from tests.helpers import (
+    assert_chains_and_single_runs,
+    assert_runs_explained,
     create_conversation,
     post_turn,
     running_worker,
+    sandbox_record,
     sandbox_runs,
     set_faults,
+    wait_all_terminal,
     wait_turn,
+    wait_until,
 )
 from tests.processes import WorkerProcess
-from tests.servers import own_redis_server
 from tests.receivers import serve
+from tests.servers import own_redis_server
 
 SANDBOX_SECRET = "sandbox_webhook_secret"  # SandboxConfig.webhook_secret's default
 
 pytestmark = pytest.mark.slow
+
+
+def runs_of(sandbox_url: str, posted: list[list[dict]]) -> list[dict]:
+    """The sandbox's runs made for the posted turns."""
+    ids = {turn["id"] for turns in posted for turn in turns}
+    return [r for r in sandbox_runs(sandbox_url) if (r.get("metadata") or {}).get("rs_turn") in ids]
 
 
 def fast_recovery(settings, **changes):
@@ -61,60 +71,6 @@ async def post_workload(api, conversations: int, turns_each: int) -> list[list[d
             for k in range(turns_each)
         ])
     return posted
-
-
-async def wait_all_terminal(database_url: str, expected: int, timeout: float) -> dict[str, dict]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            rows = await conn.fetch(
-                "SELECT id, conversation_id, seq, status, run_id, interaction_id, "
-                "previous_interaction_id, error, start_attempts, doubtful_attempts, "
-                "(SELECT coalesce(jsonb_object_agg(attempt::text, run_id), '{}') "
-                " FROM turn_extra_run x WHERE x.turn_id = turn.id) AS extra_runs FROM turn")
-            open_turns = [r for r in rows if r["status"] in ("queued", "running")]
-            if len(rows) == expected and not open_turns:
-                return {r["id"]: dict(r) for r in rows}
-            assert time.monotonic() < deadline, f"{len(open_turns)} turns still open"
-            await asyncio.sleep(0.25)
-    finally:
-        await conn.close()
-
-
-def assert_chains_and_single_runs(turns: dict[str, dict], sandbox_url: str) -> None:
-    assert Counter(t["status"] for t in turns.values()) == {"completed": len(turns)}
-    runs: dict[str, list[dict]] = {turn_id: [] for turn_id in turns}
-    for run in sandbox_runs(sandbox_url):
-        turn_id = (run.get("metadata") or {}).get("rs_turn")
-        if turn_id in runs:
-            runs[turn_id].append(run)
-    for turn_id, turn in turns.items():
-        assert_runs_explained(turn, runs[turn_id])
-    by_conversation: dict[str, list[dict]] = {}
-    for turn in turns.values():
-        by_conversation.setdefault(turn["conversation_id"], []).append(turn)
-    for chain in by_conversation.values():
-        chain.sort(key=lambda t: t["seq"])
-        assert chain[0]["previous_interaction_id"] is None
-        for before, after in zip(chain, chain[1:], strict=False):
-            assert after["previous_interaction_id"] == before["interaction_id"]
-
-
-def assert_runs_explained(turn: dict, runs: list[dict]) -> None:
-    """The turn's recorded run is its last attempt's; any other run is an attempt in doubt's."""
-    attempts = Counter(int(run["metadata"]["rs_attempt"]) for run in runs)
-    assert all(count == 1 for count in attempts.values()), f"an attempt made two runs: {turn}"
-    recorded = [run for run in runs if run["run_id"] == turn["run_id"]]
-    assert len(recorded) == 1, f"the turn's run is not at Parallel: {turn}"
-    assert int(recorded[0]["metadata"]["rs_attempt"]) == turn["start_attempts"]
-    extra = {int(a): r for a, r in msgspec.json.decode(turn.get("extra_runs") or "{}").items()}
-    for run in runs:
-        attempt = int(run["metadata"]["rs_attempt"])
-        if attempt in extra:
-            assert extra[attempt] == run["run_id"], f"an extra run with another id: {turn}"
-    others = set(attempts) - {turn["start_attempts"]} - set(extra)
-    assert others <= set(turn["doubtful_attempts"]), f"a second run not in doubt: {turn}, {runs}"
 
 
 async def fetch_turn(database_url: str, turn_id: str) -> dict:
@@ -137,7 +93,7 @@ async def test_sigkilled_workers_lose_nothing_and_pay_once(api, settings, sandbo
             await asyncio.sleep(rng.uniform(0.5, 3.0))
             worker.kill()
             worker = WorkerProcess(settings).start()
-        turns = await wait_all_terminal(database_url, expected=100, timeout=240)
+        turns = await wait_all_terminal(database_url, expected=100, timeout_s=240)
     finally:
         worker.kill()
     assert len(turns) == sum(len(p) for p in posted)
@@ -157,13 +113,13 @@ async def test_redis_losing_everything_mid_workload_loses_no_turn(
     api, settings, sandbox, database_url, own_redis
 ):
     settings = fast_recovery(settings, redis_url=own_redis)
-    await post_workload(api, conversations=10, turns_each=3)
+    posted = await post_workload(api, conversations=10, turns_each=3)
     with WorkerProcess(settings):
-        await asyncio.sleep(2.0)
+        await wait_until(lambda: runs_of(sandbox.url, posted), 30, what="the workload under way")
         client = aioredis.from_url(own_redis)
         await client.flushdb()
         await client.aclose()
-        turns = await wait_all_terminal(database_url, expected=30, timeout=120)
+        turns = await wait_all_terminal(database_url, expected=30, timeout_s=120)
     assert_chains_and_single_runs(turns, sandbox.url)
 
 
@@ -175,7 +131,7 @@ async def test_parallel_failing_a_fifth_of_calls_still_completes_every_turn_once
                retry_after_s=0.5, seed=5)
     await post_workload(api, conversations=10, turns_each=2)
     with WorkerProcess(settings):
-        turns = await wait_all_terminal(database_url, expected=20, timeout=120)
+        turns = await wait_all_terminal(database_url, expected=20, timeout_s=120)
     assert_chains_and_single_runs(turns, sandbox.url)
 
 
@@ -200,12 +156,14 @@ async def test_parallel_refusing_a_run_fails_the_turn_with_a_clear_code(
     assert after["previous_interaction_id"] == first["interaction_id"]
 
 
-async def test_a_run_active_past_its_deadline_fails_as_timeout(api, settings, sandbox, database_url):
+async def test_a_run_active_past_its_deadline_fails_as_timeout(
+    api, settings, sandbox, database_url
+):
     settings = fast_recovery(settings, run_deadline_scale=0.01)  # lite: 120 s → 1.2 s
     conversation = await create_conversation(api)
     turn = await post_turn(api, conversation["id"], "[sandbox:slow=30] endless")
     with WorkerProcess(settings):
-        done = await wait_turn(api, turn, timeout=30)
+        done = await wait_turn(api, turn, timeout_s=30)
     assert done["status"] == "failed"
     assert done["error"]["code"] == "timeout"
     assert done["upstream_may_continue"] is True
@@ -214,13 +172,18 @@ async def test_a_run_active_past_its_deadline_fails_as_timeout(api, settings, sa
 async def test_a_burst_beyond_the_creation_limit_waits_instead_of_failing(
     api, settings, sandbox
 ):
-    while time.time() % 60 > 45:  # keep the test inside one rate-limit minute
-        await asyncio.sleep(1)
+    # Keep the test inside one rate-limit minute.
+    await wait_until(lambda: time.time() % 60 <= 45, 20, interval=0.5, what="a fresh minute")
     settings = fast_recovery(settings, creations_per_min=3)
     convs = [await create_conversation(api) for _ in range(5)]
     turns = [await post_turn(api, c["id"], "burst") for c in convs]
-    with WorkerProcess(settings):
-        await asyncio.sleep(4)
+    window = int(time.time() // 60)
+    with WorkerProcess(settings) as worker:
+        # Every turn tried once: three got a slot and a run, two were refused and requeued.
+        await wait_until(
+            lambda: len(runs_of(sandbox.url, [turns])) == 3
+            and worker.output().count("start_retry") >= 2, 30, what="five creation attempts")
+        assert int(time.time() // 60) == window, "the minute turned: the limit was reset"
         statuses = [(await api.get(f"/v1/conversations/{t['conversation_id']}/turns/{t['id']}"))
                     .json()["status"] for t in turns]
     created = [t for t in turns if sandbox_runs(sandbox.url, t["id"])]
@@ -241,7 +204,7 @@ async def test_sigterm_lets_the_worker_stop_cleanly_and_a_new_one_resumes(
     running = (await api.get(f"/v1/conversations/{conversation['id']}/turns/{turn['id']}")).json()
     assert running["status"] == "running"
     with WorkerProcess(settings):
-        done = await wait_turn(api, turn, timeout=30)
+        done = await wait_turn(api, turn, timeout_s=30)
     assert done["status"] == "completed"
     assert done["run_id"] == running["run_id"]  # resumed, not restarted
     assert len(sandbox_runs(sandbox.url, turn["id"])) == 1
@@ -255,12 +218,9 @@ async def test_a_create_whose_answer_is_lost_is_retried_and_its_run_marked_in_do
     conversation = await create_conversation(api)
     turn = await post_turn(api, conversation["id"], "the answer to this create is lost")
     async with running_worker(fast_recovery(settings)):
-        for _ in range(200):
-            if sandbox_runs(sandbox.url, turn["id"]):
-                break
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: sandbox_runs(sandbox.url, turn["id"]), 10, what="the run")
         set_faults(sandbox.url)  # Parallel answers again
-        done = await wait_turn(api, turn, timeout=60)
+        done = await wait_turn(api, turn, timeout_s=60)
     assert done["status"] == "completed"
     row = await fetch_turn(database_url, turn["id"])
     runs = sandbox_runs(sandbox.url, turn["id"])
@@ -294,7 +254,7 @@ async def test_an_attempt_that_never_came_back_is_marked_in_doubt_by_the_next(
             input=turn["input"], processor=turn["processor"],
             metadata={"rs_turn": turn["id"], "rs_attempt": "1"})
     async with running_worker(fast_recovery(settings)):
-        done = await wait_turn(api, turn, timeout=60)
+        done = await wait_turn(api, turn, timeout_s=60)
     assert done["status"] == "completed"
     assert done["run_id"] != orphan.run_id
     row = await fetch_turn(database_url, turn["id"])
@@ -304,19 +264,10 @@ async def test_an_attempt_that_never_came_back_is_marked_in_doubt_by_the_next(
     assert metrics.CREATE_IN_DOUBT.labels("attempt_lost")._value.get() - counted == 1
 
 
-async def wait_for(condition, timeout: float, what: str):
-    """Poll an async condition until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while not (value := await condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-    return value
-
-
 def create_in_flight(sandbox_url: str, calls_before: int):
     """A condition: a create the sandbox received after `calls_before` has not answered yet."""
     async def condition() -> bool:
-        calls = httpx.get(f"{sandbox_url}/_sandbox/calls").json()
+        calls = await sandbox_record(sandbox_url, "calls")
         fresh = calls["total"] - calls_before
         new = list(calls["data"])[-fresh:] if fresh > 0 else []
         return any(c["method"] == "POST" and c["path"] == "/v1/tasks/runs" and c["status"] is None
@@ -356,19 +307,19 @@ async def test_a_start_whose_worker_is_killed_mid_create_starts_again_within_the
     async with turn_api(settings, api_key, push=mode == "push") as (worker_settings, http):
         client = http or api
         conversation = await create_conversation(client)
-        calls_before = httpx.get(f"{sandbox.url}/_sandbox/calls").json()["total"]
+        calls_before = (await sandbox_record(sandbox.url, "calls"))["total"]
         set_faults(sandbox.url, create_delay_s=8.0)  # a slow create: no run exists yet
         turn = await post_turn(client, conversation["id"], "my worker dies mid-create")
         with WorkerProcess(worker_settings) as first:
-            await wait_for(create_in_flight(sandbox.url, calls_before), 30, "the create")
+            await wait_until(create_in_flight(sandbox.url, calls_before), 30, what="the create")
             first.kill()
         killed_at = time.monotonic()
         set_faults(sandbox.url)
         with WorkerProcess(worker_settings):
-            running = await wait_turn(client, turn, timeout=lease_s + 30,
+            running = await wait_turn(client, turn, timeout_s=lease_s + 30,
                                       statuses={"running", "completed"})
             restarted_s = time.monotonic() - killed_at
-            done = await wait_turn(client, running, timeout=30)
+            done = await wait_turn(client, running, timeout_s=30)
     assert done["status"] == "completed"
     print(f"{mode}: started again {restarted_s:.1f} s after the kill (lease {lease_s:.0f} s)")
     assert restarted_s <= lease_s + 10, f"started again {restarted_s:.1f} s after the kill"

@@ -8,6 +8,7 @@ stack's own sandbox, a busy port is one line, and a dead worker is restarted.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -27,8 +28,8 @@ import httpx
 import pytest
 
 from service.devstack import free_port
-from tests.conftest import _drop_database, clone_template
-from tests.integration.test_chat import QUESTIONS, _healthy, _stop
+from tests.processes import CHAT_QUESTIONS, healthy, stop_process_group
+from tests.servers import clone_template, drop_database
 
 pytestmark = pytest.mark.slow
 
@@ -102,14 +103,14 @@ def dev(tmp_path_factory: pytest.TempPathFactory, pg_admin_url: str,
     stack = Dev(folder, newcomer_env(), process, log)
     try:
         deadline = time.monotonic() + 60
-        while not _healthy(f"http://127.0.0.1:{port}"):
+        while not healthy(f"http://127.0.0.1:{port}"):
             if process.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"research-service dev did not start:\n{stack.output()}")
             time.sleep(0.1)
         yield stack
     finally:
-        _stop(process)
-        asyncio.run(_drop_database(pg_admin_url, name))
+        stop_process_group(process)
+        asyncio.run(drop_database(pg_admin_url, name))
 
 
 def readme_session() -> str:
@@ -144,17 +145,17 @@ def test_the_readme_curl_session_runs_as_pasted(dev: Dev) -> None:
     assert [(t["seq"], t["status"]) for t in posted] == [(1, "queued"), (2, "queued"),
                                                          (3, "queued")]
     assert last["status"] == "completed" and last["sources"], last
-    assert last["answer"].startswith(f'Answer to "{QUESTIONS[2]}"')
-    assert all(f'"{q}"' in last["answer"].split("Context:")[1] for q in QUESTIONS[:2])
+    assert last["answer"].startswith(f'Answer to "{CHAT_QUESTIONS[2]}"')
+    assert all(f'"{q}"' in last["answer"].split("Context:")[1] for q in CHAT_QUESTIONS[:2])
     assert [t["status"] for t in turns] == ["completed"] * 3
     assert turns[0]["previous_interaction_id"] is None  # each chained to the one before
-    for earlier, later in zip(turns, turns[1:], strict=False):
+    for earlier, later in itertools.pairwise(turns):
         assert later["previous_interaction_id"] == earlier["interaction_id"]
     completed = [e["turn_id"] for e in events if e["type"] == "turn.completed"]
     assert completed == [t["id"] for t in posted], events
     assert branch["seq"] == 4 and branch["parent_turn_id"] == posted[0]["id"]
     assert branch["status"] == "completed" and branch["answer"].endswith(
-        f'Context: "{QUESTIONS[0]}".')
+        f'Context: "{CHAT_QUESTIONS[0]}".')
     assert structured["status"] == "completed"
     countries = structured["content"]["countries"]
     assert isinstance(countries, list) and all(isinstance(c, str) for c in countries)
@@ -186,9 +187,9 @@ def test_keys_and_chat_find_the_running_stack_without_exports(dev: Dev) -> None:
     listed = dev.run("keys", "list")
     assert "\tx\t" in listed.stdout and "\tdev\t" in listed.stdout, listed.stdout + listed.stderr
 
-    chat = dev.run("chat", stdin="\n".join([QUESTIONS[0], "exit"]) + "\n")
+    chat = dev.run("chat", stdin="\n".join([CHAT_QUESTIONS[0], "exit"]) + "\n")
     assert chat.returncode == 0, chat.stdout + chat.stderr
-    assert f'Answer to "{QUESTIONS[0]}" (processor lite).' in chat.stdout
+    assert f'Answer to "{CHAT_QUESTIONS[0]}" (processor lite).' in chat.stdout
     assert "[completed · turn 1 · " in chat.stdout and "Traceback" not in chat.stderr
 
 
@@ -250,8 +251,8 @@ def test_a_wrong_webhook_secret_for_the_sandbox_is_reported_at_start_up(
                 "refused with 401") in output
         assert "push mode: Parallel's webhooks come to" not in output
     finally:
-        _stop(process)
-        asyncio.run(_drop_database(pg_admin_url, name))
+        stop_process_group(process)
+        asyncio.run(drop_database(pg_admin_url, name))
 
 
 def test_a_dead_worker_is_restarted_and_dev_says_so(dev: Dev) -> None:

@@ -33,15 +33,16 @@ def through(database_url: str, port: int) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}"))
 
 
-async def wait_row(database_url: str, turn_id: str, condition, timeout: float) -> dict:
+async def wait_row(database_url: str, turn_id: str, condition, timeout_s: float) -> dict:
     conn = await asyncpg.connect(database_url)
     try:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout_s
         while True:
             row = dict(await conn.fetchrow(
                 "SELECT status, run_id, start_attempts, doubtful_attempts FROM turn WHERE id = $1",
                 turn_id))
-            row["extra"] = {r["attempt"]: r["run_id"] for r in await attempts.extra_runs(conn, turn_id)}
+            extra = await attempts.extra_runs(conn, turn_id)
+            row["extra"] = {r["attempt"]: r["run_id"] for r in extra}
             if condition(row):
                 return row
             assert time.monotonic() < deadline, row
@@ -93,7 +94,7 @@ async def test_a_late_answer_held_past_the_lease_is_recorded_against_its_attempt
                         ), 60)
                         proxy.release()
                         row = await wait_row(database_url, turn["id"], lambda r: r["extra"], 30)
-                        done = await wait_turn(api, turn, timeout=30)
+                        done = await wait_turn(api, turn, timeout_s=30)
                     assert "extra_run" in first.output()
         finally:
             await resources.close()

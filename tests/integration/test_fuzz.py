@@ -51,8 +51,9 @@ from service.app import create_app
 from service.config import Settings
 from service.db.keys import create_key
 from service.openapi import render
-from tests.conftest import _drop_database, clone_template, with_database
+from tests.helpers import with_database
 from tests.integration.hostile import Mutation, mutations
+from tests.servers import clone_template, drop_database
 
 CASES = int(os.environ.get("FUZZ_CASES", "400"))  # in all, spread over operations and modes
 _SEED = os.environ.get("FUZZ_SEED", "20261126")
@@ -155,7 +156,7 @@ def app_url(pg_admin_url: str, redis_url: str, sandbox_server
     finally:
         structlog.configure(**logs)
         probe.close()
-        asyncio.run(_drop_database(pg_admin_url, name))
+        asyncio.run(drop_database(pg_admin_url, name))
 
 
 def real_ids(url: str, headers: dict[str, str]) -> dict[str, str]:
@@ -200,7 +201,8 @@ class Tally:
 
     def report(self) -> str:
         return (f"fuzz: {sum(self.statuses.values())} cases (seed {SEED}): "
-                f"{dict(sorted(self.statuses.items()))}; hostile {dict(sorted(self.kinds.items()))};"
+                f"{dict(sorted(self.statuses.items()))};"
+                f" hostile {dict(sorted(self.kinds.items()))};"
                 f" 5xx {self.statuses['5xx']}; writes from a 4xx {len(self.writes_from_4xx)}")
 
 

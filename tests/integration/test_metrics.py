@@ -16,27 +16,21 @@ from pathlib import Path
 import httpx
 import msgspec
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from service.devstack import free_port
-from tests.helpers import create_conversation, post_turn, running_worker, wait_turn
+from tests.helpers import (
+    Samples,
+    create_conversation,
+    parse,
+    post_turn,
+    running_worker,
+    value,
+    wait_turn,
+    wait_until,
+)
 from tests.processes import settings_env
 from tests.receivers import Receiver, serve
 from worker import jobs
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def parse(text: str) -> Samples:
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 @pytest.fixture
@@ -87,7 +81,10 @@ async def _workload_and_scrape(api, client, settings, hook_url, receiver):
     async with running_worker(settings):
         done = [await wait_turn(api, turn) for turn in posted]
         await receiver.wait_for(2)
-        await asyncio.sleep(0.2)  # the attempt is counted once it is recorded
+        # The attempt is counted once the worker has recorded it.
+        delivered = value(before, "research_webhook_deliveries_total", outcome="delivered")
+        await scrape_until(client, "research_webhook_deliveries_total", delivered + 1,
+                           outcome="delivered")
     assert [t["status"] for t in done] == ["completed"] * 3
 
     # The runs alone took 0.3 s, past the gauges' 0.1 s cache: open turns are measured afresh.
@@ -179,17 +176,18 @@ async def test_reconciler_repairs_count_only_lost_jobs(api, client, resources, s
 
 async def test_worker_serves_metrics_on_its_port(settings):
     port = free_port()
-    response = None
     async with (
         running_worker(msgspec.structs.replace(settings, worker_metrics_port=port)),
         httpx.AsyncClient() as http,
     ):
-        for _ in range(50):
+
+        async def scraped() -> httpx.Response | None:
             with contextlib.suppress(httpx.HTTPError):
-                response = await http.get(f"http://127.0.0.1:{port}/metrics")
-                break
-            await asyncio.sleep(0.1)
-    assert response is not None and response.status_code == 200
+                return await http.get(f"http://127.0.0.1:{port}/metrics")
+            return None
+
+        response = await wait_until(scraped, 10, what="the worker's metrics port")
+    assert response.status_code == 200
     assert "research_turn_transitions_total" in response.text
     assert "research_parallel_requests_total" in response.text
     assert "research_reconciler_repairs_total" in response.text

@@ -16,9 +16,9 @@ import pytest
 from service import metrics
 from service.app import create_app
 from service.config import Settings
+from service.devstack import free_port
 from service.resources import Resources
-from tests.helpers import create_conversation, post_turn
-from tests.integration.test_metrics import free_port, parse, value
+from tests.helpers import create_conversation, parse, post_turn, value
 
 # The text-format versions Prometheus 3 asks for in its scrape Accept header (PrometheusText1.0.0
 # and PrometheusText0.0.4); both are read by its classic text parser.

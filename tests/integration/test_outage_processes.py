@@ -17,11 +17,11 @@ import pytest
 from service.db.keys import create_key
 from service.devstack import free_port
 from service.domain.turns import create_turn
-from service.schemas import TurnCreate
-from tests.helpers import create_conversation, post_turn, wait_turn
 from service.queue import START_TURN, enqueue_start_turn
-from tests.integration.test_outages import api_client, own_postgres, own_redis
+from service.schemas import TurnCreate
+from tests.helpers import api_client, create_conversation, post_turn, wait_turn
 from tests.processes import ApiProcess, WorkerProcess
+from tests.servers import own_postgres, own_redis
 
 pytestmark = pytest.mark.slow
 
@@ -30,16 +30,16 @@ RESUME_BOUND_S = 5.0
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool] | bool], timeout: float, what: str
+    check: Callable[[], Awaitable[bool] | bool], timeout_s: float, what: str
 ) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout_s
     while True:
         result = check()
         if not isinstance(result, bool):
             result = await result
         if result:
             return
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
         await asyncio.sleep(0.05)
 
 
@@ -63,7 +63,7 @@ async def test_worker_outlives_a_redis_outage_and_starts_waiting_turns_within_se
             first = await post_turn(api, busy["id"], "[sandbox:slow=3] runs through the outage")
             behind = await post_turn(api, busy["id"], "queued behind it")
             with WorkerProcess(settings) as worker:
-                await wait_turn(api, first, timeout=30, statuses={"running"})
+                await wait_turn(api, first, timeout_s=30, statuses={"running"})
                 redis.stop()
                 assert worker.process is not None
                 await eventually(lambda: "redis_unavailable" in worker.output()
@@ -77,7 +77,7 @@ async def test_worker_outlives_a_redis_outage_and_starts_waiting_turns_within_se
                                            TurnCreate(input="asked during the outage"), None)
                 # The running turn ends meanwhile (the follower needs Postgres only); starting
                 # the one behind it needed Redis.
-                await wait_turn(api, first, timeout=30)
+                await wait_turn(api, first, timeout_s=30)
                 await asyncio.sleep(2)  # the outage lasts: a few more failed probes
                 assert worker.process.poll() is None, worker.output()[-3000:]
                 redis.start()
@@ -89,7 +89,7 @@ async def test_worker_outlives_a_redis_outage_and_starts_waiting_turns_within_se
                 took = time.monotonic() - back
                 print(f"turns started {took:.2f} s after Redis returned")
                 assert took <= RESUME_BOUND_S, took
-                await wait_turn(api, behind, timeout=30)
+                await wait_turn(api, behind, timeout_s=30)
                 assert worker.process.poll() is None
                 assert "redis_recovered" in worker.output()
 

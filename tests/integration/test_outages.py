@@ -7,11 +7,7 @@ limiter lets requests through and counts that). Servers the tests stop are their
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import asyncpg
 import httpx
@@ -19,19 +15,13 @@ import msgspec
 import pytest
 from prometheus_client import REGISTRY
 
-from service.app import create_app
-from service.config import Settings
-from service.db.keys import create_key
-from service.db.migrate import migrate
 from service.db.pool import create_pool
 from service.devstack import (
-    EmbeddedPostgres,
-    EmbeddedRedis,
     embedded_postgres_unavailable_reason,
-    free_port,
 )
-from service.resources import Resources, db_deadlines
-from tests.helpers import create_conversation
+from service.resources import db_deadlines
+from tests.helpers import api_client, create_conversation
+from tests.servers import own_postgres, own_redis
 
 pytestmark = [
     pytest.mark.slow,
@@ -40,44 +30,6 @@ pytestmark = [
 ]
 
 PROBE_BOUND_S = 2.0
-
-
-@contextlib.contextmanager
-def own_redis() -> Iterator[EmbeddedRedis]:
-    with tempfile.TemporaryDirectory(prefix="outage-redis-") as folder:
-        server = EmbeddedRedis(Path(folder), port=free_port())
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
-
-
-@contextlib.asynccontextmanager
-async def own_postgres(**server_settings: str) -> AsyncIterator[EmbeddedPostgres]:
-    with tempfile.TemporaryDirectory(prefix="outage-pg-") as folder:
-        server = EmbeddedPostgres(Path(folder), port=free_port(), settings=server_settings)
-        url = server.start()
-        try:
-            await migrate(url)
-            yield server
-        finally:
-            server.stop()
-
-
-@contextlib.asynccontextmanager
-async def api_client(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, Resources]]:
-    """The app over its own Resources, with a fresh tenant's key on every request."""
-    resources = await Resources.open(settings, listen=True)
-    try:
-        async with resources.pool.acquire() as conn:
-            key = (await create_key(conn, "acme"))[1]
-        transport = httpx.ASGITransport(app=create_app(settings, resources=resources))
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver",
-                                     headers={"Authorization": f"Bearer {key}"}) as api:
-            yield api, resources
-    finally:
-        await resources.close()
 
 
 async def timed_get(api: httpx.AsyncClient, path: str) -> tuple[httpx.Response, float]:

@@ -112,7 +112,8 @@ async def test_a_timestamp_that_is_not_ascii_digits_is_a_4xx(hook, resources, ts
     json.dumps({"type": "task_run.status", "data": {"run_id": "r", "status": "s\x00"}}).encode(),
 ])
 async def test_a_signed_body_postgres_cannot_store_is_400(hook, resources, body):
-    response = await hook.post("/v1/hooks/parallel", content=body, headers=signed(body, "whevent_b"))
+    response = await hook.post(
+        "/v1/hooks/parallel", content=body, headers=signed(body, "whevent_b"))
     assert response.status_code == 400, response.text
     assert response.headers["content-type"].startswith("application/problem+json")
     assert await queued_checks(resources) == []

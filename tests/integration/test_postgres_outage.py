@@ -16,8 +16,14 @@ from service.db.keys import create_key
 from service.db.migrate import migrate
 from service.devstack import EmbeddedPostgres, embedded_postgres_unavailable_reason, free_port
 from service.resources import Resources
-from tests.helpers import create_conversation, post_turn
-from tests.integration.test_crash_safety import assert_chains_and_single_runs, wait_all_terminal
+from tests.helpers import (
+    assert_chains_and_single_runs,
+    create_conversation,
+    post_turn,
+    sandbox_runs,
+    wait_all_terminal,
+    wait_until,
+)
 from tests.processes import WorkerProcess
 
 pytestmark = [
@@ -25,6 +31,12 @@ pytestmark = [
     pytest.mark.skipif(embedded_postgres_unavailable_reason() is not None,
                        reason=str(embedded_postgres_unavailable_reason())),
 ]
+
+
+def started(sandbox_url: str, turn_ids: set[str]) -> bool:
+    """Whether the sandbox has a run for any of the turns."""
+    return any((r.get("metadata") or {}).get("rs_turn") in turn_ids
+               for r in sandbox_runs(sandbox_url))
 
 
 async def test_api_answers_503_while_postgres_is_down_and_all_turns_complete(settings, sandbox):
@@ -43,11 +55,11 @@ async def test_api_answers_503_while_postgres_is_down_and_all_turns_complete(set
             async with httpx.AsyncClient(transport=transport, base_url="http://testserver",
                                          headers={"Authorization": f"Bearer {key}"}) as api:
                 convs = [await create_conversation(api) for _ in range(5)]
-                for conv in convs:
-                    for k in range(3):
-                        await post_turn(api, conv["id"], f"[sandbox:slow=1] q{k}")
+                ids = {(await post_turn(api, conv["id"], f"[sandbox:slow=1] q{k}"))["id"]
+                       for conv in convs for k in range(3)}
                 with WorkerProcess(settings):
-                    await asyncio.sleep(1.5)
+                    await wait_until(lambda: started(sandbox.url, ids), 30,
+                                     what="the workload under way")
                     server.stop()
                     statuses = set()
                     for _ in range(10):
@@ -64,7 +76,7 @@ async def test_api_answers_503_while_postgres_is_down_and_all_turns_complete(set
                     assert statuses == {503}
                     server.start()
                     assert (await api.get("/readyz")).status_code == 200
-                    turns = await wait_all_terminal(url, expected=15, timeout=120)
+                    turns = await wait_all_terminal(url, expected=15, timeout_s=120)
             await resources.close()
             assert_chains_and_single_runs(turns, sandbox.url)
         finally:

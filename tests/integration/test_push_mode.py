@@ -16,7 +16,14 @@ import redis.asyncio as aioredis
 from service.app import create_app
 from service.domain.push import parallel_signature
 from service.resources import Resources
-from tests.helpers import create_conversation, post_turn, running_worker, wait_turn, wait_until
+from tests.helpers import (
+    create_conversation,
+    post_turn,
+    running_worker,
+    sandbox_record,
+    wait_turn,
+    wait_until,
+)
 from tests.receivers import serve
 
 SANDBOX_SECRET = "sandbox_webhook_secret"  # SandboxConfig.webhook_secret's default
@@ -49,14 +56,14 @@ async def test_a_turn_completes_from_parallels_webhook_before_any_poll(push, san
     conversation = await create_conversation(push)
     started = time.monotonic()
     turn = await wait_turn(push, await post_turn(push, conversation["id"], "Pushed, not polled"),
-                           timeout=15)
+                           timeout_s=15)
     assert turn["status"] == "completed"
     assert time.monotonic() - started < 10, "the first poll would come after 30 s"
-    hooks = httpx.get(f"{sandbox.url}/_sandbox/webhooks").json()["data"]
+    hooks = (await sandbox_record(sandbox.url, "webhooks"))["data"]
     mine = [h for h in hooks if h["run_id"] == turn["run_id"]]
     assert mine and mine[-1]["status_code"] == 204 and mine[-1]["ok"]
     # The webhook said "completed": the check asked for the result alone, as the SDK loop would.
-    calls = httpx.get(f"{sandbox.url}/_sandbox/calls").json()["data"]
+    calls = (await sandbox_record(sandbox.url, "calls"))["data"]
     assert [(c["method"], c["path"].rsplit("/", 1)[-1]) for c in calls
             if c["run_id"] == turn["run_id"]] == [("POST", "runs"), ("GET", "result")]
 
@@ -83,7 +90,7 @@ async def test_a_webhook_that_says_completed_too_early_changes_nothing_but_a_che
     assert [(c["method"], c["path"].rsplit("/", 1)[-1], c["status"]) for c in calls][:3] == [
         ("POST", "runs", 202), ("GET", "result", 408), ("GET", turn["run_id"], 200),
     ]
-    done = await wait_turn(push, turn, timeout=15)  # the real webhook, when the run ends
+    done = await wait_turn(push, turn, timeout_s=15)  # the real webhook, when the run ends
     assert done["status"] == "completed" and done["output"]["content"]
 
 
@@ -117,7 +124,7 @@ async def test_forged_and_replayed_webhooks_are_refused_and_change_nothing(
     await redis.aclose()
 
     # The genuine webhook, when the run ends, still completes the turn at once.
-    done = await wait_turn(push, turn, timeout=15)
+    done = await wait_turn(push, turn, timeout_s=15)
     assert done["status"] == "completed"
 
 

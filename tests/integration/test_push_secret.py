@@ -18,7 +18,7 @@ from service.app import create_app
 from service.domain.push import WRONG_SECRET_STREAK, parallel_signature
 from service.logs import configure_logging
 from service.resources import Resources
-from tests.integration.test_metrics import parse, value
+from tests.helpers import parse, value
 
 REJECTED = "research_parallel_webhook_rejected_total"
 SECRET = "the-right-secret"

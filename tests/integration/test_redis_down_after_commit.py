@@ -72,7 +72,7 @@ async def test_turns_committed_while_redis_is_down_are_answered_and_run_once_it_
     own_redis.start()
     assert not await queued_job(resources, second["id"])
     async with running_worker(redis_settings):
-        done = await wait_turn(api, second, timeout=60)  # the reconciler enqueued it
+        done = await wait_turn(api, second, timeout_s=60)  # the reconciler enqueued it
     assert done["status"] == "completed"
 
 

@@ -33,10 +33,10 @@ def increase(before: dict[str, float], after: dict[str, float]) -> dict[str, flo
     return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
 
 
-async def wait_all_ended(database_url: str, turn_ids: list[str], timeout: float) -> list[dict]:
+async def wait_all_ended(database_url: str, turn_ids: list[str], timeout_s: float) -> list[dict]:
     conn = await asyncpg.connect(database_url)
     try:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout_s
         while True:
             rows = await conn.fetch(
                 "SELECT id, status, error, run_id, start_attempts, doubtful_attempts FROM turn "
@@ -90,7 +90,7 @@ async def test_creates_answered_within_the_create_timeout_make_one_run_each(
         await asyncio.sleep(max(0.0, stretch_end - time.monotonic()))
         set_faults(sandbox.url)
         turns += [await post_turn(api, c["id"], "and after it") for c in convs]
-        ended = await wait_all_ended(database_url, [t["id"] for t in turns], timeout=90)
+        ended = await wait_all_ended(database_url, [t["id"] for t in turns], timeout_s=90)
     assert Counter(t["status"] for t in ended) == {"completed": len(turns)}
     for turn in ended:
         runs = sandbox_runs(sandbox.url, turn["id"])
@@ -115,7 +115,7 @@ async def test_creates_answered_after_the_create_timeout_bill_at_most_the_docume
             await asyncio.sleep(3)
         set_faults(sandbox.url)
         turns += [await post_turn(api, c["id"], "fast again") for c in convs]
-        ended = await wait_all_ended(database_url, [t["id"] for t in turns], timeout=120)
+        ended = await wait_all_ended(database_url, [t["id"] for t in turns], timeout_s=120)
     statuses = Counter(t["status"] for t in ended)
     assert set(statuses) <= {"completed", "failed"}
     assert statuses["failed"] >= 4, ended  # every turn posted at the stretch's start gave up

@@ -82,7 +82,7 @@ async def test_a_stream_ends_at_once_when_its_key_is_revoked(settings, resources
     async with api_process(settings, api_key, resources) as (_, http):
         conversation = await create_conversation(http)
         cid = conversation["id"]
-        doomed = asyncio.create_task(read_events(http, cid, None, timeout=10))
+        doomed = asyncio.create_task(read_events(http, cid, None, timeout_s=10))
         kept = asyncio.create_task(read_events(
             http, cid, lambda m: m.event == "turn.queued",
             headers={"Authorization": f"Bearer {other_key}"}))
@@ -110,7 +110,7 @@ async def test_a_stream_ends_when_its_conversation_is_deleted(settings, resource
         conversation = await create_conversation(http)
         cid = conversation["id"]
         await post_turn(http, cid, "Queued, no worker")  # event 1
-        stream = asyncio.create_task(read_events(http, cid, None, timeout=10))
+        stream = asyncio.create_task(read_events(http, cid, None, timeout_s=10))
         await until(lambda: watchers(resources, cid) == 1)
 
         assert (await http.delete(f"/v1/conversations/{cid}")).status_code == 204
@@ -138,7 +138,7 @@ async def test_a_stream_ends_after_max_stream_s_and_the_client_resumes_without_g
             while len(seen) < 9:  # three turns: queued, running, completed each
                 connections += 1
                 headers = {"Last-Event-ID": str(seen[-1])} if seen else {}
-                messages = await read_events(http, cid, None, headers=headers, timeout=5)
+                messages = await read_events(http, cid, None, headers=headers, timeout_s=5)
                 seen += [int(m.id) for m in messages if m.event != "turn.progress"]
         assert seen == list(range(1, 10)), "every event once, in order, across reconnections"
         assert connections >= 2, "each stream ended after MAX_STREAM_S"
@@ -154,8 +154,8 @@ async def test_streams_and_long_polls_share_one_cap_per_tenant_across_processes(
         cid = (await create_conversation(http_a))["id"]
         turn = await post_turn(http_a, cid, "Queued: no worker runs it")
         never = lambda m: False  # noqa: E731
-        first = asyncio.create_task(read_events(http_a, cid, never, timeout=60))
-        second = asyncio.create_task(read_events(http_a, cid, never, timeout=60))
+        first = asyncio.create_task(read_events(http_a, cid, never, timeout_s=60))
+        second = asyncio.create_task(read_events(http_a, cid, never, timeout_s=60))
         poll = asyncio.create_task(http_b.get(
             f"/v1/conversations/{cid}/turns/{turn['id']}", params={"wait": 60}))
         await until(lambda: a.streams.slots.held(tenant) == 2 and b.streams.slots.held(tenant) == 1)
@@ -180,7 +180,7 @@ async def test_streams_and_long_polls_share_one_cap_per_tenant_across_processes(
         # A stream that ends gives its slot back, to any process.
         first.cancel()
         await until(lambda: a.streams.slots.held(tenant) == 1)
-        third = asyncio.create_task(read_events(http_b, cid, never, timeout=60))
+        third = asyncio.create_task(read_events(http_b, cid, never, timeout_s=60))
         await until(lambda: b.streams.slots.held(tenant) == 2)
         for task in (second, poll, third):
             task.cancel()
@@ -202,7 +202,7 @@ async def test_a_dead_process_holds_its_slots_only_until_their_leases_end(resour
                 await live.take(tenant, 2)
             await asyncio.sleep(0.1)
         # The dying process stops renewing without giving its slot back (as if killed).
-        dying._renewer.cancel()  # noqa: SLF001
+        dying._renewer.cancel()
         died = time.monotonic()
         while True:
             try:

@@ -99,9 +99,9 @@ async def test_300_stream_watchers_cost_a_turn_at_most_twice_the_transactions_of
     async def turn_watched_by(count: int) -> int:
         cid = (await create_conversation(api))["id"]
         readers = [asyncio.create_task(read_events(
-            server, cid, lambda m: m.event == "turn.completed", timeout=120))
+            server, cid, lambda m: m.event == "turn.completed", timeout_s=120))
             for _ in range(count)]
-        await until(watching(resources, cid, count), timeout=120)
+        await until(watching(resources, cid, count), timeout_s=120)
 
         async def turn() -> None:
             await post_turn(api, cid, "Watched")
@@ -129,7 +129,7 @@ async def test_300_long_polls_cost_a_turn_at_most_twice_the_transactions_of_one(
         turn = await post_turn(api, cid, "Awaited")
         path = f"/v1/conversations/{cid}/turns/{turn['id']}"
         polls = [asyncio.create_task(api.get(path, params={"wait": 60})) for _ in range(count)]
-        await until(watching(resources, cid, count), timeout=120)
+        await until(watching(resources, cid, count), timeout_s=120)
         # Each long-poll reads the turn once as it starts: wait until all have.
         before, previous = await committed(), None
         while before != previous:

@@ -125,7 +125,7 @@ async def send(client, method: str, path: str, operation: str, auth: str | None,
 
 
 async def queued_jobs(resources) -> int:
-    return await resources.queue.zcard(resources.settings.queue_name)  # type: ignore[no-any-return]
+    return await resources.queue.zcard(resources.settings.queue_name)
 
 
 async def check_unchanged(world, database_url, resources, attempt) -> None:

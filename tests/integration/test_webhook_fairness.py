@@ -21,8 +21,7 @@ from service.app import create_app
 from service.config import Settings
 from service.domain import webhooks
 from service.resources import Resources
-from tests.conftest import new_key
-from tests.helpers import create_conversation, post_turn, running_worker
+from tests.helpers import create_conversation, new_key, post_turn, running_worker, wait_until
 from tests.processes import WorkerProcess
 from tests.receivers import HangingReceiver, Receiver, hanging, serve
 
@@ -82,7 +81,7 @@ async def test_a_tenants_hanging_receiver_does_not_delay_another_tenants_webhook
 
         conversation = await create_conversation(beta, webhook_url=f"{live_url}/hooks/beta")
         await post_turn(beta, conversation["id"], "Who won in 2022?")
-        [request] = await receiver.wait_for(1, timeout=60)
+        [request] = await receiver.wait_for(1, timeout_s=60)
         hanging_then = dead.open
 
     payload = Webhook(conversation["webhook_secret"]).verify(request.body, request.headers)
@@ -103,12 +102,12 @@ async def test_a_tenants_cap_holds_across_two_worker_processes(api, settings):
     async with hanging(dead) as dead_url:
         await queue_cancelled_turns(api, f"{dead_url}/hook", 3 * cap)
         with WorkerProcess(settings) as first, WorkerProcess(settings) as second:
-            await dead.wait_open(cap, timeout=60)
+            await dead.wait_open(cap, timeout_s=60)
             # Until the first attempts timed out and both workers claimed the next ones.
-            await dead.wait_accepted(2 * cap, timeout=60)
-            async with asyncio.timeout(60):
-                while not all('"webhook_attempt"' in w.output() for w in (first, second)):
-                    await asyncio.sleep(0.2)  # noqa: ASYNC110 (a log file has no event)
+            await dead.wait_accepted(2 * cap, timeout_s=60)
+            await wait_until(
+                lambda: all('"webhook_attempt"' in w.output() for w in (first, second)), 60,
+                interval=0.2, what="an attempt logged by each worker")
     assert dead.max_open == cap, "the tenant's cap counts the attempts of both workers"
 
 

@@ -7,32 +7,33 @@ from __future__ import annotations
 import secrets
 
 import asyncpg
-import msgspec
 import pytest
 import standardwebhooks
 import svix.webhooks
 
 from service.db.migrate import load_migrations
 from service.domain.conversations import MAX_PREVIOUS_SECRETS
-from tests.conftest import with_database
-from tests.helpers import create_conversation, post_turn, wait_turn
-from tests.integration.test_webhooks import wait_ledger
-from tests.receivers import Received, Receiver, serve
+from tests.helpers import (
+    create_conversation,
+    fast_webhook_retries,
+    post_turn,
+    wait_ledger,
+    wait_turn,
+    with_database,
+)
+from tests.receivers import Received, Receiver, receiving
 
 UNRELATED_SECRET = "whsec_" + "QUJD" * 10 + "QUI="
 
 
 @pytest.fixture
 def settings(settings):
-    return msgspec.structs.replace(settings, webhook_retry_schedule_s=[0.2] * 4,
-                                   webhook_timeout_s=2)
+    return fast_webhook_retries(settings)
 
 
 @pytest.fixture
 async def receiver():
-    receiver = Receiver()
-    async with serve(receiver) as url:
-        receiver.url = f"{url}/hooks/research"
+    async with receiving() as receiver:
         yield receiver
 
 
@@ -67,7 +68,7 @@ def verifies(secret: str, request: Received) -> bool:
 async def rotate(api, conversation_id: str) -> str:
     response = await api.post(f"/v1/conversations/{conversation_id}/webhook-secret/rotate")
     assert response.status_code == 200, response.text
-    return response.json()["webhook_secret"]  # type: ignore[no-any-return]
+    return response.json()["webhook_secret"]
 
 
 async def redelivered(api, receiver: Receiver, delivery_id: str) -> Received:

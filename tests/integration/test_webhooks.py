@@ -4,51 +4,42 @@ rotation, the SSRF guard, and a worker SIGKILLed with a delivery outstanding."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import time
 
-import httpx
 import msgspec
 import pytest
 from standardwebhooks import Webhook
 
-from service.app import create_app
-from tests.conftest import new_key
-from tests.helpers import create_conversation, post_turn, running_worker, wait_turn
+from tests.helpers import (
+    create_conversation,
+    fast_webhook_retries,
+    guarded_client,
+    ledger,
+    new_key,
+    post_turn,
+    running_worker,
+    wait_ledger,
+    wait_turn,
+)
 from tests.processes import WorkerProcess
-from tests.receivers import Receiver, serve
+from tests.receivers import receiving
 
 
 @pytest.fixture
 def settings(settings):
-    """Retries a fifth of a second apart instead of 5 s, 30 s, 2 min, …"""
-    return msgspec.structs.replace(settings, webhook_retry_schedule_s=[0.2] * 4,
-                                   webhook_timeout_s=2)
+    return fast_webhook_retries(settings)
 
 
 @pytest.fixture
 async def receiver():
-    receiver = Receiver()
-    async with serve(receiver) as url:
-        receiver.url = f"{url}/hooks/research"
+    async with receiving() as receiver:
         yield receiver
 
 
-async def ledger(api, conversation_id: str) -> list[dict]:
-    response = await api.get(f"/v1/conversations/{conversation_id}/webhook-deliveries")
-    assert response.status_code == 200, response.text
-    return response.json()["data"]
-
-
-async def wait_ledger(api, conversation_id: str, status: str, timeout: float = 20) -> dict:
-    """The conversation's only delivery once it has `status`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        deliveries = await ledger(api, conversation_id)
-        if deliveries and deliveries[-1]["status"] == status:
-            return deliveries[-1]
-        assert time.monotonic() < deadline, f"delivery never {status}: {deliveries}"
-        await asyncio.sleep(0.1)
+@pytest.fixture
+async def guarded_api(settings, resources, api_key):
+    """The API with WEBHOOK_ALLOW_PRIVATE off."""
+    async with guarded_client(settings, resources, api_key) as http:
+        yield http
 
 
 async def test_a_completed_turn_is_posted_once_signed_with_the_answer(api, worker, receiver):
@@ -159,17 +150,6 @@ REFUSED_URLS = [
 ]
 
 
-@pytest.fixture
-async def guarded_api(settings, resources, api_key):
-    """The API with WEBHOOK_ALLOW_PRIVATE off."""
-    guarded = dataclasses.replace(
-        resources, settings=msgspec.structs.replace(settings, webhook_allow_private=False))
-    transport = httpx.ASGITransport(app=create_app(guarded.settings, resources=guarded))
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver",
-                                 headers={"Authorization": f"Bearer {api_key}"}) as http:
-        yield http
-
-
 @pytest.mark.parametrize("url", REFUSED_URLS)
 async def test_private_webhook_urls_are_refused_when_the_guard_is_on(guarded_api, url):
     response = await guarded_api.post("/v1/conversations", json={"webhook_url": url})
@@ -210,7 +190,7 @@ async def test_a_worker_killed_after_the_turn_completed_still_delivers(api, sett
     conversation = await create_conversation(api, webhook_url=receiver.url)
     turn = await post_turn(api, conversation["id"], "Will this webhook survive a crash?")
     with WorkerProcess(settings) as first:
-        [in_flight] = await receiver.wait_for(1, timeout=60)
+        [in_flight] = await receiver.wait_for(1, timeout_s=60)
         first.kill()
     assert (await api.get(f"/v1/conversations/{conversation['id']}/turns/{turn['id']}")
             ).json()["status"] == "completed"
@@ -219,7 +199,7 @@ async def test_a_worker_killed_after_the_turn_completed_still_delivers(api, sett
 
     receiver.delay_s = 0
     with WorkerProcess(settings):
-        delivered = await wait_ledger(api, conversation["id"], "delivered", timeout=60)
+        delivered = await wait_ledger(api, conversation["id"], "delivered", timeout_s=60)
     first_request, last = receiver.requests
     assert first_request is in_flight
     assert last.headers["webhook-id"] == in_flight.headers["webhook-id"] == pending["webhook_id"]

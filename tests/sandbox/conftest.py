@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import AsyncIterator, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import httpx
 import pytest
@@ -14,6 +10,7 @@ from parallel import AsyncParallel
 
 from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
+from tests.receivers import ThreadedReceiver
 
 TEST_CONFIG = SandboxConfig(default_latency_s=0.3, queued_s=0.05, webhook_retry_base_s=0.1)
 
@@ -43,46 +40,9 @@ def client(sandbox: SandboxServer) -> AsyncParallel:
     )
 
 
-class Receiver:
-    """A tiny webhook receiver (http.server in a thread); answers `statuses` in turn, then 200."""
-
-    def __init__(self, statuses: list[int] | None = None) -> None:
-        self.statuses = list(statuses or [])
-        self.received: list[tuple[dict[str, str], bytes]] = []
-        self.arrived = threading.Condition()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["content-length"]))
-                with receiver.arrived:
-                    headers = {k.lower(): v for k, v in self.headers.items()}
-                    receiver.received.append((headers, body))
-                    receiver.arrived.notify_all()
-                status = receiver.statuses.pop(0) if receiver.statuses else 200
-                self.send_response(status)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def wait_for(self, count: int, timeout: float = 5.0) -> bool:
-        """Block until `count` deliveries arrived (run it with asyncio.to_thread)."""
-        with self.arrived:
-            return self.arrived.wait_for(lambda: len(self.received) >= count, timeout)
-
-    def payloads(self) -> list[dict[str, Any]]:
-        return [json.loads(body) for _, body in self.received]
-
-
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    rec = Receiver()
+def receiver() -> Iterator[ThreadedReceiver]:
+    rec = ThreadedReceiver()
     rec.thread.start()
     yield rec
     rec.server.shutdown()

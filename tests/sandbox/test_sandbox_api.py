@@ -63,7 +63,7 @@ async def test_result_times_out_with_408(client: AsyncParallel) -> None:
         await client.task_run.result(run.run_id, api_timeout=1)
     assert 0.9 < time.monotonic() - started < 3
     assert info.value.status_code == 408
-    assert info.value.body["error"]["message"] == "Request timed out; run still active"  # type: ignore[index]
+    assert info.value.body["error"]["message"] == "Request timed out; run still active"  # type: ignore[index]  # the SDK types an error's body as object
 
 
 async def test_failed_run_gives_404_on_result(client: AsyncParallel) -> None:
@@ -113,14 +113,14 @@ async def test_events_stream(client: AsyncParallel) -> None:
     assert "task_run.progress_stats" in types
     assert any(t.startswith("task_run.progress_msg.") for t in types)
     first, last = events[0], events[-1]
-    assert first.run.is_active and first.event_id is None  # type: ignore[union-attr]
-    assert last.run.status == "completed" and last.output is not None  # type: ignore[union-attr]
-    assert last.output.content == 'Answer to "Stream me" (processor pro).'  # type: ignore[union-attr]
+    assert first.run.is_active and first.event_id is None  # type: ignore[union-attr]  # an event union: the type checked above says which
+    assert last.run.status == "completed" and last.output is not None  # type: ignore[union-attr]  # an event union: the type checked above says which
+    assert last.output.content == 'Answer to "Stream me" (processor pro).'  # type: ignore[union-attr]  # an event union: the type checked above says which
     stats = [e for e in events if e.type == "task_run.progress_stats"]
-    assert all(0 <= s.progress_meter <= 100 for s in stats) and stats[-1].progress_meter == 100  # type: ignore[union-attr]
+    assert all(0 <= s.progress_meter <= 100 for s in stats) and stats[-1].progress_meter == 100
 
     replay = [event async for event in await client.task_run.events(run.run_id)]
-    assert replay[0].type == "task_run.state" and replay[-1].output is not None  # type: ignore[union-attr]
+    assert replay[0].type == "task_run.state" and replay[-1].output is not None  # type: ignore[union-attr]  # an event union: the type checked above says which
 
 
 async def test_events_raw_wire_format(sandbox: SandboxServer, client: AsyncParallel) -> None:
@@ -230,7 +230,7 @@ async def test_auto_and_text_schemas(client: AsyncParallel) -> None:
         input="q", processor="pro", task_spec={"output_schema": {"type": "auto"}}
     )
     out = (await client.task_run.result(auto.run_id, api_timeout=5)).output
-    assert out.type == "json" and out.output_schema and "answer" in out.content  # type: ignore[union-attr]
+    assert out.type == "json" and out.output_schema and "answer" in out.content
     bare = await client.task_run.create(
         input="q", processor="lite", task_spec={"output_schema": "A short answer"}
     )
@@ -254,7 +254,7 @@ async def test_an_empty_output_schema_is_a_text_schema(client: AsyncParallel) ->
 async def test_request_validation(client: AsyncParallel) -> None:
     with pytest.raises(parallel.PermissionDeniedError) as info:
         await client.task_run.create(input="q", processor="turbo")
-    assert info.value.body["error"]["message"] == "Forbidden: invalid processor in request"  # type: ignore[index]
+    assert info.value.body["error"]["message"] == "Forbidden: invalid processor in request"  # type: ignore[index]  # the SDK types an error's body as object
     with pytest.raises(parallel.UnprocessableEntityError):
         await client.task_run.create(input="x" * 25_001, processor="lite")
     with pytest.raises(parallel.UnprocessableEntityError):
@@ -284,7 +284,7 @@ async def test_auth_and_strict_settings() -> None:
         )
         with pytest.raises(parallel.AuthenticationError) as info:
             await wrong.task_run.create(input="q", processor="lite")
-        assert info.value.body["type"] == "error"  # type: ignore[index]
+        assert info.value.body["type"] == "error"  # type: ignore[index]  # the SDK types an error's body as object
         async with httpx.AsyncClient(base_url=server.url) as raw:
             missing = await raw.post("/v1/tasks/runs", json={"input": "q", "processor": "lite"})
         assert missing.status_code == 401 and missing.json()["error"]["ref_id"]

@@ -7,9 +7,8 @@ SANDBOX_WEBHOOK_SECRET, and a busy port is one line.
 
 from __future__ import annotations
 
-import hashlib
-
 import contextlib
+import hashlib
 import os
 import socket
 import subprocess
@@ -26,7 +25,7 @@ from parallel.types import TaskSpecParam, TextSchemaParam
 
 from service.devstack import free_port
 from service.domain.push import InvalidSignature, verify_parallel_webhook
-from tests.sandbox.conftest import Receiver
+from tests.receivers import ThreadedReceiver
 
 SECRET = "ci-secret-123"
 
@@ -92,7 +91,7 @@ def test_the_standalone_sandbox_serves_parallels_api_with_its_settings(standalon
 
 def test_the_standalone_sandbox_signs_webhooks_with_its_secret(standalone) -> None:
     url, _ = standalone
-    receiver = Receiver()
+    receiver = ThreadedReceiver()
     receiver.thread.start()
     try:
         client = Parallel(api_key="ci-key", base_url=url, max_retries=0)

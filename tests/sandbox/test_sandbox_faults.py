@@ -31,7 +31,7 @@ async def test_create_status_fault_with_count(
     with pytest.raises(parallel.RateLimitError) as info:
         await client.task_run.create(input="q", processor="lite")
     assert info.value.response.headers["retry-after"] == "2"
-    assert info.value.body["type"] == "error"  # type: ignore[index]
+    assert info.value.body["type"] == "error"  # type: ignore[index]  # the SDK types an error's body as object
     run = await client.task_run.create(input="q", processor="lite")  # the count is used up
     assert run.status == "queued"
     assert len((await control.get("/_sandbox/runs")).json()["data"]) == 1

@@ -15,6 +15,7 @@ from parallel.types import TaskGroupStatusEvent, TaskRun, TaskRunEvent
 
 from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -36,7 +37,7 @@ async def listing(client: AsyncParallel, group_id: str, **params: Any) -> list[T
     async with asyncio.timeout(DEADLINE_S):
         found = [event async for event in await client.task_group.get_runs(group_id, **params)]
     assert all(isinstance(event, TaskRunEvent) for event in found)
-    return found  # type: ignore[return-value]
+    return found  # type: ignore[return-value]  # the assert above narrows the events
 
 
 def ended(found: list[Any]) -> dict[str, str]:
@@ -60,7 +61,7 @@ async def test_create_and_retrieve_a_group(client: AsyncParallel) -> None:
 
     with pytest.raises(parallel.NotFoundError) as info:
         await client.task_group.retrieve("tgrp_unknown")
-    assert info.value.body["error"]["message"] == "TaskGroup not found"  # type: ignore[index]
+    assert info.value.body["error"]["message"] == "TaskGroup not found"  # type: ignore[index]  # the SDK types an error's body as object
     with pytest.raises(parallel.UnprocessableEntityError):
         await client.task_group.create(metadata={"a key longer than 16": "x"})
 
@@ -187,12 +188,12 @@ async def test_a_reset_ends_the_open_streams(
     group = await client.task_group.create()
     await client.task_group.add_runs(group.task_group_id, inputs=[lite("[sandbox:slow=60] q")])
     following = asyncio.create_task(events(client, group.task_group_id))
-    async with asyncio.timeout(DEADLINE_S):  # until the stream has started answering
-        while not any(
-            call["path"].endswith("/events") and call["status"] == 200
-            for call in (await control.get("/_sandbox/calls")).json()["data"]
-        ):
-            await asyncio.sleep(0.02)
+
+    async def answering() -> bool:
+        calls = (await control.get("/_sandbox/calls")).json()["data"]
+        return any(c["path"].endswith("/events") and c["status"] == 200 for c in calls)
+
+    await wait_until(answering, DEADLINE_S, what="the stream to start answering")
     await control.post("/_sandbox/reset")
     found = await asyncio.wait_for(following, DEADLINE_S)
     assert [event.type for event in found] == ["task_group_status"]
@@ -239,7 +240,7 @@ async def test_listing_finds_runs_by_metadata_and_status(
     after_first = await listing(client, group.task_group_id, last_event_id="1")
     assert [event.run.run_id for event in after_first] == [broken, busy, *more.run_ids]
     with pytest.raises(parallel.UnprocessableEntityError):
-        await listing(client, group.task_group_id, status="lost")  # type: ignore[arg-type]
+        await listing(client, group.task_group_id, status="lost")  # type: ignore[arg-type]  # an invalid status, on purpose
 
 
 async def test_a_bad_input_creates_nothing(
@@ -270,13 +271,13 @@ async def test_a_bad_input_creates_nothing(
         await client.task_group.add_runs(
             group.task_group_id, inputs=[lite("ok")], default_task_spec=bad_spec
         )
-    [error] = info.value.body["error"]["detail"]["errors"]  # type: ignore[index]
+    [error] = info.value.body["error"]["detail"]["errors"]  # type: ignore[index]  # the SDK types an error's body as object
     assert error["loc"] == ["body", "default_task_spec.output_schema"]
     with pytest.raises(parallel.UnprocessableEntityError) as info:
         await client.task_group.add_runs(
             group.task_group_id, inputs=[lite("ok"), lite("bad", metadata={"k": "v" * 513})]
         )
-    [error] = info.value.body["error"]["detail"]["errors"]  # type: ignore[index]
+    [error] = info.value.body["error"]["detail"]["errors"]  # type: ignore[index]  # the SDK types an error's body as object
     assert error["loc"] == ["body", "inputs", 1, "metadata"]
     with pytest.raises(parallel.NotFoundError):
         await client.task_group.add_runs("tgrp_unknown", inputs=[lite("q")])
@@ -356,7 +357,7 @@ async def test_off_the_group_routes_answer_404_like_unknown_routes() -> None:
         for call in calls:
             with pytest.raises(parallel.NotFoundError) as info:
                 await call
-            assert info.value.body["error"]["message"] == "Not Found"  # type: ignore[index]
+            assert info.value.body["error"]["message"] == "Not Found"  # type: ignore[index]  # the SDK types an error's body as object
         async with httpx.AsyncClient(base_url=server.url, headers={"x-api-key": "k"}) as raw:
             unknown = await raw.get("/v1/tasks/nothing-here")
             off = await raw.post("/v1beta/tasks/groups", json={})

@@ -31,7 +31,6 @@ from service.devstack.state import data_dir, read_state, remove_state, write_sta
 from service.devstack.supervise import Supervisor
 from service.logs import configure_logging
 
-
 DEFAULT_METRICS_PORT = next(
     int(f.default) for f in msgspec.structs.fields(Settings) if f.name == "worker_metrics_port")
 
@@ -72,7 +71,7 @@ async def _dev_key(database_url: str, key_file: Path) -> str:
     try:
         if key_file.exists():
             key = key_file.read_text().strip()
-            if await keys.tenant_for_key(conn, key):
+            if await keys.authenticate_key(conn, key):
                 return key
         _, key = await keys.create_key(conn, "dev")
     finally:

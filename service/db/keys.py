@@ -78,7 +78,7 @@ async def create_key(
     return key_id, key
 
 
-# The key's tenant, its hash and its rate limit (service.domain.keycache keeps the answer).
+# The key's tenant, its hash and its rate limit.
 KEY_BY_ID_SQL = """
 SELECT k.tenant_id, k.key_hash, k.rate_limit_per_min
 FROM api_key k
@@ -86,33 +86,18 @@ WHERE k.id = $1 AND k.revoked_at IS NULL
 """
 
 
-async def live_key(
-    conn: asyncpg.Connection | asyncpg.Pool, key_id: str
-) -> tuple[bytes, KeyAuth] | None:
-    """The stored hash and the grants of the live key with this id, or None."""
-    row = await conn.fetchrow(KEY_BY_ID_SQL, key_id)
-    if row is None:
-        return None
-    return bytes(row["key_hash"]), KeyAuth(
-        key_id=key_id, tenant_id=str(row["tenant_id"]), rate_limit_per_min=row["rate_limit_per_min"]
-    )
-
-
 async def authenticate_key(conn: asyncpg.Connection | asyncpg.Pool, key: str) -> KeyAuth | None:
-    """The live key this is, or None. Compares hashes in constant time."""
+    """The live key this is, or None. Compares hashes in constant time. The one lookup of a
+    key: service.domain.keycache keeps its answers."""
     key_id = split_key(key)
     if key_id is None:
         return None
-    found = await live_key(conn, key_id)
-    if found is None or not hmac.compare_digest(found[0], hash_key(key)):
+    row = await conn.fetchrow(KEY_BY_ID_SQL, key_id)
+    if row is None or not hmac.compare_digest(bytes(row["key_hash"]), hash_key(key)):
         return None
-    return found[1]
-
-
-async def tenant_for_key(conn: asyncpg.Connection | asyncpg.Pool, key: str) -> str | None:
-    """The tenant id a live key belongs to, or None."""
-    auth = await authenticate_key(conn, key)
-    return auth.tenant_id if auth else None
+    return KeyAuth(
+        key_id=key_id, tenant_id=str(row["tenant_id"]), rate_limit_per_min=row["rate_limit_per_min"]
+    )
 
 
 # Channel on which the api_key_changed trigger (migration 0004) names each changed key ('*': all).

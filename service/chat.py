@@ -183,7 +183,7 @@ class Chat:
                     elif isinstance(payload, dict) and payload.get("turn_id") == turn["id"]:
                         event_turn = payload.get("data") or {}
                         if event_turn.get("status") in TERMINAL_STATUSES:
-                            return event_turn  # type: ignore[no-any-return]
+                            return event_turn
                         self.progress(str(event_turn.get("status")))
         except (httpx.HTTPError, ApiError) as exc:
             self.clear_progress()

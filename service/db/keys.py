@@ -1,4 +1,5 @@
-"""Tenants and their API keys. A key is `rsk_<id>_<secret>`; only SHA-256 of the whole key is kept."""
+"""Tenants and their API keys. A key is `rsk_<id>_<secret>`; only the SHA-256 of the whole key
+is kept."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from decimal import Decimal
 
 import asyncpg
 import msgspec
+
+from service.db.pool import Conn
 
 KEY_PREFIX = "rsk_"
 
@@ -60,7 +63,7 @@ INSERT INTO api_key (id, tenant_id, key_hash, rate_limit_per_min) VALUES ($1, $2
 
 
 async def create_key(
-    conn: asyncpg.Connection, tenant_name: str, *, rate_limit_per_min: int | None = None,
+    conn: Conn, tenant_name: str, *, rate_limit_per_min: int | None = None,
     monthly_budget_usd: Decimal | None = None,
 ) -> tuple[str, str]:
     """Create the tenant if new and a key for it; return (key id, key). The key is not kept.
@@ -86,7 +89,7 @@ WHERE k.id = $1 AND k.revoked_at IS NULL
 """
 
 
-async def authenticate_key(conn: asyncpg.Connection | asyncpg.Pool, key: str) -> KeyAuth | None:
+async def authenticate_key(conn: Conn | asyncpg.Pool, key: str) -> KeyAuth | None:
     """The live key this is, or None. Compares hashes in constant time. The one lookup of a
     key: service.domain.keycache keeps its answers."""
     key_id = split_key(key)
@@ -108,7 +111,7 @@ UPDATE api_key SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL RETUR
 """
 
 
-async def revoke_key(conn: asyncpg.Connection, key_id: str) -> bool:
+async def revoke_key(conn: Conn, key_id: str) -> bool:
     """Revoke a key by id (`abc123`, `rsk_abc123`, or the whole key); False when no live key
     has that id."""
     key_id = split_key(key_id) or key_id.removeprefix(KEY_PREFIX)
@@ -123,5 +126,5 @@ ORDER BY k.created_at
 """
 
 
-async def list_keys(conn: asyncpg.Connection) -> list[ApiKeyInfo]:
+async def list_keys(conn: Conn) -> list[ApiKeyInfo]:
     return [ApiKeyInfo(**row) for row in await conn.fetch(LIST_KEYS_SQL)]

@@ -124,8 +124,8 @@ async def check_rate(
     keys = [f"ratelimit:{{{key_id}}}:{int(window)}", f"ratelimit:{{{key_id}}}:{int(window) - 1}"]
     try:
         async with asyncio.timeout(REDIS_TIMEOUT_S):
-            granted, current, previous = await redis.eval(  # type: ignore[misc]
-                SLIDING_WINDOW_LUA, 2, *keys, limit, repr(elapsed), WINDOW_S, want
+            granted, current, previous = await redis.register_script(SLIDING_WINDOW_LUA)(
+                keys=keys, args=[limit, repr(elapsed), WINDOW_S, want]
             )
     except (RedisError, OSError, TimeoutError) as exc:
         raise LimiterUnavailable(repr(exc)) from exc

@@ -17,8 +17,9 @@ from typing import Any
 
 import httpx
 
+from service.models import TERMINAL_STATUSES
+
 DEFAULT_API_URL = "http://127.0.0.1:8000"
-TERMINAL = frozenset({"completed", "failed", "cancelled"})
 Json = dict[str, Any]
 
 
@@ -181,13 +182,13 @@ class Chat:
                             self.progress(progress_text(payload))
                     elif isinstance(payload, dict) and payload.get("turn_id") == turn["id"]:
                         event_turn = payload.get("data") or {}
-                        if event_turn.get("status") in TERMINAL:
-                            return event_turn  # type: ignore[no-any-return]
+                        if event_turn.get("status") in TERMINAL_STATUSES:
+                            return event_turn
                         self.progress(str(event_turn.get("status")))
         except (httpx.HTTPError, ApiError) as exc:
             self.clear_progress()
             print(f"  (event stream failed: {exc}; polling the turn instead)", flush=True)
-        while turn["status"] not in TERMINAL:  # the stream failed or ended before the turn
+        while turn["status"] not in TERMINAL_STATUSES:  # the stream failed or ended before the turn
             self.progress(turn["status"])
             turn = self.api.call("GET", path, params={"wait": 30})
         return turn

@@ -7,12 +7,19 @@ import asyncio
 import os
 import re
 import sys
+from collections.abc import Awaitable, Callable
 from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
 
 from service.config import Settings
 from service.logs import configure_logging
+
+if TYPE_CHECKING:
+    from litestar import Litestar
+
+T = TypeVar("T")
 
 
 def _db_settings() -> str:
@@ -40,7 +47,7 @@ def _configure_logging(settings: Settings) -> None:
     ])
 
 
-def app_from_env():  # type: ignore[no-untyped-def]
+def app_from_env() -> Litestar:
     """The API configured from the environment: the factory each `api --workers N` process runs."""
     from service.app import create_app
 
@@ -56,7 +63,8 @@ def _prepare_metrics_dir(processes: int) -> None:
     if not folder and processes > 1:
         import tempfile
 
-        folder = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="research-metrics-")
+        folder = tempfile.mkdtemp(prefix="research-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
     if not folder:
         return
     os.makedirs(folder, exist_ok=True)
@@ -75,7 +83,7 @@ def cmd_api(args: argparse.Namespace) -> None:
     if args.workers > 1:
         uvicorn.run("service.cli:app_from_env", factory=True, workers=args.workers, **common)
     else:
-        uvicorn.run(app_from_env(), **common)  # type: ignore[arg-type]
+        uvicorn.run(app_from_env(), **common)
 
 
 def cmd_worker(_: argparse.Namespace) -> None:
@@ -87,10 +95,10 @@ def cmd_worker(_: argparse.Namespace) -> None:
     run(settings)
 
 
-async def _with_conn(fn, *args):  # type: ignore[no-untyped-def]
+async def _with_conn(fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
     conn = await asyncpg.connect(_db_settings())
     try:
-        return await fn(conn, *args)
+        return await fn(conn)
     finally:
         await conn.close()
 
@@ -106,7 +114,7 @@ def cmd_keys(args: argparse.Namespace) -> None:
         print(f"created key {key_id} for tenant {args.tenant!r}; it is shown once:")
         print(key)
     elif args.keys_command == "revoke":
-        if not asyncio.run(_with_conn(keys.revoke_key, args.key_id)):
+        if not asyncio.run(_with_conn(lambda conn: keys.revoke_key(conn, args.key_id))):
             sys.exit(f"no live key {args.key_id!r}")
         print(f"revoked {args.key_id}")
     else:

@@ -17,41 +17,35 @@ def _all_processors() -> list[str]:
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Every setting, in four groups (README.md, "Configuration", has the same groups): what a
+    production deployment sets, the limits it may want to change, tuning with sound defaults,
+    and timing knobs that exist for the tests (leave them at their defaults)."""
+
+    # --- Production: connections, secrets and what this deployment serves ---
     database_url: str
     redis_url: str
     parallel_api_key: str
     parallel_base_url: str | None = None
     parallel_webhook_secret: str | None = None
+    # This API's public URL: when set, push mode (Parallel's webhooks trigger checks).
     public_base_url: str | None = None
-    default_processor: str = "lite"
-    processors: list[str] = msgspec.field(default_factory=_all_processors)
-    webhook_allow_private: bool = False
     queue_name: str = "research:queue"
     db_pool_min: int = 2
     db_pool_max: int = 10
-    # Following runs: the first check comes poll_initial_s after the run starts (scaled per
-    # processor, see service.domain.schedule), each later one twice as far, capped at poll_max_s.
-    poll_initial_s: float = 1.0
-    poll_max_s: float = 30.0
-    follower_batch: int = 200
-    follower_idle_s: float = 1.0
-    # A start attempt that has not recorded its run after this long is considered dead and
-    # another may begin. A live attempt ends inside it: its create gives up after
-    # create_timeout_s, and storing the run must be done before the lease's last few seconds.
-    start_lease_s: float = 45.0
-    # A claimed check not finished within this long (its worker died) becomes due again.
-    check_lease_s: float = 30.0
-    reconcile_interval_s: int = 30
-    # arq: a job whose worker died runs again job_timeout_s + 10 s later; jobs are short.
-    job_timeout_s: int = 60
-    # Seconds a SIGTERMed worker lets its current jobs finish before it cancels them.
-    shutdown_grace_s: int = 20
-    # Multiplies every processor's deadline (service.domain.schedule); tests shrink it.
-    run_deadline_scale: float = 1.0
-    # Global cap on Parallel run creations across all workers (Parallel's limit: 2,000/min).
-    creations_per_min: int = 2000
+    default_processor: str = "lite"
+    processors: list[str] = msgspec.field(default_factory=_all_processors)
+    webhook_allow_private: bool = False
+    log_format: str = "json"
+    # When set, GET /metrics needs `Authorization: Bearer <metrics_token>` (else 401).
+    metrics_token: str | None = None
+    # The worker serves Prometheus metrics on this port (0: off); the API serves GET /metrics.
+    worker_metrics_port: int = 9102
+    # Where the worker's (unauthenticated) metrics server listens: loopback unless a
+    # deployment means it to be scraped from outside (deploy/k8s sets 0.0.0.0).
+    worker_metrics_host: str = "127.0.0.1"
+
+    # --- Limits: what a client is refused past, and caps on shared capacity ---
     max_input_chars: int = 25_000
-    max_wait_s: int = 60
     # Objects in a turn's `input` may nest this many levels (a flat object is 1).
     max_input_depth: int = 8
     # Requests per minute per API key when its row sets none (0: unlimited); shared in Redis.
@@ -59,7 +53,52 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Queued plus running turns; past these a new turn is refused with 429.
     max_open_turns_per_conversation: int = 100
     max_open_turns_per_tenant: int = 1000
-    log_format: str = "json"
+    # SSE streams plus `?wait=` long-polls a tenant may hold open across all API processes
+    # (counted in Redis, service.domain.slots), and the longest a stream stays open (the client
+    # resumes with Last-Event-ID) (docs/design.md, Events).
+    max_open_streams_per_tenant: int = 200
+    max_stream_s: float = 3600.0
+    # Global cap on Parallel run creations across all workers (Parallel's limit: 2,000/min).
+    creations_per_min: int = 2000
+    # Fair webhook delivery (docs/webhooks.md): attempts in flight at once across all workers,
+    # per tenant and per receiving host (the URL's host[:port]), so receivers that hang hold up
+    # only their own tenant's and host's deliveries. Keep the tenant cap well below
+    # webhook_batch, each worker's own limit.
+    webhook_max_in_flight_per_tenant: int = 20
+    webhook_max_in_flight_per_host: int = 50
+    # Start attempts (README, "Guarantees"): a turn with max_doubtful_attempts creates that got
+    # no answer within create_timeout_s (each may have made a run nobody can look up) fails
+    # with error.code create_in_doubt rather than paying for one more run.
+    max_doubtful_attempts: int = 2
+
+    # --- Tuning: polling, leases, retries and timeouts (the defaults suit production) ---
+    # Following runs: the first check comes poll_initial_s after the run starts (scaled per
+    # processor, see service.domain.schedule), each later one twice as far, capped at poll_max_s.
+    poll_initial_s: float = 1.0
+    poll_max_s: float = 30.0
+    # Push mode (public_base_url set): Parallel's webhook triggers checks, so polling is only a
+    # safety net: its first check comes push_poll_initial_s after the start (times the
+    # processor's scale) and it backs off to this cap instead of poll_max_s. A 2-minute run then
+    # costs 4 Parallel calls, a 20-minute one 7 (docs/benchmarks.md).
+    push_poll_initial_s: float = 60.0
+    push_poll_max_s: float = 600.0
+    follower_batch: int = 200
+    # One follower check (Parallel calls and the SQL recording them) ends after this, so a slow
+    # check cannot hold the follower's tick; its claim's lease makes the turn due again.
+    follower_check_timeout_s: float = 20.0
+    # A start attempt that has not recorded its run after this long is considered dead and
+    # another may begin. A live attempt ends inside it: its create gives up after
+    # create_timeout_s, and storing the run must be done before the lease's last few seconds.
+    start_lease_s: float = 45.0
+    # Parallel documents its create as answering at once (the run is queued); one that has not
+    # answered in this long is given up (see max_doubtful_attempts).
+    create_timeout_s: float = 30.0
+    # A claimed check not finished within this long (its worker died) becomes due again.
+    check_lease_s: float = 30.0
+    # arq: a job whose worker died runs again job_timeout_s + 10 s later; jobs are short.
+    job_timeout_s: int = 60
+    # Seconds a SIGTERMed worker lets its current jobs finish before it cancels them.
+    shutdown_grace_s: int = 20
     # Outbound webhooks (docs/design.md §3): the first attempt right away, then one after each of
     # these delays (about a day in all), then the delivery is marked failed.
     webhook_retry_schedule_s: list[float] = msgspec.field(
@@ -70,32 +109,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     webhook_timeout_s: float = 10.0
     # Attempts in flight at once per worker.
     webhook_batch: int = 100
-    # Push mode (public_base_url set): Parallel's webhook triggers checks, so polling is only a
-    # safety net: its first check comes push_poll_initial_s after the start (times the
-    # processor's scale) and it backs off to this cap instead of poll_max_s. A 2-minute run then
-    # costs 4 Parallel calls, a 20-minute one 7 (docs/benchmarks.md).
-    push_poll_initial_s: float = 60.0
-    push_poll_max_s: float = 600.0
-    # The worker serves Prometheus metrics on this port (0: off); the API serves GET /metrics.
-    worker_metrics_port: int = 9102
-    # --- Operational surfaces: /metrics and the worker's metrics server ---
-    # When set, GET /metrics needs `Authorization: Bearer <metrics_token>` (else 401).
-    metrics_token: str | None = None
-    # The gauges of shared state (open turns, queue depth) are measured in Postgres and Redis
-    # at most once per this many seconds, however often /metrics is scraped.
-    metrics_state_max_age_s: float = 5.0
-    # Where the worker's (unauthenticated) metrics server listens: loopback unless a
-    # deployment means it to be scraped from outside (deploy/k8s sets 0.0.0.0).
-    worker_metrics_host: str = "127.0.0.1"
-
-    # Event streams (SSE) and long-polls (docs/design.md, Events): a heartbeat comment after this
-    # many idle seconds, the longest a stream stays open (the client resumes with Last-Event-ID),
-    # and how many SSE streams plus `?wait=` long-polls a tenant may hold open across all API
-    # processes (counted in Redis, service.domain.slots).
+    # An event stream's heartbeat comment after this many idle seconds.
     sse_heartbeat_s: float = 15.0
-    max_stream_s: float = 3600.0
-    max_open_streams_per_tenant: int = 200
-
     # Outages and deadlines (README, "Configuration"; docs/operations.md, "Outages"): every wait
     # on Postgres ends. The API's are short (a request answers 503 within a few seconds); the
     # worker's are longer (batches, no client waiting). Per role: waiting for a pool connection,
@@ -111,25 +126,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     db_idle_in_transaction_timeout_s: float = 15.0
     # Server-side TCP keepalives on every pool connection: first probe after this idle time.
     db_tcp_keepalives_idle_s: int = 30
-    # One follower check (Parallel calls and the SQL recording them) ends after this, so a slow
-    # check cannot hold the follower's tick; its claim's lease makes the turn due again.
-    follower_check_timeout_s: float = 20.0
+
+    # --- Test timing knobs: leave them at their defaults; tests shrink them to run fast ---
+    # Multiplies every processor's deadline (service.domain.schedule).
+    run_deadline_scale: float = 1.0
+    # The follower's sleep when no check is due.
+    follower_idle_s: float = 1.0
+    # How often the reconciler re-enqueues turns whose job Redis lost.
+    reconcile_interval_s: int = 30
     # While Redis is away the worker probes it this often, and wakes its loops when it answers.
     redis_retry_s: float = 1.0
-
-    # Fair webhook delivery (docs/webhooks.md): attempts in flight at once across all workers,
-    # per tenant and per receiving host (the URL's host[:port]), so receivers that hang hold up
-    # only their own tenant's and host's deliveries. Keep the tenant cap well below
-    # webhook_batch, each worker's own limit.
-    webhook_max_in_flight_per_tenant: int = 20
-    webhook_max_in_flight_per_host: int = 50
-
-    # Start attempts (README, "Guarantees"). Parallel documents its create as answering at once
-    # (the run is queued); one that has not answered in create_timeout_s is given up and may
-    # have made a run nobody can look up. A turn with max_doubtful_attempts such creates fails
-    # with error.code create_in_doubt rather than paying for one more run.
-    create_timeout_s: float = 30.0
-    max_doubtful_attempts: int = 2
+    # The gauges of shared state (open turns, queue depth) are measured in Postgres and Redis
+    # at most once per this many seconds, however often /metrics is scraped.
+    metrics_state_max_age_s: float = 5.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: object) -> Settings:

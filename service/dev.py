@@ -31,7 +31,6 @@ from service.devstack.state import data_dir, read_state, remove_state, write_sta
 from service.devstack.supervise import Supervisor
 from service.logs import configure_logging
 
-
 DEFAULT_METRICS_PORT = next(
     int(f.default) for f in msgspec.structs.fields(Settings) if f.name == "worker_metrics_port")
 
@@ -68,18 +67,25 @@ async def _dev_key(database_url: str, key_file: Path) -> str:
     """The dev tenant's key: reused from key_file while it still works, else a new one."""
     import asyncpg
 
+    saved = await asyncio.to_thread(_read_key, key_file)
     conn = await asyncpg.connect(database_url)
     try:
-        if key_file.exists():
-            key = key_file.read_text().strip()
-            if await keys.tenant_for_key(conn, key):
-                return key
+        if saved and await keys.authenticate_key(conn, saved):
+            return saved
         _, key = await keys.create_key(conn, "dev")
     finally:
         await conn.close()
+    await asyncio.to_thread(_write_key, key_file, key)
+    return key
+
+
+def _read_key(key_file: Path) -> str | None:
+    return key_file.read_text().strip() if key_file.exists() else None
+
+
+def _write_key(key_file: Path, key: str) -> None:
     key_file.write_text(key + "\n")
     key_file.chmod(0o600)
-    return key
 
 
 def _databases(env: dict[str, str], folder: Path, stack: contextlib.ExitStack) -> None:

@@ -108,10 +108,15 @@ class RedactedJSON:
         self._render = structlog.processors.JSONRenderer()
 
     def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
-        line = self._render(logger, name, event)
+        line = self._json(logger, name, event)
         if self._redact.might_hold_secret(line):
-            line = self._render(logger, name, self._redact(logger, name, event))
+            line = self._json(logger, name, self._redact(logger, name, event))
         return line
+
+    def _json(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
+        # bytes only with a serializer that writes them (orjson); the default writes str.
+        line = self._render(logger, name, event)
+        return line.decode() if isinstance(line, bytes) else line
 
 
 def configure_logging(

@@ -32,6 +32,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from service.db import stats
+from service.models import TERMINAL_STATUSES
 
 if TYPE_CHECKING:
     import asyncpg
@@ -48,7 +49,6 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # `charset=utf-8` twice, and the scrape failed).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPEN_STATUSES = ("queued", "running")
-TERMINAL = frozenset({"completed", "failed", "cancelled"})
 STATE_QUERY_TIMEOUT_S = 2.0
 
 HTTP_REQUESTS = Counter(
@@ -129,7 +129,7 @@ REDIS_OUTAGES = Counter(
 def turn_transition(turn: Turn) -> None:
     """Count a turn entering its current status (call after the change committed)."""
     TURN_TRANSITIONS.labels(turn.status, turn.processor).inc()
-    if turn.status in TERMINAL and turn.completed_at is not None:
+    if turn.status in TERMINAL_STATUSES and turn.completed_at is not None:
         seconds = (turn.completed_at - turn.created_at).total_seconds()
         TURN_DURATION.labels(turn.status, turn.processor).observe(max(0.0, seconds))
 
@@ -193,7 +193,7 @@ def process_registry() -> CollectorRegistry:
     if not os.environ.get(MULTIPROC_ENV):
         return REGISTRY
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # unannotated
     return registry
 
 

@@ -3,10 +3,11 @@
 Event inserts (and conversation deletes) notify channel `research_events` with the conversation
 id on commit. Waiters always re-read Postgres after a wake-up, and wait with a timeout, so a lost
 notification (the listening connection dropped) costs latency, never correctness; in the API the
-only waiter per conversation is its feed (service.domain.feeds), which reads for all watchers. The worker's webhook dispatcher uses the
-same hub on channel `webhook_deliveries`. Other channels can be followed on the same connection
-with `on_channel` (the API's key cache follows `api_keys`); `epoch` changes whenever the
-connection is made or lost, so a cache can tell whether it may have missed a notification.
+only waiter per conversation is its feed (service.domain.feeds), which reads for all watchers.
+The worker's webhook dispatcher uses the same hub on channel `webhook_deliveries`. Other
+channels can be followed on the same connection with `on_channel` (the API's key cache follows
+`api_keys`); `epoch` changes whenever the connection is made or lost, so a cache can tell
+whether it may have missed a notification.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class EventHub:
                 await self._conn.add_listener(self._channel, self._on_notify)
                 for channel, handler in self._handlers.items():
                     await self._conn.add_listener(
-                        channel, lambda _c, _p, _ch, payload, handler=handler: handler(payload)
+                        channel, lambda _c, _p, _ch, payload, handler=handler: handler(str(payload))
                     )
                 lost = asyncio.Event()
                 self._conn.add_termination_listener(lambda _c, lost=lost: lost.set())
@@ -78,8 +79,9 @@ class EventHub:
             self.connected = connected
             self.epoch += 1
 
-    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        for event in self._waiters.get(payload, ()):
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        # asyncpg's listener protocol types the payload as object; NOTIFY's is always text.
+        for event in self._waiters.get(str(payload), ()):
             event.set()
 
     def _wake_all(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncpg
 import msgspec
 
+from service.db.pool import Conn
 from service.db.webhook_deliveries import insert_delivery
 from service.models import Event, Turn
 
@@ -25,17 +26,17 @@ WITH c AS (
 SELECT e.*, pg_notify('research_events', $1) FROM e
 """
 
-EVENT_COLUMNS = "sequence, type, conversation_id, turn_id, created_at, data"
+EVENT_FIELDS = ("sequence", "type", "conversation_id", "turn_id", "created_at", "data")
+EVENT_COLUMNS = ", ".join(EVENT_FIELDS)
 
 
 def to_event(row: asyncpg.Record) -> Event:
     return msgspec.convert(
-        {k: row[k] for k in ("sequence", "type", "conversation_id", "turn_id", "created_at", "data")},
-        Event,
+        {k: row[k] for k in EVENT_FIELDS}, Event,
     )
 
 
-async def insert_event(conn: asyncpg.Connection, event_type: str, turn: Turn) -> Event:
+async def insert_event(conn: Conn, event_type: str, turn: Turn) -> Event:
     """Append an event carrying the turn as it is now; returns it with its sequence.
 
     A terminal event also queues its webhook delivery here, in the caller's transaction (the
@@ -43,6 +44,7 @@ async def insert_event(conn: asyncpg.Connection, event_type: str, turn: Turn) ->
     """
     data = msgspec.to_builtins(turn)
     row = await conn.fetchrow(INSERT_EVENT_SQL, turn.conversation_id, event_type, turn.id, data)
+    assert row is not None  # INSERT … RETURNING returns the row it inserted
     event = to_event(row)
     if event_type in WEBHOOK_EVENT_TYPES:
         await insert_delivery(conn, event)
@@ -58,6 +60,6 @@ LIMIT $3
 
 
 async def list_events(
-    conn: asyncpg.Connection | asyncpg.Pool, conversation_id: str, after: int, limit: int
+    conn: Conn | asyncpg.Pool, conversation_id: str, after: int, limit: int
 ) -> list[Event]:
     return [to_event(r) for r in await conn.fetch(LIST_EVENTS_SQL, conversation_id, after, limit)]

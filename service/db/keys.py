@@ -1,4 +1,5 @@
-"""Tenants and their API keys. A key is `rsk_<id>_<secret>`; only SHA-256 of the whole key is kept."""
+"""Tenants and their API keys. A key is `rsk_<id>_<secret>`; only the SHA-256 of the whole key
+is kept."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from decimal import Decimal
 
 import asyncpg
 import msgspec
+
+from service.db.pool import Conn
 
 KEY_PREFIX = "rsk_"
 
@@ -60,7 +63,7 @@ INSERT INTO api_key (id, tenant_id, key_hash, rate_limit_per_min) VALUES ($1, $2
 
 
 async def create_key(
-    conn: asyncpg.Connection, tenant_name: str, *, rate_limit_per_min: int | None = None,
+    conn: Conn, tenant_name: str, *, rate_limit_per_min: int | None = None,
     monthly_budget_usd: Decimal | None = None,
 ) -> tuple[str, str]:
     """Create the tenant if new and a key for it; return (key id, key). The key is not kept.
@@ -78,7 +81,7 @@ async def create_key(
     return key_id, key
 
 
-# The key's tenant, its hash and its rate limit (service.domain.keycache keeps the answer).
+# The key's tenant, its hash and its rate limit.
 KEY_BY_ID_SQL = """
 SELECT k.tenant_id, k.key_hash, k.rate_limit_per_min
 FROM api_key k
@@ -86,33 +89,18 @@ WHERE k.id = $1 AND k.revoked_at IS NULL
 """
 
 
-async def live_key(
-    conn: asyncpg.Connection | asyncpg.Pool, key_id: str
-) -> tuple[bytes, KeyAuth] | None:
-    """The stored hash and the grants of the live key with this id, or None."""
-    row = await conn.fetchrow(KEY_BY_ID_SQL, key_id)
-    if row is None:
-        return None
-    return bytes(row["key_hash"]), KeyAuth(
-        key_id=key_id, tenant_id=str(row["tenant_id"]), rate_limit_per_min=row["rate_limit_per_min"]
-    )
-
-
-async def authenticate_key(conn: asyncpg.Connection | asyncpg.Pool, key: str) -> KeyAuth | None:
-    """The live key this is, or None. Compares hashes in constant time."""
+async def authenticate_key(conn: Conn | asyncpg.Pool, key: str) -> KeyAuth | None:
+    """The live key this is, or None. Compares hashes in constant time. The one lookup of a
+    key: service.domain.keycache keeps its answers."""
     key_id = split_key(key)
     if key_id is None:
         return None
-    found = await live_key(conn, key_id)
-    if found is None or not hmac.compare_digest(found[0], hash_key(key)):
+    row = await conn.fetchrow(KEY_BY_ID_SQL, key_id)
+    if row is None or not hmac.compare_digest(bytes(row["key_hash"]), hash_key(key)):
         return None
-    return found[1]
-
-
-async def tenant_for_key(conn: asyncpg.Connection | asyncpg.Pool, key: str) -> str | None:
-    """The tenant id a live key belongs to, or None."""
-    auth = await authenticate_key(conn, key)
-    return auth.tenant_id if auth else None
+    return KeyAuth(
+        key_id=key_id, tenant_id=str(row["tenant_id"]), rate_limit_per_min=row["rate_limit_per_min"]
+    )
 
 
 # Channel on which the api_key_changed trigger (migration 0004) names each changed key ('*': all).
@@ -123,7 +111,7 @@ UPDATE api_key SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL RETUR
 """
 
 
-async def revoke_key(conn: asyncpg.Connection, key_id: str) -> bool:
+async def revoke_key(conn: Conn, key_id: str) -> bool:
     """Revoke a key by id (`abc123`, `rsk_abc123`, or the whole key); False when no live key
     has that id."""
     key_id = split_key(key_id) or key_id.removeprefix(KEY_PREFIX)
@@ -138,5 +126,5 @@ ORDER BY k.created_at
 """
 
 
-async def list_keys(conn: asyncpg.Connection) -> list[ApiKeyInfo]:
+async def list_keys(conn: Conn) -> list[ApiKeyInfo]:
     return [ApiKeyInfo(**row) for row in await conn.fetch(LIST_KEYS_SQL)]

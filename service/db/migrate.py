@@ -19,6 +19,8 @@ CREATE TABLE IF NOT EXISTS schema_migration (
 )
 """
 
+RECORD_MIGRATION_SQL = "INSERT INTO schema_migration (version, name) VALUES ($1, $2)"
+
 
 def load_migrations() -> list[tuple[int, str, str]]:
     """Return (version, file name, sql) for every migration file, sorted by version."""
@@ -45,9 +47,7 @@ async def migrate(dsn: str) -> list[str]:
                     continue
                 async with conn.transaction():
                     await conn.execute(sql)
-                    await conn.execute(
-                        "INSERT INTO schema_migration (version, name) VALUES ($1, $2)", version, name
-                    )
+                    await conn.execute(RECORD_MIGRATION_SQL, version, name)
                 applied.append(name)
             return applied
         finally:

@@ -9,8 +9,15 @@ transaction costs its own request and ends on the server's clock. Every `acquire
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 import asyncpg
 import msgspec
+from asyncpg.pool import PoolConnectionProxy
+
+# What the SQL functions run on: a connection of their own, or one held from the pool (which
+# asyncpg hands out as a proxy forwarding to the connection).
+Conn: TypeAlias = asyncpg.Connection | PoolConnectionProxy
 
 _encoder = msgspec.json.Encoder()
 
@@ -52,9 +59,8 @@ def _ms(seconds: float) -> str:
 class DeadlinePool(asyncpg.Pool):
     """An asyncpg Pool whose acquire() has a default timeout, so no caller waits unbounded."""
 
-    def __init__(self, *args: object, acquire_timeout_s: float, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.acquire_timeout_s = acquire_timeout_s
+    # create_pool sets it before the pool opens.
+    acquire_timeout_s: float = DbDeadlines().acquire_timeout_s
 
     def acquire(self, *, timeout: float | None = None) -> asyncpg.pool.PoolAcquireContext:
         return super().acquire(timeout=self.acquire_timeout_s if timeout is None else timeout)
@@ -86,13 +92,13 @@ async def create_pool(
         dsn, min_size=min_size, max_size=max_size, max_queries=50_000,
         max_inactive_connection_lifetime=300.0, init=_init_connection, reset=_keep_session,
         loop=None, connection_class=asyncpg.Connection, record_class=asyncpg.Record,
-        acquire_timeout_s=deadlines.acquire_timeout_s,
         command_timeout=deadlines.command_timeout_s,
         # Opening a connection (at start-up, or a replacement) is bounded too.
         timeout=max(deadlines.acquire_timeout_s, 5.0),
         server_settings=deadlines.server_settings(),
     )
-    return await pool  # type: ignore[no-any-return]
+    pool.acquire_timeout_s = deadlines.acquire_timeout_s
+    return await pool
 
 
 # What asyncpg raises when Postgres is down, restarting, out of connections, too slow for a

@@ -1,4 +1,5 @@
-"""SQL for a conversation's shared feed (service.domain.feeds): its state and new events, one read."""
+"""SQL for a conversation's shared feed (service.domain.feeds): its state and new events, in one
+read."""
 
 from __future__ import annotations
 

@@ -7,6 +7,8 @@ from decimal import Decimal
 
 import asyncpg
 
+from service.db.pool import Conn
+
 # What a turn costs against the budget: every turn that has (or may still get) a Parallel run.
 # A turn that ended without one (cancelled while queued, or refused by Parallel at creation) was
 # never billed and is left out; a queued turn counts as a reservation.
@@ -30,9 +32,10 @@ WHERE d.tenant_id = $1 AND d.month = $2::date
 LOCK_TENANT_SQL = "SELECT monthly_budget_usd FROM tenant WHERE id = $1 FOR UPDATE"
 
 
-async def lock_tenant(conn: asyncpg.Connection, tenant_id: str) -> Decimal | None:
+async def lock_tenant(conn: Conn, tenant_id: str) -> Decimal | None:
     """Lock the tenant row for the transaction (its turns are counted under it); its budget."""
-    return await conn.fetchval(LOCK_TENANT_SQL, tenant_id)
+    budget: Decimal | None = await conn.fetchval(LOCK_TENANT_SQL, tenant_id)
+    return budget
 
 
 OPEN_TURNS_SQL = """
@@ -43,10 +46,11 @@ SELECT
 
 
 async def count_open_turns(
-    conn: asyncpg.Connection, tenant_id: str, conversation_id: str
+    conn: Conn, tenant_id: str, conversation_id: str
 ) -> tuple[int, int]:
     """Queued plus running turns of the conversation, and of the whole tenant."""
     row = await conn.fetchrow(OPEN_TURNS_SQL, tenant_id, conversation_id)
+    assert row is not None  # a SELECT without FROM returns its one row
     return int(row[0]), int(row[1])
 
 
@@ -54,9 +58,10 @@ MONTH_SPEND_SQL = f"SELECT COALESCE(sum(usd), 0) FROM ({MONTH_TURNS_SQL}) m"
 
 
 async def month_spend(
-    conn: asyncpg.Connection | asyncpg.Pool, tenant_id: str, month: date
+    conn: Conn | asyncpg.Pool, tenant_id: str, month: date
 ) -> Decimal:
-    return await conn.fetchval(MONTH_SPEND_SQL, tenant_id, month)  # type: ignore[no-any-return]
+    spend: Decimal = await conn.fetchval(MONTH_SPEND_SQL, tenant_id, month)
+    return spend
 
 
 BY_PROCESSOR_SQL = f"""
@@ -70,13 +75,13 @@ GROUP BY conversation_id ORDER BY conversation_id
 
 
 async def usage_by_processor(
-    conn: asyncpg.Connection, tenant_id: str, month: date
+    conn: Conn, tenant_id: str, month: date
 ) -> list[asyncpg.Record]:
     return await conn.fetch(BY_PROCESSOR_SQL, tenant_id, month)
 
 
 async def usage_by_conversation(
-    conn: asyncpg.Connection, tenant_id: str, month: date
+    conn: Conn, tenant_id: str, month: date
 ) -> list[asyncpg.Record]:
     return await conn.fetch(BY_CONVERSATION_SQL, tenant_id, month)
 
@@ -84,8 +89,9 @@ async def usage_by_conversation(
 TENANT_BUDGET_SQL = "SELECT monthly_budget_usd FROM tenant WHERE id = $1"
 
 
-async def tenant_budget(conn: asyncpg.Connection, tenant_id: str) -> Decimal | None:
-    return await conn.fetchval(TENANT_BUDGET_SQL, tenant_id)
+async def tenant_budget(conn: Conn, tenant_id: str) -> Decimal | None:
+    budget: Decimal | None = await conn.fetchval(TENANT_BUDGET_SQL, tenant_id)
+    return budget
 
 
 ARCHIVE_USAGE_SQL = f"""
@@ -100,6 +106,6 @@ DO UPDATE SET turns = d.turns + EXCLUDED.turns, usd = d.usd + EXCLUDED.usd
 """
 
 
-async def archive_usage(conn: asyncpg.Connection, tenant_id: str, conversation_id: str) -> None:
+async def archive_usage(conn: Conn, tenant_id: str, conversation_id: str) -> None:
     """Keep the spend of a conversation about to be deleted (call in the deleting transaction)."""
     await conn.execute(ARCHIVE_USAGE_SQL, conversation_id, tenant_id)

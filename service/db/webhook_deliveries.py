@@ -9,6 +9,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from service.db.pool import Conn
 from service.models import AttemptOutcome, Event, WebhookDelivery
 
 # Inserts and redeliveries notify this channel on commit; the worker's dispatcher listens.
@@ -37,9 +38,9 @@ def webhook_payload(event: Event) -> dict[str, Any]:
     return {"type": event.type, "timestamp": data["created_at"], "data": data}
 
 
-async def insert_delivery(conn: asyncpg.Connection, event: Event) -> str | None:
+async def insert_delivery(conn: Conn, event: Event) -> str | None:
     """Queue the event's webhook (call in the transaction recording it); None without a URL."""
-    return await conn.fetchval(  # type: ignore[no-any-return]
+    delivery_id: str | None = await conn.fetchval(
         INSERT_DELIVERY_SQL,
         f"whd_{secrets.token_hex(12)}",
         event.conversation_id,
@@ -48,6 +49,7 @@ async def insert_delivery(conn: asyncpg.Connection, event: Event) -> str | None:
         f"msg_{secrets.token_hex(12)}",
         webhook_payload(event),
     )
+    return delivery_id
 
 
 class DueDelivery(msgspec.Struct, frozen=True, kw_only=True):
@@ -207,10 +209,11 @@ async def record_attempt(
     retry_in_s: float | None,
 ) -> int | None:
     """Append the attempt to the ledger and move the delivery on; returns the attempt number."""
-    return await pool.fetchval(  # type: ignore[no-any-return]
+    attempt: int | None = await pool.fetchval(
         RECORD_ATTEMPT_SQL, due.id, due.lease_until, outcome.started_at, outcome.status_code,
         outcome.latency_ms, outcome.error, outcome.response_excerpt, status, retry_in_s,
     )
+    return attempt
 
 
 DELIVERY_COLUMNS = """
@@ -239,7 +242,7 @@ LIMIT $4
 
 
 async def list_deliveries(
-    conn: asyncpg.Connection | asyncpg.Pool, tenant_id: str, conversation_id: str,
+    conn: Conn | asyncpg.Pool, tenant_id: str, conversation_id: str,
     after_sequence: int, limit: int,
 ) -> list[WebhookDelivery]:
     rows = await conn.fetch(LIST_DELIVERIES_SQL, conversation_id, tenant_id, after_sequence, limit)
@@ -258,7 +261,7 @@ RETURNING d.id, pg_notify('webhook_deliveries', 'due')
 """
 
 
-async def redeliver(conn: asyncpg.Connection, tenant_id: str, delivery_id: str) -> bool:
+async def redeliver(conn: Conn, tenant_id: str, delivery_id: str) -> bool:
     """Make the delivery due again; False when the tenant has no such delivery."""
     return await conn.fetchrow(REDELIVER_SQL, delivery_id, tenant_id) is not None
 
@@ -269,7 +272,7 @@ SELECT {DELIVERY_COLUMNS} FROM webhook_delivery d WHERE d.id = $1 AND d.tenant_i
 
 
 async def get_delivery(
-    conn: asyncpg.Connection | asyncpg.Pool, tenant_id: str, delivery_id: str
+    conn: Conn | asyncpg.Pool, tenant_id: str, delivery_id: str
 ) -> WebhookDelivery | None:
     row = await conn.fetchrow(DELIVERY_BY_ID_SQL, delivery_id, tenant_id)
     return to_delivery(row) if row else None

@@ -19,7 +19,7 @@ from typing import Any
 try:  # POSIX only; Windows is not supported by this module.
     import fcntl
 except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # no fcntl module off POSIX: flock() then skips
 
 
 log = logging.getLogger("service.devstack")
@@ -58,11 +58,13 @@ def docker_available(timeout: float = 1.0) -> bool:
 
     def probe() -> None:
         try:
-            import docker  # type: ignore[import-untyped]
+            import docker  # type: ignore[import-untyped]  # docker ships no type hints
 
             host = None
             try:
-                from testcontainers.core.docker_client import get_docker_host
+                from testcontainers.core.docker_client import (  # type: ignore[import-untyped]
+                    get_docker_host,  # testcontainers ships no py.typed marker
+                )
 
                 host = get_docker_host()
             except Exception:  # testcontainers missing or misconfigured

@@ -12,12 +12,6 @@ import subprocess
 import threading
 from collections.abc import Callable
 
-try:  # POSIX only; Windows is not supported by this module.
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
-
-
 from service.devstack.common import _IS_LINUX, postgres_bin_dir
 
 log = logging.getLogger("service.devstack")
@@ -32,13 +26,14 @@ _PR_SET_PDEATHSIG = 1
 
 if _IS_LINUX:
     try:
-        _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
-        _unshare_fn = _LIBC.unshare
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _unshare_fn = _libc.unshare
         _unshare_fn.argtypes = [ctypes.c_int]
         _unshare_fn.restype = ctypes.c_int
-        _prctl_fn = _LIBC.prctl
+        _prctl_fn = _libc.prctl
         _prctl_fn.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
         _prctl_fn.restype = ctypes.c_int
+        _LIBC: ctypes.CDLL | None = _libc
     except (OSError, AttributeError):  # pragma: no cover
         _LIBC = None
 else:  # pragma: no cover

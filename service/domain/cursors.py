@@ -9,8 +9,9 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
@@ -24,6 +25,8 @@ BigSeq = Annotated[int, msgspec.Meta(ge=0, le=INT8_MAX)]
 _BOUNDED: dict[Any, Any] = {int: BigSeq, str: Annotated[str, msgspec.Meta(max_length=256)]}
 _SEQUENCE = re.compile(r"[0-9]{1,19}", re.ASCII)
 
+T = TypeVar("T")
+
 INVALID = "The cursor is not valid: pass back a `next_cursor` unchanged."
 
 
@@ -34,9 +37,10 @@ def encode_cursor(*values: Any) -> str:
 def decode_cursor(cursor: str, *types: Any) -> tuple[Any, ...]:
     """Decode a cursor made by encode_cursor with values of the given types. Raises BadRequest."""
     bounded = tuple(_BOUNDED.get(t, t) for t in types)
+    shape = tuple[*bounded]  # type: ignore[valid-type]  # a type made at run time: mypy can't see it
     try:
         raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
-        values = msgspec.json.decode(raw, type=tuple[*bounded])  # type: ignore[valid-type]
+        values = msgspec.json.decode(raw, type=shape)
     except (binascii.Error, ValueError, msgspec.DecodeError, msgspec.ValidationError):
         raise BadRequest(INVALID) from None
     return tuple(_storable(v) for v in values)
@@ -63,5 +67,10 @@ def parse_sequence(value: str | int) -> int:
     return int(text)
 
 
-def conversation_cursor(created_at: datetime, conversation_id: str) -> str:
-    return encode_cursor(created_at, conversation_id)
+def page_of(
+    rows: Sequence[T], limit: int, cursor_of: Callable[[T], tuple[object, ...]]
+) -> tuple[list[T], str | None]:
+    """A page from `limit + 1` fetched rows: the first `limit`, and the cursor of the last one
+    (encode_cursor(*cursor_of(row))) when there was one more row after it, else None."""
+    page = list(rows[:limit])
+    return page, encode_cursor(*cursor_of(page[-1])) if len(rows) > limit else None

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 import asyncpg
 import msgspec
 
-from service.db.keys import CHANGES_CHANNEL, KeyAuth, hash_key, live_key, split_key
+from service.db.keys import CHANGES_CHANNEL, KeyAuth, authenticate_key, hash_key, split_key
 from service.notify import EventHub
 
 DEFAULT_TTL_S = 10.0
@@ -119,11 +119,11 @@ class KeyCache:
         ):
             return entry.auth if hmac.compare_digest(entry.key_hash, digest) else None
         generation = self._generation
-        found = await live_key(pool, key_id)
-        if found is None or not hmac.compare_digest(found[0], digest):
+        auth = await authenticate_key(pool, key)
+        if auth is None:
             return None
         if epoch is not None and self._epoch() == epoch and self._generation == generation:
             if len(self._entries) >= MAX_ENTRIES:
                 self._entries.clear()
-            self._entries[key_id] = _Entry(found[0], found[1], now + self._ttl_s, epoch)
-        return found[1]
+            self._entries[key_id] = _Entry(digest, auth, now + self._ttl_s, epoch)
+        return auth

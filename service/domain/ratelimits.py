@@ -124,9 +124,9 @@ async def check_rate(
     keys = [f"ratelimit:{{{key_id}}}:{int(window)}", f"ratelimit:{{{key_id}}}:{int(window) - 1}"]
     try:
         async with asyncio.timeout(REDIS_TIMEOUT_S):
-            granted, current, previous = await redis.eval(  # type: ignore[misc]
-                SLIDING_WINDOW_LUA, 2, *keys, limit, repr(elapsed), WINDOW_S, want
-            )
+            args = [str(limit), repr(elapsed), str(WINDOW_S), str(want)]
+            reply = redis.eval(SLIDING_WINDOW_LUA, 2, *keys, *args)
+            granted, current, previous = await reply  # type: ignore[misc]  # Awaitable[str] | str
     except (RedisError, OSError, TimeoutError) as exc:
         raise LimiterUnavailable(repr(exc)) from exc
     if not granted:

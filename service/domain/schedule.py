@@ -35,9 +35,10 @@ def profile(processor: str) -> ProcessorProfile:
 
 
 def check_delay(processor: str, checks_done: int, initial_s: float, max_s: float) -> float:
-    """Seconds until the next check: doubling from the first (1, 2, 4, … × first), capped at max_s."""
+    """Seconds until the next check: doubling from the first (1, 2, 4, … times the first),
+    capped at max_s."""
     first = initial_s * profile(processor).check_scale
-    return min(max_s, first * 2 ** min(checks_done, 30))
+    return min(max_s, first * 2.0 ** min(checks_done, 30))
 
 
 def poll_start(settings: Settings) -> float:

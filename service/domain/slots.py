@@ -80,6 +80,8 @@ class Slots:
 
     def __init__(self, redis: Redis, *, lease_s: float = LEASE_S) -> None:
         self._redis = redis
+        self._take_slot = redis.register_script(TAKE_SLOT_LUA)
+        self._renew_slots = redis.register_script(RENEW_SLOTS_LUA)
         self._lease_ms = int(lease_s * 1000)
         self._renew_every_s = lease_s / 3
         self._process = secrets.token_hex(6)
@@ -97,8 +99,8 @@ class Slots:
         self._count += 1
         member = f"{self._process}:{self._count}"
         try:
-            taken = await self._redis.eval(  # type: ignore[misc]
-                TAKE_SLOT_LUA, 1, slot_key(tenant_id), limit, member, self._lease_ms
+            taken = await self._take_slot(
+                keys=[slot_key(tenant_id)], args=[limit, member, self._lease_ms]
             )
         except REDIS_ERRORS as exc:
             log.warning("stream_slots_unavailable", tenant_id=tenant_id, error=repr(exc))
@@ -145,8 +147,8 @@ class Slots:
         """Extend the lease of every slot this process holds."""
         for tenant_id, members in list(self._held.items()):
             try:
-                await self._redis.eval(  # type: ignore[misc]
-                    RENEW_SLOTS_LUA, 1, slot_key(tenant_id), self._lease_ms, *members
+                await self._renew_slots(
+                    keys=[slot_key(tenant_id)], args=[self._lease_ms, *members]
                 )
             except REDIS_ERRORS as exc:
                 log.warning("stream_slots_renew_failed", tenant_id=tenant_id, error=repr(exc))

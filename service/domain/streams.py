@@ -179,13 +179,13 @@ class Streams:
         return relay.watch(conversation_id, *running) if running is not None else None
 
 
-async def _wait_any(events: list[asyncio.Event], timeout: float) -> bool:
-    """Wait until one of the events is set; False when `timeout` passed first."""
+async def _wait_any(events: list[asyncio.Event], within_s: float) -> bool:
+    """Wait until one of the events is set; False when `within_s` seconds passed first."""
     if any(e.is_set() for e in events):
         return True
     waiters = [asyncio.ensure_future(e.wait()) for e in events]
     try:
-        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(waiters, timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for waiter in waiters:
             waiter.cancel()

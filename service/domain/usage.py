@@ -9,6 +9,7 @@ import asyncpg
 
 from service.config import Settings
 from service.db import usage as db
+from service.db.pool import Conn
 from service.domain.schedule import profile
 from service.errors import BadRequest, PaymentRequired, TooManyOpenTurns
 from service.schemas import ConversationUsage, ProcessorUsage, Usage
@@ -32,7 +33,7 @@ def month_start(month: str | None = None) -> date:
 
 
 async def check_quotas(
-    conn: asyncpg.Connection, settings: Settings, tenant_id: str, conversation_id: str,
+    conn: Conn, settings: Settings, tenant_id: str, conversation_id: str,
     cost: Decimal,
 ) -> int:
     """Refuse a new turn past the open-turn limits or the tenant's monthly budget; return how

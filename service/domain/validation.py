@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -78,13 +79,18 @@ def check_processor(settings: Settings, processor: str) -> None:
 
 
 def json_depth(value: Any, cap: int) -> int:
-    """Levels of objects and arrays in a JSON value (a flat object is 1); stops counting past cap."""
+    """Levels of objects and arrays in a JSON value (a flat object is 1); stops counting past
+    cap."""
     deepest = 0
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is None:
+        children: Iterable[Any]
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
             continue
         deepest = max(deepest, depth)
         if deepest > cap:
@@ -145,5 +151,6 @@ def check_turn_request(settings: Settings, data: TurnCreate, processor: str) -> 
         raise InvalidInput(
             f"input (with its task spec) is {size} characters; the limit is "
             f"{settings.max_input_chars}.",
-            errors=[{"field": "input", "message": f"at most {settings.max_input_chars} characters"}],
+            errors=[{"field": "input",
+                     "message": f"at most {settings.max_input_chars} characters"}],
         )

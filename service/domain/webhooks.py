@@ -22,7 +22,7 @@ from service.clients.webhooks import WebhookSender, signed_headers
 from service.config import Settings
 from service.db import conversations as conversation_db
 from service.db import webhook_deliveries as db
-from service.domain.cursors import decode_cursor, encode_cursor
+from service.domain.cursors import decode_cursor, page_of
 from service.domain.webhook_urls import UnsafeWebhookUrl, check_webhook_url
 from service.errors import NotFound
 from service.models import AttemptOutcome, WebhookDelivery, WebhookDeliveryPage
@@ -109,10 +109,8 @@ async def list_deliveries(
     if await conversation_db.get_conversation(pool, tenant_id, conversation_id) is None:
         raise NotFound(f"Conversation {conversation_id!r} not found.")
     rows = await db.list_deliveries(pool, tenant_id, conversation_id, after, limit + 1)
-    page, more = rows[:limit], len(rows) > limit
-    return WebhookDeliveryPage(
-        data=page, next_cursor=encode_cursor(page[-1].event_sequence) if more else None
-    )
+    page, next_cursor = page_of(rows, limit, lambda row: (row.event_sequence,))
+    return WebhookDeliveryPage(data=page, next_cursor=next_cursor)
 
 
 async def redeliver(pool: asyncpg.Pool, tenant_id: str, delivery_id: str) -> WebhookDelivery:

@@ -49,10 +49,10 @@ class EventHub:
         self._closed = True
         if self._task:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # The task ends cancelled, or with what the connection it was using raised.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        if self._conn is not None and not self._conn.is_closed():
-            await self._conn.close()
+        await self._drop_connection()
 
     async def _keep_listening(self) -> None:
         while not self._closed:
@@ -68,11 +68,17 @@ class EventHub:
                 self._set_connected(True)
                 self._wake_all()  # anything missed while disconnected: re-read
                 await lost.wait()
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("listen_connection_failed", error=str(exc))
+            except Exception as exc:  # any failure of this connection: make another one
+                log.warning("listen_connection_failed", error=repr(exc))
             finally:
                 self._set_connected(False)
+                await self._drop_connection()
             await asyncio.sleep(1.0)
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            conn.terminate()  # no round trip: the connection may be the broken part
 
     def _set_connected(self, connected: bool) -> None:
         if connected != self.connected:

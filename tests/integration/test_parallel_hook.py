@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import secrets
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -65,12 +66,19 @@ async def forget_check(resources: Resources, run_id: str) -> None:
     await resources.queue.zrem(resources.settings.queue_name, f"check_turn:{run_id}")
 
 
+def run_id(name: str) -> str:
+    """A run id of this test alone: a check's job id (`check_turn:<run id>`) is global in Redis,
+    so a fixed one would meet the job a run of the suite before left on the same server."""
+    return f"trun_{name}_{secrets.token_hex(6)}"
+
+
 async def test_a_replayed_delivery_is_answered_2xx_and_queues_no_new_check(hook, resources):
-    body = status_body("trun_replayed")
+    run = run_id("replayed")
+    body = status_body(run)
     headers = signed(body, "whevent_once")
     assert (await hook.post("/v1/hooks/parallel", content=body, headers=headers)).status_code == 204
-    assert await queued_checks(resources) == ["check_turn:trun_replayed"]
-    await forget_check(resources, "trun_replayed")  # the check ran
+    assert await queued_checks(resources) == [f"check_turn:{run}"]
+    await forget_check(resources, run)  # the check ran
 
     for _ in range(3):  # the captured request, sent again within the 300 s window
         again = await hook.post("/v1/hooks/parallel", content=body, headers=headers)
@@ -80,18 +88,19 @@ async def test_a_replayed_delivery_is_answered_2xx_and_queues_no_new_check(hook,
     # Another delivery (a new webhook-id) about the same run is checked again.
     fresh = await hook.post("/v1/hooks/parallel", content=body, headers=signed(body, "whevent_2"))
     assert fresh.status_code == 204
-    assert await queued_checks(resources) == ["check_turn:trun_replayed"]
+    assert await queued_checks(resources) == [f"check_turn:{run}"]
 
 
 async def test_an_unsigned_request_does_not_use_up_a_genuine_webhook_id(hook, resources):
-    body = status_body("trun_genuine")
+    run = run_id("genuine")
+    body = status_body(run)
     forged = signed(body, "whevent_target", secret="guessed")
     assert (await hook.post("/v1/hooks/parallel", content=body, headers=forged)).status_code == 401
     assert await queued_checks(resources) == []
     genuine = await hook.post("/v1/hooks/parallel", content=body,
                               headers=signed(body, "whevent_target"))
     assert genuine.status_code == 204
-    assert await queued_checks(resources) == ["check_turn:trun_genuine"]
+    assert await queued_checks(resources) == [f"check_turn:{run}"]
 
 
 @pytest.mark.parametrize("ts", [

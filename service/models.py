@@ -8,6 +8,7 @@ from typing import Any, Literal
 import msgspec
 
 TurnStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
+ConversationStatus = Literal["idle", "active"]
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 EventType = Literal[
     "turn.queued", "turn.running", "turn.completed", "turn.failed", "turn.cancelled"
@@ -68,7 +69,7 @@ class Conversation(msgspec.Struct, kw_only=True):
     processor: str
     metadata: dict[str, str]
     webhook_url: str | None
-    status: Literal["idle", "active"]
+    status: ConversationStatus
     turn_count: int
     last_turn_id: str | None
     created_at: datetime

@@ -16,15 +16,15 @@ from service.models import Conversation
 from service.resources import Resources
 from service.schemas import (
     ConversationCreate,
-    ConversationCreated,
     ConversationPage,
     ConversationUpdate,
+    ConversationWithSecret,
     WebhookSecret,
 )
 
 
-def _with_secret(conversation: Conversation, secret: str | None) -> ConversationCreated:
-    return ConversationCreated(**{f: getattr(conversation, f) for f in conversation.__struct_fields__},
+def _with_secret(conversation: Conversation, secret: str | None) -> ConversationWithSecret:
+    return ConversationWithSecret(**{f: getattr(conversation, f) for f in conversation.__struct_fields__},
                                webhook_secret=secret)
 
 
@@ -34,12 +34,12 @@ class ConversationController(Controller):
 
     @post(operation_id="CreateConversation", summary="Create a conversation", status_code=201,
           responses={**problem_responses(413), **ex.answer(
-              201, ConversationCreated, "The conversation; `webhook_secret` only here, once",
+              201, ConversationWithSecret, "The conversation; `webhook_secret` only here, once",
               ex.example("created", "With a webhook URL", ex.NEW_CONVERSATION))})
     async def create(
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources],
         data: Annotated[ConversationCreate, ex.body(*ex.CREATE_CONVERSATION)],
-    ) -> ConversationCreated:
+    ) -> ConversationWithSecret:
         conversation, secret = await conversations.create_conversation(
             resources.pool, resources.settings, tenant_of(request), data
         )
@@ -68,13 +68,13 @@ class ConversationController(Controller):
     @patch("/{conversation_id:str}", operation_id="UpdateConversation",
            summary="Change a conversation's title, processor, metadata or webhook URL",
            responses={**problem_responses(404, 413), **ex.answer(
-               200, ConversationCreated,
+               200, ConversationWithSecret,
                "The conversation; `webhook_secret` once, when a webhook URL is set where none was",
                ex.example("updated", "Retitled", {**ex.CONVERSATION, "title": "Milano Cortina 2026"}))})
     async def update(
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str],
         data: Annotated[ConversationUpdate, ex.body(*ex.UPDATE_CONVERSATION)],
-    ) -> ConversationCreated:
+    ) -> ConversationWithSecret:
         conversation, secret = await conversations.update_conversation(
             resources.pool, resources.settings, tenant_of(request), conversation_id, data
         )

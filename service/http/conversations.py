@@ -40,6 +40,9 @@ class ConversationController(Controller):
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources],
         data: Annotated[ConversationCreate, ex.body(*ex.CREATE_CONVERSATION)],
     ) -> ConversationWithSecret:
+        """Create a conversation. With `webhook_url` (http(s), resolving to public addresses only
+        unless WEBHOOK_ALLOW_PRIVATE), the answer carries the `webhook_secret` that signs its
+        webhooks, this once."""
         conversation, secret = await conversations.create_conversation(
             resources.pool, resources.settings, tenant_of(request), data
         )
@@ -54,6 +57,7 @@ class ConversationController(Controller):
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], limit: Limit = 20,
         cursor: Cursor = None,
     ) -> ConversationPage:
+        """The tenant's conversations, newest first, a page at a time."""
         return await conversations.list_conversations(resources.pool, tenant_of(request), limit, cursor)
 
     @get("/{conversation_id:str}", operation_id="GetConversation", summary="Get a conversation",
@@ -63,6 +67,8 @@ class ConversationController(Controller):
     async def get(
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str]
     ) -> Conversation:
+        """One conversation, with its status (`active` while a turn is queued or running) and turn
+        count."""
         return await conversations.get_conversation(resources.pool, tenant_of(request), conversation_id)
 
     @patch("/{conversation_id:str}", operation_id="UpdateConversation",
@@ -75,6 +81,9 @@ class ConversationController(Controller):
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str],
         data: Annotated[ConversationUpdate, ex.body(*ex.UPDATE_CONVERSATION)],
     ) -> ConversationWithSecret:
+        """Change the title, processor, metadata or webhook URL; `null` clears the title or the
+        webhook URL. Setting a webhook URL where there was none answers its new `webhook_secret`,
+        once."""
         conversation, secret = await conversations.update_conversation(
             resources.pool, resources.settings, tenant_of(request), conversation_id, data
         )
@@ -90,6 +99,8 @@ class ConversationController(Controller):
     async def rotate_secret(
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str]
     ) -> WebhookSecret:
+        """A new webhook secret, shown once. Webhooks are signed with it and with every secret it
+        replaced within the last 24 hours, so receivers can switch over."""
         secret = await conversations.rotate_webhook_secret(
             resources.pool, tenant_of(request), conversation_id
         )
@@ -101,6 +112,7 @@ class ConversationController(Controller):
     async def delete(
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str]
     ) -> None:
+        """Cancel the conversation's open turns, then delete it and everything it holds."""
         await conversations.delete_conversation(resources.pool, tenant_of(request), conversation_id)
 
 

@@ -59,6 +59,9 @@ class EventController(Controller):
         after: After = None, cursor: Annotated[str | None, QueryParameter(max_length=64)] = None,
         limit: Limit = 100, last_event_id: LastEventId = None,
     ) -> EventPage:
+        """The conversation's events (every status change of a turn, numbered by `sequence`) after a
+        start point: a JSON page, or with `Accept: text/event-stream` a Server-Sent Events stream
+        that stays open for new ones."""
         tenant_id = tenant_of(request)
         start = _start_sequence(after, cursor, last_event_id)
         if "text/event-stream" in request.headers.get("accept", ""):

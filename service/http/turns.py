@@ -44,6 +44,10 @@ class TurnController(Controller):
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str],
         data: Annotated[TurnCreate, ex.body(*ex.CREATE_TURN)], idempotency_key: IdempotencyKey = None,
     ) -> Response[Turn]:
+        """Queue a question as a new turn, chained to the conversation's newest turn (or to
+        `parent_turn_id`). Answered 202 once committed, with the turn's URL in `Location`. The
+        same `Idempotency-Key` with the same body answers the first turn again; with another
+        body, 409."""
         turn = await turns.create_turn(
             resources.pool, resources.queue, resources.settings, tenant_of(request),
             conversation_id, data, idempotency_key,
@@ -63,6 +67,7 @@ class TurnController(Controller):
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str],
         limit: Limit = 20, cursor: Cursor = None,
     ) -> TurnPage:
+        """The conversation's turns, oldest first, a page at a time."""
         return await turns.list_turns(
             resources.pool, tenant_of(request), conversation_id, limit, cursor
         )
@@ -77,6 +82,8 @@ class TurnController(Controller):
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str],
         turn_id: FromPath[str], wait: Wait = 0,
     ) -> Turn:
+        """One turn. With `wait` (seconds), the answer comes as soon as the turn ends, or when
+        `wait` runs out; such a long-poll holds one of the tenant's stream slots."""
         tenant_id = tenant_of(request)
         if wait > 0 and resources.streams is not None:
             # A long-poll holds one of the tenant's stream slots while it waits.
@@ -96,6 +103,8 @@ class TurnController(Controller):
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str],
         turn_id: FromPath[str],
     ) -> Turn:
+        """Cancel a queued or running turn (again: the same answer). A running turn's Parallel run
+        may still finish upstream: `upstream_may_continue` says so. 409 once completed or failed."""
         return await turns.cancel_turn(
             resources.pool, resources.queue, resources.settings, tenant_of(request),
             conversation_id, turn_id,

@@ -33,4 +33,6 @@ class UsageController(Controller):
     async def get(
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], month: Month = None
     ) -> Usage:
+        """The tenant's estimated spend in a calendar month (UTC), by processor and by conversation,
+        and its budget."""
         return await usage.get_usage(resources.pool, tenant_of(request), month)

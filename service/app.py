@@ -59,7 +59,8 @@ OPENAPI = OpenAPIConfig(
     render_plugins=render_plugins(),
     components=Components(
         security_schemes={"BearerAuth": SecurityScheme(
-            type="http", scheme="bearer", description="An API key (`research-service keys create`)")}
+            type="http", scheme="bearer",
+            description="An API key (`research-service keys create`)")}
     ),
 )
 

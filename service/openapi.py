@@ -1,4 +1,4 @@
-"""Write the app's OpenAPI document: `python -m service.openapi [PATH]` (what `make openapi` runs)."""
+"""Write the app's OpenAPI document: `python -m service.openapi [PATH]` (`make openapi`)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,9 @@ Processor = Annotated[
 ]
 WebhookUrl = Annotated[
     str,
-    Meta(max_length=2048, pattern=r"^https?://[^\s/]+", description="http(s) URL for turn webhooks"),
+    Meta(max_length=2048, pattern=r"^https?://[^\s/]+",
+         description="http(s) URL for turn webhooks; it must resolve to public addresses only "
+                     "(unless WEBHOOK_ALLOW_PRIVATE)"),
 ]
 Id = Annotated[str, Meta(min_length=1, max_length=64)]
 

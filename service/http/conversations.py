@@ -24,13 +24,14 @@ from service.schemas import (
 
 
 def _with_secret(conversation: Conversation, secret: str | None) -> ConversationWithSecret:
-    return ConversationWithSecret(**{f: getattr(conversation, f) for f in conversation.__struct_fields__},
+    fields = {f: getattr(conversation, f) for f in conversation.__struct_fields__}
+    return ConversationWithSecret(**fields,
                                webhook_secret=secret)
 
 
 class ConversationController(Controller):
     path = "/v1/conversations"
-    tags = ["conversations"]
+    tags = ("conversations",)
 
     @post(operation_id="CreateConversation", summary="Create a conversation", status_code=201,
           responses={**problem_responses(413), **ex.answer(
@@ -54,31 +55,37 @@ class ConversationController(Controller):
              ex.example("page", "One conversation, no more pages",
                         {"data": [ex.CONVERSATION], "next_cursor": None}))})
     async def list(
-        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], limit: Limit = 20,
+        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources],
+        limit: Limit = 20,
         cursor: Cursor = None,
     ) -> ConversationPage:
         """The tenant's conversations, newest first, a page at a time."""
-        return await conversations.list_conversations(resources.pool, tenant_of(request), limit, cursor)
+        return await conversations.list_conversations(
+            resources.pool, tenant_of(request), limit, cursor)
 
     @get("/{conversation_id:str}", operation_id="GetConversation", summary="Get a conversation",
          responses={**problem_responses(404), **ex.answer(
              200, Conversation, "The conversation",
              ex.example("conversation", "Two turns, both ended", ex.CONVERSATION))})
     async def get(
-        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str]
+        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources],
+        conversation_id: FromPath[str],
     ) -> Conversation:
         """One conversation, with its status (`active` while a turn is queued or running) and turn
         count."""
-        return await conversations.get_conversation(resources.pool, tenant_of(request), conversation_id)
+        return await conversations.get_conversation(
+            resources.pool, tenant_of(request), conversation_id)
 
     @patch("/{conversation_id:str}", operation_id="UpdateConversation",
            summary="Change a conversation's title, processor, metadata or webhook URL",
            responses={**problem_responses(404, 413), **ex.answer(
                200, ConversationWithSecret,
                "The conversation; `webhook_secret` once, when a webhook URL is set where none was",
-               ex.example("updated", "Retitled", {**ex.CONVERSATION, "title": "Milano Cortina 2026"}))})
+               ex.example("updated", "Retitled",
+                          {**ex.CONVERSATION, "title": "Milano Cortina 2026"}))})
     async def update(
-        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str],
+        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources],
+        conversation_id: FromPath[str],
         data: Annotated[ConversationUpdate, ex.body(*ex.UPDATE_CONVERSATION)],
     ) -> ConversationWithSecret:
         """Change the title, processor, metadata or webhook URL; `null` clears the title or the
@@ -97,7 +104,8 @@ class ConversationController(Controller):
               ex.example("rotated", "A new secret",
                          {"webhook_secret": "whsec_Jr1zXh0sPq3pVw9UuO1tKb5EaMd8Yn2C"}))})
     async def rotate_secret(
-        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str]
+        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources],
+        conversation_id: FromPath[str],
     ) -> WebhookSecret:
         """A new webhook secret, shown once. Webhooks are signed with it and with every secret it
         replaced within the last 24 hours, so receivers can switch over."""
@@ -110,7 +118,8 @@ class ConversationController(Controller):
             summary="Cancel a conversation's open turns and delete it",
             responses=problem_responses(404))
     async def delete(
-        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str]
+        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources],
+        conversation_id: FromPath[str],
     ) -> None:
         """Cancel the conversation's open turns, then delete it and everything it holds."""
         await conversations.delete_conversation(resources.pool, tenant_of(request), conversation_id)

@@ -12,7 +12,7 @@ from typing import Any
 
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Example
-from litestar.params import Body, BodyKwarg
+from litestar.params import BodyKwarg
 
 CONVERSATION_ID = "conv_5d3aaf9f42be041f26853248"
 TURN_1 = "turn_9a31a0607ae061b9a28d34e2"
@@ -110,7 +110,7 @@ def example(id: str, summary: str, value: Any) -> Example:
 
 def body(*examples: Example) -> BodyKwarg:
     """Request body metadata carrying examples: `data: Annotated[Model, body(...)]`."""
-    return Body(examples=list(examples))
+    return BodyKwarg(examples=list(examples))
 
 
 def answer(

@@ -47,7 +47,7 @@ async def redis_answers(redis: Redis) -> bool:
 
 class HealthController(Controller):
     path = ""
-    tags = ["operations"]
+    tags = ("operations",)
     include_in_schema = True
 
     @get("/healthz", operation_id="Healthz", summary="The process is up",

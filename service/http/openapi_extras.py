@@ -76,7 +76,7 @@ def component_schemas(names: list[str]) -> dict[str, Any]:
     structs = _structs()
     unknown = sorted(set(names) - structs.keys())
     if unknown:
-        raise RuntimeError(f"OpenAPI components without a Struct in service.models/schemas: {unknown}")
+        raise RuntimeError(f"OpenAPI components without a Struct in models/schemas: {unknown}")
     types = [structs[name] for name in sorted(names)] + list(EXTRA_TYPES)
     _, components = msgspec.json.schema_components(types, ref_template=REF)
     for schema in components.values():
@@ -354,7 +354,7 @@ class FinishedRenderPlugin(OpenAPIRenderPlugin):
 
 
 def render_plugins() -> list[OpenAPIRenderPlugin]:
-    """Litestar's default set under /schema (Redoc at its root), each serving `finish`'s document."""
+    """Litestar's default set under /schema (Redoc at its root), serving `finish`'s document."""
     inner: list[OpenAPIRenderPlugin] = [
         RedocRenderPlugin(), SwaggerRenderPlugin(), StoplightRenderPlugin(), RapidocRenderPlugin(),
         JsonRenderPlugin(), YamlRenderPlugin(path=["/openapi.yaml", "/openapi.yml"]),

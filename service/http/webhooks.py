@@ -18,7 +18,7 @@ from service.resources import Resources
 
 class WebhookDeliveryController(Controller):
     path = "/v1"
-    tags = ["webhooks"]
+    tags = ("webhooks",)
 
     @get("/conversations/{conversation_id:str}/webhook-deliveries",
          operation_id="ListWebhookDeliveries",
@@ -56,7 +56,7 @@ class ParallelHookController(Controller):
     """Unauthenticated (app.py excludes /v1/hooks/ from API keys): the signature is the check."""
 
     path = "/v1/hooks"
-    tags = ["hooks"]
+    tags = ("hooks",)
 
     @post("/parallel", operation_id="ReceiveParallelWebhook",
           summary="Parallel's task_run.status webhook (push mode): triggers a check of the run",

@@ -20,6 +20,18 @@ def test_openapi_file_is_current():
     assert DEFAULT_PATH.read_bytes() == render(), "run `make openapi` and commit the result"
 
 
+async def test_served_schema_is_the_file():
+    import httpx
+
+    from service.app import create_app
+
+    transport = httpx.ASGITransport(app=create_app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        served = await http.get("/schema/openapi.json")
+    assert served.status_code == 200
+    assert served.json() == json.loads(DEFAULT_PATH.read_bytes())
+
+
 def test_openapi_has_every_contract_route():
     paths = json.loads(render())["paths"]
     expected = {

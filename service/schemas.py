@@ -154,5 +154,5 @@ class WebhookPayload(msgspec.Struct, kw_only=True):
     """The body of an outbound webhook (service.db.webhook_deliveries.webhook_payload)."""
 
     type: TerminalEventType
-    timestamp: Annotated[datetime, Meta(description="The event's created_at")]
+    timestamp: datetime  # the event's created_at
     data: Event

@@ -84,6 +84,7 @@ def test_openapi_describes_stream_webhooks_headers_and_strict_bodies():
     assert metadata["propertyNames"]["minLength"] == 1
     assert metadata["propertyNames"]["maxLength"] == 16
     assert metadata["additionalProperties"]["maxLength"] == 512
+    assert schemas["Turn"]["properties"]["created_at"]["format"] == "date-time"
     after = next(p for p in events["parameters"] if p["name"] == "after")
     assert after["schema"]["minimum"] == 0 and after["schema"]["maximum"] == 2**63 - 1
 

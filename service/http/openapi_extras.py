@@ -81,8 +81,47 @@ def component_schemas(names: list[str]) -> dict[str, Any]:
     _, components = msgspec.json.schema_components(types, ref_template=REF)
     for schema in components.values():
         schema.pop("title", None)  # the component's name says it
+    _mark_date_times(components, types)
     _name_shared_parts(components)
     return dict(sorted(components.items()))
+
+
+def _mark_date_times(components: dict[str, Any], types: list[Any]) -> None:
+    """`format: date-time` on datetime fields (msgspec 0.22 emits a bare string for them)."""
+    for info in msgspec.inspect.multi_type_info(types):
+        _mark_struct(components, info, set())
+
+
+def _mark_struct(components: dict[str, Any], info: Any, seen: set[str]) -> None:
+    if not isinstance(info, msgspec.inspect.StructType) or info.cls.__name__ in seen:
+        return
+    seen.add(info.cls.__name__)
+    properties = components[info.cls.__name__].get("properties", {})
+    for field in info.fields:
+        arms = field.type.types if isinstance(field.type, msgspec.inspect.UnionType) else (
+            field.type,)
+        for arm in arms:
+            if isinstance(arm, msgspec.inspect.Metadata):
+                arm = arm.type
+            if isinstance(arm, msgspec.inspect.DateTimeType):
+                schema = properties[field.encode_name]
+                for target in schema.get("anyOf", [schema]):
+                    if target.get("type") == "string":
+                        target["format"] = "date-time"
+            for inner in _children(arm):
+                _mark_struct(components, inner, seen)
+
+
+def _children(info: Any) -> list[Any]:
+    if isinstance(info, msgspec.inspect.StructType):
+        return [info]
+    if isinstance(info, msgspec.inspect.ListType):
+        return _children(info.item_type)
+    if isinstance(info, msgspec.inspect.DictType):
+        return _children(info.value_type)
+    if isinstance(info, msgspec.inspect.UnionType):
+        return [c for t in info.types for c in _children(t)]
+    return []
 
 
 def _name_shared_parts(components: dict[str, Any]) -> None:

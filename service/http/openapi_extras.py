@@ -217,6 +217,8 @@ WEBHOOKS = {
 
 # Bounds Litestar drops from the parameter markers (a falsy `ge=0`).
 PARAMETER_MINIMUMS = {"after": 0, "wait": 0}
+# What service.domain.cursors.parse_sequence accepts (within int8 too).
+PARAMETER_PATTERNS = {"Last-Event-ID": "^[0-9]{1,19}$"}
 
 
 def _fix_parameter(parameter: dict[str, Any]) -> None:
@@ -226,12 +228,13 @@ def _fix_parameter(parameter: dict[str, Any]) -> None:
         (arm,) = [a for a in arms if a != _NULL]
         del schema["oneOf"]
         schema.update(arm)
-    if schema.get("type") == "integer":
-        for bound in ("minimum", "maximum"):
-            if isinstance(schema.get(bound), float):
-                schema[bound] = int(schema[bound])
+    for bound in ("minimum", "maximum"):
+        if isinstance(schema.get(bound), float) and schema[bound].is_integer():
+            schema[bound] = int(schema[bound])
     if parameter["name"] in PARAMETER_MINIMUMS:
         schema["minimum"] = PARAMETER_MINIMUMS[parameter["name"]]
+    if parameter["name"] in PARAMETER_PATTERNS:
+        schema["pattern"] = PARAMETER_PATTERNS[parameter["name"]]
     schema.pop("description", None)  # the parameter's own description says it
 
 

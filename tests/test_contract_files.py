@@ -205,3 +205,26 @@ def test_every_cited_section_exists():
         if number not in sections[doc]
     ]
     assert not missing, "no such section:\n" + "\n".join(missing)
+
+
+async def test_request_examples_are_accepted_by_the_server(api):
+    """Every request-body example of the document, sent as is (ids of the examples' own
+    conversation and turns swapped for real ones), gets a success answer."""
+    document = json.loads(render())
+    conversation = (await api.post("/v1/conversations", json={})).json()
+    first = (await api.post(f"/v1/conversations/{conversation['id']}/turns",
+                            json={"input": "Which country won the most medals?"})).json()
+    sent = 0
+    for path, operations in document["paths"].items():
+        for method, op in operations.items():
+            content = op.get("requestBody", {}).get("content", {}).get("application/json")
+            if content is None or not op["security"]:
+                continue
+            url = path.format(conversation_id=conversation["id"], turn_id=first["id"])
+            for example in _examples(content):
+                body = json.loads(json.dumps(example).replace(
+                    '"turn_9a31a0607ae061b9a28d34e2"', json.dumps(first["id"])))
+                answer = await api.request(method.upper(), url, json=body)
+                assert answer.status_code < 300, (op["operationId"], body, answer.text)
+                sent += 1
+    assert sent >= 7

@@ -9,7 +9,7 @@ from litestar import Litestar, Router
 from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.spec import Components, SecurityScheme
+from litestar.openapi.spec import Components, License, SecurityScheme, Tag
 
 from service import __version__
 from service.config import Settings
@@ -21,6 +21,7 @@ from service.http.health import HealthController
 from service.http.input import CheckedRequest, reject_unreadable_input
 from service.http.metrics import MetricsController
 from service.http.middleware import access_middleware, add_request_id, request_id_middleware
+from service.http.openapi_extras import render_plugins
 from service.http.problems import EXCEPTION_HANDLERS
 from service.http.turns import TurnController
 from service.http.usage import UsageController
@@ -29,13 +30,37 @@ from service.resources import Resources
 
 MAX_BODY_BYTES = 1_000_000
 
+TAGS = [
+    Tag(name="conversations", description="A conversation holds turns, their shared context "
+        "and its webhook settings"),
+    Tag(name="turns", description="A question, run as a Parallel task chained to the turn "
+        "before it: ask, read, long-poll, cancel"),
+    Tag(name="events", description="Every status change of a turn, as JSON pages or a "
+        "Server-Sent Events stream"),
+    Tag(name="webhooks", description="Signed POSTs of terminal events to a conversation's "
+        "`webhook_url` (see `webhooks`), and their delivery ledger"),
+    Tag(name="usage", description="Estimated spend per calendar month"),
+    Tag(name="hooks", description="Inbound webhooks from Parallel (push mode)"),
+    Tag(name="operations", description="Liveness and readiness probes"),
+]
+
 OPENAPI = OpenAPIConfig(
     title="Research conversations",
     version=__version__,
-    description="Chained research questions over Parallel's Task API (see docs/design.md).",
+    description="Chained research questions over Parallel's Task API (see docs/design.md). "
+                "Every /v1 route but /v1/hooks/parallel needs `Authorization: Bearer <key>`; "
+                "errors are application/problem+json (RFC 9457).",
+    license=License(name="Proprietary", identifier="LicenseRef-Proprietary"),
     path="/schema",
+    tags=TAGS,
+    use_handler_docstrings=True,
+    # Each serves the document service.http.openapi_extras.finish completes (webhooks, SSE,
+    # headers, msgspec's strict schemas): the served /schema is the committed file.
+    render_plugins=render_plugins(),
     components=Components(
-        security_schemes={"BearerAuth": SecurityScheme(type="http", scheme="bearer")}
+        security_schemes={"BearerAuth": SecurityScheme(
+            type="http", scheme="bearer",
+            description="An API key (`research-service keys create`)")}
     ),
 )
 

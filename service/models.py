@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+from msgspec import Meta
 
 TurnStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
+ConversationStatus = Literal["idle", "active"]
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 EventType = Literal[
     "turn.queued", "turn.running", "turn.completed", "turn.failed", "turn.cancelled"
@@ -68,7 +70,7 @@ class Conversation(msgspec.Struct, kw_only=True):
     processor: str
     metadata: dict[str, str]
     webhook_url: str | None
-    status: Literal["idle", "active"]
+    status: ConversationStatus
     turn_count: int
     last_turn_id: str | None
     created_at: datetime
@@ -85,15 +87,24 @@ class Event(msgspec.Struct, kw_only=True):
 
 
 class Progress(msgspec.Struct, kw_only=True):
-    """The latest of Parallel's progress reports for a running turn's run."""
+    """The latest of Parallel's progress reports for a running turn's run (each field null until
+    Parallel reports it)."""
 
-    progress_meter: float | None = None
-    sources_considered: int | None = None
-    sources_read: int | None = None
-    sources_read_sample: list[str] | None = None
-    message: str | None = None
-    message_type: str | None = None
-    message_at: str | None = None
+    progress_meter: Annotated[
+        float | None, Meta(description="Parallel's estimate of how far the run is, 0 to 100")
+    ] = None
+    sources_considered: Annotated[int | None, Meta(description="Sources looked at so far")] = None
+    sources_read: Annotated[int | None, Meta(description="Sources read so far")] = None
+    sources_read_sample: Annotated[
+        list[str] | None, Meta(description="Some of the URLs read")
+    ] = None
+    message: Annotated[str | None, Meta(description="Parallel's latest progress message")] = None
+    message_type: Annotated[
+        str | None, Meta(description="Its kind, as Parallel names it (e.g. `plan`)")
+    ] = None
+    message_at: Annotated[
+        str | None, Meta(description="When Parallel wrote the message (RFC 3339)")
+    ] = None
 
 
 class ProgressEvent(msgspec.Struct, kw_only=True):
@@ -102,7 +113,7 @@ class ProgressEvent(msgspec.Struct, kw_only=True):
     type: Literal["turn.progress"] = "turn.progress"
     conversation_id: str
     turn_id: str
-    created_at: datetime
+    created_at: datetime  # when the stream relayed it
     data: Progress
 
 

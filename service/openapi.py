@@ -1,4 +1,4 @@
-"""Write the app's OpenAPI document: `python -m service.openapi [PATH]` (what `make openapi` runs)."""
+"""Write the app's OpenAPI document: `python -m service.openapi [PATH]` (`make openapi`)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from pathlib import Path
 import msgspec
 
 from service.app import create_app
+from service.http.openapi_extras import finish
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "openapi" / "openapi.json"
 
 
 def render() -> bytes:
-    """The OpenAPI document of the app, as stable, indented JSON."""
-    schema = create_app().openapi_schema.to_schema()
+    """The OpenAPI document the app serves at /schema/openapi.json, as stable, indented JSON."""
+    schema = finish(create_app().openapi_schema.to_schema())
     return msgspec.json.format(msgspec.json.encode(schema, order="sorted"), indent=2) + b"\n"
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -21,7 +22,9 @@ Processor = Annotated[
 ]
 WebhookUrl = Annotated[
     str,
-    Meta(max_length=2048, pattern=r"^https?://[^\s/]+", description="http(s) URL for turn webhooks"),
+    Meta(max_length=2048, pattern=r"^https?://[^\s/]+",
+         description="http(s) URL for turn webhooks; it must resolve to public addresses only "
+                     "(unless WEBHOOK_ALLOW_PRIVATE)"),
 ]
 Id = Annotated[str, Meta(min_length=1, max_length=64)]
 
@@ -44,19 +47,27 @@ class ConversationUpdate(Request):
     webhook_url: WebhookUrl | msgspec.UnsetType | None = msgspec.UNSET
 
 
-class TextSchema(Request, tag_field="type", tag="text", omit_defaults=True):
+class TextOutputSchema(Request, tag_field="type", tag="text", omit_defaults=True):
+    """A text answer, optionally described."""
+
     description: Annotated[str, Meta(max_length=10_000)] | None = None
 
 
-class JsonSchema(Request, tag_field="type", tag="json"):
+class JsonOutputSchema(Request, tag_field="type", tag="json"):
+    """A JSON answer fitting `json_schema`: a JSON schema of type object with properties."""
+
     json_schema: dict[str, Any]
 
 
-class AutoSchema(Request, tag_field="type", tag="auto"):
-    pass
+class AutoOutputSchema(Request, tag_field="type", tag="auto"):
+    """Parallel chooses the answer's shape."""
 
 
-OutputSchema = TextSchema | JsonSchema | AutoSchema
+# The names the domain checks use (service.domain.validation).
+TextSchema = TextOutputSchema
+JsonSchema = JsonOutputSchema
+AutoSchema = AutoOutputSchema
+OutputSchema = TextOutputSchema | JsonOutputSchema | AutoOutputSchema
 
 TurnInput = (
     Annotated[str, Meta(min_length=1, description="The question, at most 25,000 characters")]
@@ -67,12 +78,15 @@ TurnInput = (
 class TurnCreate(Request):
     input: TurnInput
     processor: Processor | None = None
-    output_schema: OutputSchema = msgspec.field(default_factory=TextSchema)
+    output_schema: OutputSchema = msgspec.field(default_factory=TextOutputSchema)
     parent_turn_id: Id | None = None
     metadata: Metadata = {}
 
 
-class ConversationCreated(Conversation, kw_only=True, omit_defaults=True):
+class ConversationWithSecret(Conversation, kw_only=True, omit_defaults=True):
+    """A conversation as created or changed: `webhook_secret` appears once, when a webhook URL
+    gets its first secret."""
+
     webhook_secret: str | None = None
 
 
@@ -131,3 +145,14 @@ class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):
     status: int
     detail: str
     errors: list[ProblemItem] | None = None
+
+
+TerminalEventType = Literal["turn.completed", "turn.failed", "turn.cancelled"]
+
+
+class WebhookPayload(msgspec.Struct, kw_only=True):
+    """The body of an outbound webhook (service.db.webhook_deliveries.webhook_payload)."""
+
+    type: TerminalEventType
+    timestamp: datetime  # the event's created_at
+    data: Event

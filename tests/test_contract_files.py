@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import pytest
 from openapi_spec_validator import validate
 
 from service.db.migrate import MIGRATION_NAME, load_migrations
@@ -17,6 +18,18 @@ from service.openapi import DEFAULT_PATH, render
 
 def test_openapi_file_is_current():
     assert DEFAULT_PATH.read_bytes() == render(), "run `make openapi` and commit the result"
+
+
+async def test_served_schema_is_the_file():
+    import httpx
+
+    from service.app import create_app
+
+    transport = httpx.ASGITransport(app=create_app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        served = await http.get("/schema/openapi.json")
+    assert served.status_code == 200
+    assert served.json() == json.loads(DEFAULT_PATH.read_bytes())
 
 
 def test_openapi_has_every_contract_route():
@@ -41,7 +54,60 @@ def test_openapi_has_every_contract_route():
     assert expected <= present
     for ops in paths.values():
         for op in ops.values():
-            assert op.get("operationId") and op.get("summary")
+            assert op.get("operationId") and op.get("summary") and op.get("description")
+            assert "security" in op, op["operationId"]  # [] on the public routes
+
+
+def test_openapi_describes_stream_webhooks_headers_and_strict_bodies():
+    document = json.loads(render())
+    declared = {tag["name"] for tag in document["tags"]}
+    used = {t for ops in document["paths"].values() for op in ops.values() for t in op["tags"]}
+    assert used <= declared and all(tag.get("description") for tag in document["tags"])
+    assert set(document["webhooks"]) == {"turn.completed", "turn.failed", "turn.cancelled"}
+    hook = document["webhooks"]["turn.completed"]["post"]
+    assert {p["name"] for p in hook["parameters"]} == {
+        "webhook-id", "webhook-timestamp", "webhook-signature"}
+    events = document["paths"]["/v1/conversations/{conversation_id}/events"]["get"]
+    assert set(events["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
+    turns = document["paths"]["/v1/conversations/{conversation_id}/turns"]["post"]
+    assert "Location" in turns["responses"]["202"]["headers"]
+    assert "Retry-After" in turns["responses"]["429"]["headers"]
+    for op in (events, turns):
+        for response in op["responses"].values():
+            assert {"X-Request-ID", "RateLimit", "RateLimit-Policy"} <= set(response["headers"])
+    schemas = document["components"]["schemas"]
+    for name in ("ConversationCreate", "ConversationUpdate", "TurnCreate", "TextOutputSchema",
+                 "JsonOutputSchema", "AutoOutputSchema"):
+        assert schemas[name]["additionalProperties"] is False, name
+    metadata = schemas["Metadata"]
+    assert metadata["maxProperties"] == 16
+    assert metadata["propertyNames"]["minLength"] == 1
+    assert metadata["propertyNames"]["maxLength"] == 16
+    assert metadata["additionalProperties"]["maxLength"] == 512
+    assert schemas["Turn"]["properties"]["created_at"]["format"] == "date-time"
+    after = next(p for p in events["parameters"] if p["name"] == "after")
+    assert after["schema"]["minimum"] == 0 and after["schema"]["maximum"] == 2**63 - 1
+
+
+def test_webhook_url_examples_pass_the_servers_checks():
+    """Syntax here; resolving to public addresses only is checked where DNS answers (example.com
+    is IANA's, and resolves to public addresses)."""
+    import asyncio
+    import socket
+
+    from service.domain.webhook_urls import check_webhook_url, split_url
+
+    document = render().decode()
+    urls = set(re.findall(r'"webhook_url": "([^"]+)"', document))
+    assert urls
+    for url in urls:
+        split_url(url)
+    try:
+        socket.getaddrinfo("example.com", 443)
+    except OSError:
+        pytest.skip("no DNS here: the public-address check of the examples needs it")
+    for url in urls:
+        assert asyncio.run(check_webhook_url(url, allow_private=False))
 
 
 def test_openapi_file_is_valid_openapi_3_1():
@@ -84,6 +150,12 @@ def test_every_operation_has_examples_and_documents_its_errors():
                     _check(document, media, f"{where} {status} {media_type}")
                     if status[0] in "45":
                         assert media_type == "application/problem+json", f"{where} {status}"
+
+
+def test_webhook_examples_match_their_schemas():
+    document = json.loads(render())
+    for name, item in document["webhooks"].items():
+        _check(document, item["post"]["requestBody"]["content"]["application/json"], name)
 
 
 def test_migration_files_are_numbered_without_gaps():
@@ -133,3 +205,26 @@ def test_every_cited_section_exists():
         if number not in sections[doc]
     ]
     assert not missing, "no such section:\n" + "\n".join(missing)
+
+
+async def test_request_examples_are_accepted_by_the_server(api):
+    """Every request-body example of the document, sent as is (ids of the examples' own
+    conversation and turns swapped for real ones), gets a success answer."""
+    document = json.loads(render())
+    conversation = (await api.post("/v1/conversations", json={})).json()
+    first = (await api.post(f"/v1/conversations/{conversation['id']}/turns",
+                            json={"input": "Which country won the most medals?"})).json()
+    sent = 0
+    for path, operations in document["paths"].items():
+        for method, op in operations.items():
+            content = op.get("requestBody", {}).get("content", {}).get("application/json")
+            if content is None or not op["security"]:
+                continue
+            url = path.format(conversation_id=conversation["id"], turn_id=first["id"])
+            for example in _examples(content):
+                body = json.loads(json.dumps(example).replace(
+                    '"turn_9a31a0607ae061b9a28d34e2"', json.dumps(first["id"])))
+                answer = await api.request(method.upper(), url, json=body)
+                assert answer.status_code < 300, (op["operationId"], body, answer.text)
+                sent += 1
+    assert sent >= 7

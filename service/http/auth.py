@@ -12,6 +12,8 @@ A 429 says r=0 and t= its Retry-After. The remaining count is approximate across
 
 from __future__ import annotations
 
+from typing import Any
+
 import structlog
 from litestar.connection import ASGIConnection
 from litestar.datastructures import MutableScopeHeaders
@@ -47,7 +49,9 @@ async def add_rate_limit_headers(message: Message, scope: Scope) -> None:
 
 
 class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
-    async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:
+    async def authenticate_request(
+        self, connection: ASGIConnection[Any, Any, Any, Any]
+    ) -> AuthenticationResult:
         header = connection.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
@@ -61,7 +65,7 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
         limit = resources.settings.rate_limit_per_min if auth.rate_limit_per_min is None else (
             auth.rate_limit_per_min
         )
-        state = connection.scope.setdefault("state", {})  # type: ignore[typeddict-item]
+        state = connection.scope.setdefault("state", {})
         try:
             quota = await resources.limiter.check(auth.key_id, limit)
         except RateLimited as exc:

@@ -41,7 +41,7 @@ SSE_HEADERS = {
 
 class EventController(Controller):
     path = "/v1/conversations/{conversation_id:str}/events"
-    tags = ["events"]
+    tags = ("events",)
 
     @get(operation_id="ListEvents",
          summary="List a conversation's events; with Accept: text/event-stream, stream them",
@@ -55,10 +55,14 @@ class EventController(Controller):
              "are limited per tenant (429 `/problems/too-many-streams`)",
              ex.example("page", "A turn's completion", {"data": [ex.EVENT], "next_cursor": None}))})
     async def list(
-        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str],
+        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources],
+        conversation_id: FromPath[str],
         after: After = None, cursor: Annotated[str | None, QueryParameter(max_length=64)] = None,
         limit: Limit = 100, last_event_id: LastEventId = None,
     ) -> EventPage:
+        """The conversation's events (every status change of a turn, numbered by `sequence`) after a
+        start point: a JSON page, or with `Accept: text/event-stream` a Server-Sent Events stream
+        that stays open for new ones."""
         tenant_id = tenant_of(request)
         start = _start_sequence(after, cursor, last_event_id)
         if "text/event-stream" in request.headers.get("accept", ""):
@@ -68,6 +72,8 @@ class EventController(Controller):
             frames = await resources.streams.open(tenant_id, key, conversation_id, start)
             # The Content-Type header is explicit: Litestar 2 would otherwise label the stream
             # with the handler's media type (JSON), which an EventSource refuses.
+            # The annotation (EventPage) is the JSON answer's, which OpenAPI derives from; the
+            # stream's answer is documented beside it (service.http.openapi_extras).
             return Stream(_sse(frames), headers=SSE_HEADERS)  # type: ignore[return-value]
         return await streams.list_events(resources.pool, tenant_id, conversation_id, start, limit)
 

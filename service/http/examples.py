@@ -12,7 +12,7 @@ from typing import Any
 
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Example
-from litestar.params import Body, BodyKwarg
+from litestar.params import BodyKwarg
 
 CONVERSATION_ID = "conv_5d3aaf9f42be041f26853248"
 TURN_1 = "turn_9a31a0607ae061b9a28d34e2"
@@ -24,7 +24,7 @@ CONVERSATION: dict[str, Any] = {
     "title": "Winter Olympics 2026",
     "processor": "lite",
     "metadata": {"team": "sports-desk"},
-    "webhook_url": "https://hooks.example.com/research",
+    "webhook_url": "https://example.com/webhooks/research",
     "status": "idle",
     "turn_count": 2,
     "last_turn_id": TURN_2,
@@ -110,7 +110,7 @@ def example(id: str, summary: str, value: Any) -> Example:
 
 def body(*examples: Example) -> BodyKwarg:
     """Request body metadata carrying examples: `data: Annotated[Model, body(...)]`."""
-    return Body(examples=list(examples))
+    return BodyKwarg(examples=list(examples))
 
 
 def answer(
@@ -125,13 +125,13 @@ CREATE_CONVERSATION = (
     example("minimal", "Defaults only", {}),
     example("with-webhook", "A title, a processor, metadata and a webhook URL", {
         "title": "Winter Olympics 2026", "processor": "lite",
-        "metadata": {"team": "sports-desk"}, "webhook_url": "https://hooks.example.com/research",
+        "metadata": {"team": "sports-desk"}, "webhook_url": "https://example.com/webhooks/research",
     }),
 )
 UPDATE_CONVERSATION = (
     example("retitle", "Change the title", {"title": "Milano Cortina 2026"}),
     example("move-webhooks", "Send webhooks to a new URL",
-            {"webhook_url": "https://hooks.example.com/research-v2"}),
+            {"webhook_url": "https://example.com/webhooks/research-v2"}),
 )
 CREATE_TURN = (
     example("question", "A follow-up question", {"input": "How many medals did they win?"}),
@@ -162,7 +162,7 @@ DELIVERY = {
     "event_sequence": 4,
     "event_type": "turn.completed",
     "webhook_id": "msg_2LJQ8fX5cQyS0v1pWm3Zt9KaB7e",
-    "url": "https://hooks.example.com/research",
+    "url": "https://example.com/webhooks/research",
     "status": "delivered",
     "attempt_count": 2,
     "next_attempt_at": None,

@@ -47,7 +47,7 @@ async def redis_answers(redis: Redis) -> bool:
 
 class HealthController(Controller):
     path = ""
-    tags = ["operations"]
+    tags = ("operations",)
     include_in_schema = True
 
     @get("/healthz", operation_id="Healthz", summary="The process is up",
@@ -55,6 +55,7 @@ class HealthController(Controller):
                                 ex.example("ok", "Up", {"status": "ok"})),
                     405: problem_responses(405, auth=False)[405]})
     async def healthz(self) -> dict[str, str]:
+        """Liveness: the process answers, without I/O."""
         return {"status": "ok"}
 
     @get("/readyz", operation_id="Readyz", summary="Postgres answers (Redis is reported)",
@@ -65,6 +66,8 @@ class HealthController(Controller):
              ex.example("ready-without-redis", "Ready, Redis away",
                         {"status": "ready", "postgres": "ok", "redis": "down"}))})
     async def readyz(self, resources: NamedDependency[Resources]) -> Response[dict[str, Any]]:
+        """Readiness: Postgres answers within its deadline. Redis is reported but not required
+        (turns are then started later by the reconciler)."""
         postgres, redis = await asyncio.gather(
             postgres_answers(resources.pool), redis_answers(resources.queue)
         )

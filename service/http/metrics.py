@@ -27,7 +27,7 @@ def state_cache(request: Request[Any, Any, Any], max_age_s: float) -> metrics.St
     if cache is None:
         cache = metrics.StateCache(max_age_s)
         setattr(state, STATE_KEY, cache)
-    return cache  # type: ignore[no-any-return]
+    return cache
 
 
 def check_token(request: Request[Any, Any, Any], token: str | None) -> None:

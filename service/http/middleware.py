@@ -12,6 +12,7 @@ import time
 
 import structlog
 from litestar.datastructures import MutableScopeHeaders
+from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
@@ -28,11 +29,13 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
 
 
 def request_id_of(scope: Scope) -> str:
-    """The request's id: the caller's X-Request-ID when safe to echo, else a new one; kept in scope."""
-    state = scope.setdefault("state", {})  # type: ignore[typeddict-item]
+    """The request's id: the caller's X-Request-ID when safe to echo, else a new one; kept in
+    scope."""
+    state = scope.setdefault("state", {})
     if "request_id" not in state:
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        state["request_id"] = incoming if _SAFE_ID.match(incoming) else f"req_{secrets.token_hex(8)}"
+        fresh = f"req_{secrets.token_hex(8)}"
+        state["request_id"] = incoming if _SAFE_ID.match(incoming) else fresh
     return str(state["request_id"])
 
 
@@ -40,13 +43,13 @@ async def add_request_id(message: Message, scope: Scope) -> None:
     """A before_send hook, so that answers no route middleware sees carry X-Request-ID too: errors
     raised by middleware (401, 429) are sent by Litestar's outer exception handler, and unknown
     routes have no middleware at all."""
-    if message["type"] == "http.response.start" and scope["type"] == "http":
+    if message["type"] == "http.response.start" and scope["type"] == ScopeType.HTTP:
         MutableScopeHeaders.from_message(message)["X-Request-ID"] = request_id_of(scope)
 
 
 def request_id_middleware(app: ASGIApp) -> ASGIApp:
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != ScopeType.HTTP:
             await app(scope, receive, send)
             return
         request_id = request_id_of(scope)
@@ -72,7 +75,7 @@ def access_middleware(app: ASGIApp) -> ASGIApp:
     """Count and time each request by its route template (not its path), and log it once."""
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != ScopeType.HTTP:
             await app(scope, receive, send)
             return
         start = time.perf_counter()
@@ -91,7 +94,7 @@ def access_middleware(app: ASGIApp) -> ASGIApp:
             raise
         finally:
             seconds = time.perf_counter() - start
-            route = scope.get("path_template") or "unmatched"
+            route = str(scope.get("path_template") or "unmatched")
             method = scope.get("method", "GET")
             metrics.http_request(method, route, status, seconds)
             if route not in QUIET_ROUTES or status >= 400:

@@ -36,7 +36,8 @@ PROBLEM_DESCRIPTIONS = {
 
 
 def _example(status: int, slug: str, title: str, detail: str, **extra: Any) -> dict[str, Any]:
-    return {"type": f"/problems/{slug}", "title": title, "status": status, "detail": detail, **extra}
+    return {"type": f"/problems/{slug}", "title": title, "status": status, "detail": detail,
+            **extra}
 
 
 # One typical answer per status, as the handlers below write it (the OpenAPI examples).
@@ -97,7 +98,9 @@ def handle_service_error(_: Request[Any, Any, Any], exc: ServiceError) -> Respon
     return problem(exc.status, exc.title, exc.detail, exc.type_, errors=exc.errors, headers=headers)
 
 
-def handle_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[dict[str, Any]]:
+def handle_validation(
+    _: Request[Any, Any, Any], exc: ValidationException
+) -> Response[dict[str, Any]]:
     extra = exc.extra if isinstance(exc.extra, list) else []
     errors = [_error_item(e) for e in extra]
     detail = str(exc.detail)
@@ -123,7 +126,9 @@ def _error_item(error: Any) -> dict[str, Any]:
     return {"field": field, "message": message, "source": error.get("source", "body")}
 
 
-def handle_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
+def handle_http_exception(
+    _: Request[Any, Any, Any], exc: HTTPException
+) -> Response[dict[str, Any]]:
     if isinstance(exc, NotAuthorizedException):
         return handle_service_error(_, Unauthorized())
     status = exc.status_code
@@ -131,8 +136,8 @@ def handle_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Resp
         log.error("http_error", status=status, detail=str(exc.detail))
         return problem(status, "Internal error", "The server failed; the error was logged.",
                        "internal-error")
-    return problem(status, _title(status), str(exc.detail), _title(status).lower().replace(" ", "-"),
-                   headers=exc.headers)
+    slug = _title(status).lower().replace(" ", "-")
+    return problem(status, _title(status), str(exc.detail), slug, headers=exc.headers)
 
 
 def handle_unavailable(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
@@ -144,7 +149,9 @@ def handle_unavailable(_: Request[Any, Any, Any], exc: Exception) -> Response[di
     return handle_service_error(_, Unavailable())
 
 
-def handle_too_deep(request: Request[Any, Any, Any], exc: RecursionError) -> Response[dict[str, Any]]:
+def handle_too_deep(
+    request: Request[Any, Any, Any], exc: RecursionError
+) -> Response[dict[str, Any]]:
     # msgspec refuses JSON nested past the interpreter's recursion limit this way, before any
     # validation runs: the body is at fault, not the server.
     log.warning("body_too_deep", path=request.url.path, error=str(exc))

@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 class TurnController(Controller):
     path = "/v1/conversations/{conversation_id:str}/turns"
-    tags = ["turns"]
+    tags = ("turns",)
 
     @post(operation_id="CreateTurn", summary="Ask a question (a new turn)", status_code=202,
           responses={**problem_responses(402, 404, 409, 413), **ex.answer(
@@ -41,9 +41,15 @@ class TurnController(Controller):
               ex.example("queued", "Queued behind the conversation's previous turn",
                          ex.QUEUED_TURN))})
     async def create(
-        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str],
-        data: Annotated[TurnCreate, ex.body(*ex.CREATE_TURN)], idempotency_key: IdempotencyKey = None,
+        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources],
+        conversation_id: FromPath[str],
+        data: Annotated[TurnCreate, ex.body(*ex.CREATE_TURN)],
+        idempotency_key: IdempotencyKey = None,
     ) -> Response[Turn]:
+        """Queue a question as a new turn, chained to the conversation's newest turn (or to
+        `parent_turn_id`). Answered 202 once committed, with the turn's URL in `Location`. The
+        same `Idempotency-Key` with the same body answers the first turn again; with another
+        body, 409."""
         turn = await turns.create_turn(
             resources.pool, resources.queue, resources.settings, tenant_of(request),
             conversation_id, data, idempotency_key,
@@ -60,9 +66,11 @@ class TurnController(Controller):
                                    "input": "Which country won the most medals in 2026?"},
                                   ex.QUEUED_TURN], "next_cursor": None}))})
     async def list(
-        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str],
+        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources],
+        conversation_id: FromPath[str],
         limit: Limit = 20, cursor: Cursor = None,
     ) -> TurnPage:
+        """The conversation's turns, oldest first, a page at a time."""
         return await turns.list_turns(
             resources.pool, tenant_of(request), conversation_id, limit, cursor
         )
@@ -74,9 +82,12 @@ class TurnController(Controller):
              ex.example("completed", "Completed, with output and citations", ex.COMPLETED_TURN),
              ex.example("failed", "Failed: the run outlived its deadline", ex.FAILED_TURN))})
     async def get(
-        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str],
+        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources],
+        conversation_id: FromPath[str],
         turn_id: FromPath[str], wait: Wait = 0,
     ) -> Turn:
+        """One turn. With `wait` (seconds), the answer comes as soon as the turn ends, or when
+        `wait` runs out; such a long-poll holds one of the tenant's stream slots."""
         tenant_id = tenant_of(request)
         if wait > 0 and resources.streams is not None:
             # A long-poll holds one of the tenant's stream slots while it waits.
@@ -93,16 +104,21 @@ class TurnController(Controller):
               200, Turn, "The cancelled turn (again, if it already was)",
               ex.example("cancelled", "Cancelled while queued", ex.CANCELLED_TURN))})
     async def cancel(
-        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], conversation_id: FromPath[str],
+        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources],
+        conversation_id: FromPath[str],
         turn_id: FromPath[str],
     ) -> Turn:
+        """Cancel a queued or running turn (again: the same answer). A running turn's Parallel run
+        may still finish upstream: `upstream_may_continue` says so. 409 once completed or failed."""
         return await turns.cancel_turn(
             resources.pool, resources.queue, resources.settings, tenant_of(request),
             conversation_id, turn_id,
         )
 
 
-async def _unless_disconnected(request: Request[Any, Any, Any], work: Coroutine[Any, Any, T]) -> T | None:
+async def _unless_disconnected(
+    request: Request[Any, Any, Any], work: Coroutine[Any, Any, T]
+) -> T | None:
     """The long-poll's answer, or None once the client has gone away: the wait then stops, and
     gives its slot back, at once rather than when `wait` runs out."""
     task = asyncio.ensure_future(work)

@@ -24,13 +24,17 @@ Month = Annotated[
 
 class UsageController(Controller):
     path = "/v1/usage"
-    tags = ["usage"]
+    tags = ("usage",)
 
-    @get(operation_id="GetUsage", summary="A month's estimated spend, by processor and conversation",
+    @get(operation_id="GetUsage",
+         summary="A month's estimated spend, by processor and conversation",
          responses={**problem_responses(), **ex.answer(
              200, Usage, "Estimated spend of the month (UTC)",
              ex.example("month", "February 2026", ex.USAGE))})
     async def get(
-        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources], month: Month = None
+        self, request: Request[Any, Any, Any], resources: NamedDependency[Resources],
+        month: Month = None,
     ) -> Usage:
+        """The tenant's estimated spend in a calendar month (UTC), by processor and by conversation,
+        and its budget."""
         return await usage.get_usage(resources.pool, tenant_of(request), month)

@@ -18,7 +18,7 @@ from service.resources import Resources
 
 class WebhookDeliveryController(Controller):
     path = "/v1"
-    tags = ["webhooks"]
+    tags = ("webhooks",)
 
     @get("/conversations/{conversation_id:str}/webhook-deliveries",
          operation_id="ListWebhookDeliveries",
@@ -31,6 +31,8 @@ class WebhookDeliveryController(Controller):
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources],
         conversation_id: FromPath[str], limit: Limit = 20, cursor: Cursor = None,
     ) -> WebhookDeliveryPage:
+        """The conversation's webhook deliveries in event order, each with every attempt (status
+        code, latency, error)."""
         return await webhooks.list_deliveries(
             resources.pool, tenant_of(request), conversation_id, limit, cursor
         )
@@ -46,6 +48,7 @@ class WebhookDeliveryController(Controller):
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources],
         delivery_id: FromPath[str],
     ) -> WebhookDelivery:
+        """Send a delivery again, now, with the same `webhook-id`."""
         return await webhooks.redeliver(resources.pool, tenant_of(request), delivery_id)
 
 
@@ -53,7 +56,7 @@ class ParallelHookController(Controller):
     """Unauthenticated (app.py excludes /v1/hooks/ from API keys): the signature is the check."""
 
     path = "/v1/hooks"
-    tags = ["hooks"]
+    tags = ("hooks",)
 
     @post("/parallel", operation_id="ReceiveParallelWebhook",
           summary="Parallel's task_run.status webhook (push mode): triggers a check of the run",

@@ -30,7 +30,8 @@ EVENT_COLUMNS = "sequence, type, conversation_id, turn_id, created_at, data"
 
 def to_event(row: asyncpg.Record) -> Event:
     return msgspec.convert(
-        {k: row[k] for k in ("sequence", "type", "conversation_id", "turn_id", "created_at", "data")},
+        {k: row[k]
+         for k in ("sequence", "type", "conversation_id", "turn_id", "created_at", "data")},
         Event,
     )
 
@@ -43,6 +44,7 @@ async def insert_event(conn: asyncpg.Connection, event_type: str, turn: Turn) ->
     """
     data = msgspec.to_builtins(turn)
     row = await conn.fetchrow(INSERT_EVENT_SQL, turn.conversation_id, event_type, turn.id, data)
+    assert row is not None  # the conversation is locked by the caller, so it exists
     event = to_event(row)
     if event_type in WEBHOOK_EVENT_TYPES:
         await insert_delivery(conn, event)

@@ -20,7 +20,7 @@ import pytest
 from service import queue as jobs_queue
 from service.clients.parallel import ParallelClient
 from service.db import turns as turn_db
-from service.domain import runs
+from service.domain import runs, starts
 from tests.helpers import (
     create_conversation,
     post_turn,
@@ -83,8 +83,8 @@ async def receiver():
 async def start(resources, turn: dict[str, Any]) -> str:
     """Run the turn's start as its start job does (the worker's own job function is not used so
     the test needs no queue consumer and sees what the start decided)."""
-    return await runs.start_turn(resources.pool, resources.parallel, resources.queue,
-                                 resources.settings, turn["id"])
+    return await starts.start_turn(resources.pool, resources.parallel, resources.queue,
+                                   resources.settings, turn["id"])
 
 
 def turn_path(turn: dict[str, Any]) -> str:
@@ -119,7 +119,7 @@ async def test_a_cancel_committed_while_a_claimed_check_holds_the_result_wins(
     finish must record nothing, write no event and queue no webhook.
 
     Mutation: SET_STATUS_SQL's `AND t.status = ANY($7::text[])` removed."""
-    conversation = await create_conversation(api, webhook_url="http://127.0.0.1:9/hook")
+    conversation = await create_conversation(api, webhook_url="http://127.0.0.1:1025/hook")
     turn = await post_turn(api, conversation["id"], "Done before the cancel lands")
     assert await start(resources, turn) == "started"
     run_id = (await get_turn(api, turn))["run_id"]

@@ -20,6 +20,7 @@ import pytest
 from service import queue as jobs_queue
 from service.clients.parallel import ParallelClient
 from service.db import turns as turn_db
+from service.devstack import free_port
 from service.domain import runs, starts
 from tests.helpers import (
     create_conversation,
@@ -119,7 +120,7 @@ async def test_a_cancel_committed_while_a_claimed_check_holds_the_result_wins(
     finish must record nothing, write no event and queue no webhook.
 
     Mutation: SET_STATUS_SQL's `AND t.status = ANY($7::text[])` removed."""
-    conversation = await create_conversation(api, webhook_url="http://127.0.0.1:1025/hook")
+    conversation = await create_conversation(api, webhook_url=f"http://127.0.0.1:{free_port()}/hook")
     turn = await post_turn(api, conversation["id"], "Done before the cancel lands")
     assert await start(resources, turn) == "started"
     run_id = (await get_turn(api, turn))["run_id"]

@@ -1,4 +1,5 @@
-"""Job names, the msgpack serializer pair and typed enqueue helpers (the API and the worker share them).
+"""Job names, the msgpack serializer pair, the queue protocol and typed enqueue helpers (the API
+and the worker share them).
 
 Jobs carry ids only; Postgres holds the state. Each job id is "<job>:<entity id>", so arq
 refuses a duplicate while one is queued, and the worker treats every job as possibly run twice.
@@ -6,8 +7,9 @@ refuses a duplicate while one is queued, and the worker treats every job as poss
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 from arq.connections import ArqRedis, RedisSettings, create_pool
@@ -22,6 +24,19 @@ RECONCILE = "reconcile"
 # whose write already committed logs it and lets the reconciler repair the queue later.
 QUEUE_UNAVAILABLE: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
 
+
+
+class Queue(Protocol):
+    """What service.domain needs of the queue (an arq Redis pool is one): enqueue a job, and
+    set a key with an expiry. The domain is typed against this, so it imports no arq."""
+
+    async def enqueue_job(self, function: str, *args: Any, **kwargs: Any) -> object | None: ...
+
+    def set(
+        self, name: str, value: bytes, *, ex: int | None = None, nx: bool = False
+    ) -> Awaitable[object]: ...
+
+
 _encoder = msgspec.msgpack.Encoder(enc_hook=repr)
 
 
@@ -30,7 +45,7 @@ def serialize(value: dict[str, Any]) -> bytes:
 
 
 def deserialize(data: bytes) -> dict[str, Any]:
-    return msgspec.msgpack.decode(data)  # type: ignore[no-any-return]
+    return msgspec.msgpack.decode(data, type=dict[str, Any])
 
 
 async def create_queue(redis_url: str) -> ArqRedis:
@@ -43,7 +58,7 @@ async def create_queue(redis_url: str) -> ArqRedis:
     )
 
 
-async def enqueue_start_turn(queue: ArqRedis, queue_name: str, turn_id: str) -> bool:
+async def enqueue_start_turn(queue: Queue, queue_name: str, turn_id: str) -> bool:
     """Ask a worker to start the turn if its conversation is ready for it; False when that job
     is already queued or running."""
     job = await queue.enqueue_job(
@@ -66,7 +81,7 @@ CHECK_PRIORITY = timedelta(hours=1)
 
 
 async def enqueue_check_turn(
-    queue: ArqRedis, queue_name: str, run_id: str, status: str | None = None
+    queue: Queue, queue_name: str, run_id: str, status: str | None = None
 ) -> None:
     """Ask a worker to check the run's turn now (Parallel told us the run changed, and to what
     status: a hint the check may use, never the truth it records)."""

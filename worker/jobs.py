@@ -11,8 +11,7 @@ from arq import Retry
 from service import metrics, queue
 from service.db import turns as turn_db
 from service.db.pool import DB_UNAVAILABLE
-from service.domain import runs, starts
-from service.domain.turns import enqueue_start
+from service.domain import lifecycle, runs, starts
 from service.errors import UpstreamUnavailable
 from service.resources import Resources
 
@@ -59,7 +58,7 @@ async def start_turn(ctx: dict[str, Any], turn_id: str) -> str:
             res.pool, res.parallel, res.queue, res.settings, turn_id, webhook_url=push_url(res),
             before_create=ctx["creation_limiter"].acquire,
         )
-    except starts.LeaseHeld as exc:
+    except lifecycle.LeaseHeld as exc:
         # A duplicate of this job (or one whose worker froze) holds the lease: look again when
         # it runs out, rather than ending and leaving the turn to the reconciler.
         raise Retry(defer=exc.seconds + 0.5) from exc
@@ -133,9 +132,8 @@ async def reconcile(ctx: dict[str, Any], min_age_s: float = 5.0) -> int:
     except DB_UNAVAILABLE as exc:
         log.warning("reconcile_db_unavailable", error=repr(exc))
         return 0
-    requeued = 0
-    for turn_id in turn_ids:
-        requeued += await enqueue_start(res.queue, settings, turn_id)
+    requeued = await lifecycle.after_commit(
+        lifecycle.FollowUps(start=tuple(turn_ids)), res.queue, settings)
     # A turn whose start job is still queued is not a repair; one whose job Redis lost is.
     metrics.reconciler_repairs("requeued_start", requeued)
     if requeued:

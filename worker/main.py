@@ -89,8 +89,9 @@ def build_worker(
                  max_tries=100),
         ],
         "cron_jobs": [
-            cron(jobs.reconcile, name=f"{queue.RECONCILE}:{settings.queue_name}", second=reconcile_seconds(
-                settings.reconcile_interval_s), run_at_startup=True, unique=True, keep_result=0),
+            cron(jobs.reconcile, name=f"{queue.RECONCILE}:{settings.queue_name}",
+                 second=reconcile_seconds(settings.reconcile_interval_s), run_at_startup=True,
+                 unique=True, keep_result=0),
         ],
         "on_startup": on_startup,
         "on_shutdown": on_shutdown,

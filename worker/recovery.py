@@ -11,7 +11,7 @@ creation limit) keep their delay.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -23,7 +23,7 @@ from service.db.pool import DB_UNAVAILABLE
 
 log = structlog.get_logger(__name__)
 
-Job = Callable[..., Awaitable[Any]]
+Job = Callable[..., Coroutine[Any, Any, Any]]  # what arq's func() takes
 
 
 class DbDeferredJobs:

@@ -18,7 +18,7 @@ from parallel import AsyncParallel
 try:
     import aiohttp
 except ImportError:  # the SDK falls back to httpx's own transport
-    aiohttp = None  # type: ignore[assignment]
+    aiohttp = None  # type: ignore[assignment]  # an optional module: None when not installed
 
 from service import metrics
 from service.errors import UpstreamRejected, UpstreamUnavailable
@@ -26,7 +26,6 @@ from service.models import FieldBasis
 
 T = TypeVar("T")
 WEBHOOK_BETA = "webhook-2025-08-12"
-EVENTS_BETA = "events-sse-2025-07-24"
 
 # Error codes a failed turn carries when Parallel refuses to start its run.
 REJECTION_CODES = {
@@ -85,8 +84,10 @@ def translate(exc: Exception) -> Exception:
                 f"Parallel answered {status}: {message}", retry_after=_retry_after(exc)
             )
         code = REJECTION_CODES.get(status, f"parallel_http_{status}")
-        return UpstreamRejected(f"Parallel answered {status}: {message}", status_code=status, code=code)
-    if isinstance(exc, parallel.APIResponseValidationError | httpx.HTTPError | msgspec.ValidationError):
+        return UpstreamRejected(f"Parallel answered {status}: {message}", status_code=status,
+                                code=code)
+    unreadable = parallel.APIResponseValidationError | httpx.HTTPError | msgspec.ValidationError
+    if isinstance(exc, unreadable):
         return UpstreamUnavailable(f"Parallel answered unexpectedly: {exc}")
     return exc
 
@@ -155,14 +156,15 @@ def _create_error(exc: Exception) -> Exception:
         error = UpstreamUnavailable("Parallel did not answer the create in time")
         error.in_doubt = error.timed_out = True
         return error
-    error = translate(exc)
-    if isinstance(error, UpstreamUnavailable):
+    translated = translate(exc)
+    if isinstance(translated, UpstreamUnavailable):
         if isinstance(exc, parallel.APIConnectionError):
-            error.in_doubt = not _failed_to_connect(exc)
-            error.timed_out = error.in_doubt and _no_answer_in_time(exc)
+            translated.in_doubt = not _failed_to_connect(exc)
+            translated.timed_out = translated.in_doubt and _no_answer_in_time(exc)
         elif not isinstance(exc, parallel.APIStatusError):
-            error.in_doubt = True  # it answered 2xx (a run exists) with a body we cannot read
-    return error
+            # It answered 2xx (a run exists) with a body we cannot read.
+            translated.in_doubt = True
+    return translated
 
 
 class ParallelClient:
@@ -244,7 +246,8 @@ class ParallelClient:
         return _convert(run.model_dump(mode="json"), RunInfo)
 
     async def result(self, run_id: str, *, wait_s: int = 5) -> RunResult:
-        """The output of a completed run; a run still active after wait_s raises UpstreamUnavailable."""
+        """The output of a completed run. Raises UpstreamUnavailable for a run still active
+        after wait_s."""
         try:
             with metrics.parallel_call("run_result"):
                 res = await self._sdk.task_run.result(

@@ -34,6 +34,7 @@ class AttemptState(msgspec.Struct, frozen=True):
 async def attempt_state(conn: asyncpg.Connection, turn_id: str, lease_s: float) -> AttemptState:
     """The turn's attempts as Postgres's clock sees the lease (call it with the turn locked)."""
     row = await conn.fetchrow(ATTEMPT_STATE_SQL, turn_id, lease_s)
+    assert row is not None  # the caller holds the turn's lock, so it exists
     return AttemptState(
         row["start_attempts"], list(row["doubtful_attempts"]), row["held"],
         float(row["lease_left_s"] or 0),
@@ -124,6 +125,7 @@ async def record_run(
     row = await conn.fetchrow(
         RECORD_RUN_SQL, turn_id, run_id, interaction_id, first_check_s, attempt
     )
+    assert row is not None  # one row always: the LEFT JOIN on (SELECT 1)
     if row["id"] is None:
         return Recorded(None, bool(row["extra"]))
     fields: dict[str, Any] = {k: v for k, v in row.items() if k != "extra"}

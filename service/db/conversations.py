@@ -1,4 +1,4 @@
-"""SQL for conversations. Every read is scoped by tenant: another tenant's id is simply not found."""
+"""SQL for conversations. Every read is scoped by tenant: another tenant's id is not found."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ def to_conversation(row: asyncpg.Record) -> Conversation:
 
 
 INSERT_CONVERSATION_SQL = f"""
-INSERT INTO conversation AS c (id, tenant_id, title, processor, metadata, webhook_url, webhook_secret)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+INSERT INTO conversation AS c (
+    id, tenant_id, title, processor, metadata, webhook_url, webhook_secret
+) VALUES ($1, $2, $3, $4, $5, $6, $7)
 RETURNING {CONVERSATION_COLUMNS}
 """
 
@@ -41,8 +42,10 @@ async def insert_conversation(
     webhook_secret: str | None,
 ) -> Conversation:
     row = await conn.fetchrow(
-        INSERT_CONVERSATION_SQL, id, tenant_id, title, processor, metadata, webhook_url, webhook_secret
+        INSERT_CONVERSATION_SQL, id, tenant_id, title, processor, metadata, webhook_url,
+        webhook_secret,
     )
+    assert row is not None  # an INSERT … RETURNING returns its row
     return to_conversation(row)
 
 
@@ -172,6 +175,7 @@ async def live_previous_secrets(
 ) -> tuple[int, float]:
     """How many replaced secrets still sign, and seconds until the oldest of them stops."""
     row = await conn.fetchrow(LIVE_PREVIOUS_SECRETS_SQL, conversation_id)
+    assert row is not None  # an aggregate returns one row
     return row["live"], row["oldest_expires_in_s"]
 
 
@@ -182,7 +186,9 @@ RETURNING id, pg_notify('research_events', id)
 """
 
 
-async def delete_conversation(conn: asyncpg.Connection, tenant_id: str, conversation_id: str) -> bool:
+async def delete_conversation(
+    conn: asyncpg.Connection, tenant_id: str, conversation_id: str
+) -> bool:
     return await conn.fetchval(DELETE_CONVERSATION_SQL, conversation_id, tenant_id) is not None
 
 
@@ -194,5 +200,7 @@ FOR UPDATE OF c
 
 
 async def lock_conversation_of_turn(conn: asyncpg.Connection, turn_id: str) -> str | None:
-    """Lock the turn's conversation (always before the turn itself: one lock order, no deadlocks)."""
-    return await conn.fetchval(LOCK_CONVERSATION_OF_TURN_SQL, turn_id)
+    """Lock the turn's conversation (always before the turn itself: one lock order, no
+    deadlocks); its id, or None when the turn is gone."""
+    conversation_id: str | None = await conn.fetchval(LOCK_CONVERSATION_OF_TURN_SQL, turn_id)
+    return conversation_id

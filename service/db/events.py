@@ -44,7 +44,7 @@ async def insert_event(conn: Conn, event_type: str, turn: Turn) -> Event:
     """
     data = msgspec.to_builtins(turn)
     row = await conn.fetchrow(INSERT_EVENT_SQL, turn.conversation_id, event_type, turn.id, data)
-    assert row is not None  # INSERT … RETURNING returns the row it inserted
+    assert row is not None  # the conversation is locked by the caller, so it exists
     event = to_event(row)
     if event_type in WEBHOOK_EVENT_TYPES:
         await insert_delivery(conn, event)

@@ -43,6 +43,7 @@ async def insert_turn(conn: asyncpg.Connection, **values: Any) -> Turn:
         values["metadata"], values["idempotency_key"], values["request_hash"],
         values.get("estimated_cost_usd", 0),
     )
+    assert row is not None  # an INSERT … RETURNING returns its row
     return to_turn(row)
 
 
@@ -82,7 +83,8 @@ TURN_PARENT_SQL = "SELECT conversation_id FROM turn WHERE id = $1 AND tenant_id 
 
 
 async def turn_conversation(conn: asyncpg.Connection, tenant_id: str, turn_id: str) -> str | None:
-    return await conn.fetchval(TURN_PARENT_SQL, turn_id, tenant_id)
+    conversation_id: str | None = await conn.fetchval(TURN_PARENT_SQL, turn_id, tenant_id)
+    return conversation_id
 
 
 LIST_TURNS_SQL = f"""
@@ -147,7 +149,9 @@ ORDER BY seq
 """
 
 
-async def open_turns(conn: asyncpg.Connection | asyncpg.Pool, conversation_id: str) -> list[asyncpg.Record]:
+async def open_turns(
+    conn: asyncpg.Connection | asyncpg.Pool, conversation_id: str
+) -> list[asyncpg.Record]:
     return await conn.fetch(OPEN_TURNS_SQL, conversation_id)
 
 
@@ -159,7 +163,9 @@ LIMIT 1
 """
 
 
-async def head_turn(conn: asyncpg.Connection | asyncpg.Pool, conversation_id: str) -> asyncpg.Record | None:
+async def head_turn(
+    conn: asyncpg.Connection | asyncpg.Pool, conversation_id: str
+) -> asyncpg.Record | None:
     """The conversation's oldest open turn: the one running, or the next to start."""
     return await conn.fetchrow(HEAD_TURN_SQL, conversation_id)
 
@@ -197,13 +203,15 @@ SELECT interaction_id FROM ancestor WHERE status = 'completed' ORDER BY depth LI
 async def previous_interaction(conn: asyncpg.Connection, parent_turn_id: str | None) -> str | None:
     if parent_turn_id is None:
         return None
-    return await conn.fetchval(PREVIOUS_INTERACTION_SQL, parent_turn_id)
+    interaction_id: str | None = await conn.fetchval(PREVIOUS_INTERACTION_SQL, parent_turn_id)
+    return interaction_id
 
 
 # Claim due checks: push each claimed turn's next check a lease ahead, so a worker that dies
 # mid-check only delays it, and other workers skip rows this one holds.
 CLAIM_DUE_SQL = """
-UPDATE turn AS t SET next_check_at = now() + make_interval(secs => $2), check_count = t.check_count + 1
+UPDATE turn AS t SET next_check_at = now() + make_interval(secs => $2),
+    check_count = t.check_count + 1
 FROM (
     SELECT id FROM turn
     WHERE status = 'running' AND next_check_at <= now()
@@ -216,7 +224,9 @@ RETURNING t.id, t.conversation_id, t.run_id, t.processor, t.started_at, t.check_
 """
 
 
-async def claim_due(conn: asyncpg.Connection | asyncpg.Pool, limit: int, lease_s: float) -> list[asyncpg.Record]:
+async def claim_due(
+    conn: asyncpg.Connection | asyncpg.Pool, limit: int, lease_s: float
+) -> list[asyncpg.Record]:
     return await conn.fetch(CLAIM_DUE_SQL, limit, lease_s)
 
 
@@ -254,13 +264,15 @@ UPDATE turn SET next_check_at = now() WHERE run_id = $1 AND status = 'running' R
 
 async def check_now(conn: asyncpg.Connection | asyncpg.Pool, run_id: str) -> str | None:
     """Make a running turn's check due now (Parallel said its run changed)."""
-    return await conn.fetchval(CHECK_NOW_SQL, run_id)
+    turn_id: str | None = await conn.fetchval(CHECK_NOW_SQL, run_id)
+    return turn_id
 
 
 # A webhook reported the run finished: claim its turn for a check now, whenever it was due (the
 # lease keeps the follower off it meanwhile). Same columns as CLAIM_DUE_SQL.
 CLAIM_RUN_SQL = """
-UPDATE turn AS t SET next_check_at = now() + make_interval(secs => $2), check_count = t.check_count + 1
+UPDATE turn AS t SET next_check_at = now() + make_interval(secs => $2),
+    check_count = t.check_count + 1
 WHERE t.run_id = $1 AND t.status = 'running'
 RETURNING t.id, t.conversation_id, t.run_id, t.processor, t.started_at, t.check_count
 """
@@ -284,7 +296,8 @@ NEXT_DUE_SQL = "SELECT min(next_check_at) FROM turn WHERE status = 'running'"
 
 
 async def next_due(conn: asyncpg.Connection | asyncpg.Pool) -> datetime | None:
-    return await conn.fetchval(NEXT_DUE_SQL)
+    due: datetime | None = await conn.fetchval(NEXT_DUE_SQL)
+    return due
 
 
 # Heads of conversations that are waiting for a worker: the reconciler re-enqueues them.

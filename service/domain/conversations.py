@@ -13,7 +13,7 @@ import msgspec
 from service.config import Settings
 from service.db import conversations as db
 from service.db import usage as usage_db
-from service.domain import turns as turn_domain
+from service.domain import lifecycle
 from service.domain.cursors import decode_cursor, encode_cursor
 from service.domain.validation import check_processor
 from service.domain.webhook_urls import check_webhook_url
@@ -58,7 +58,9 @@ async def create_conversation(
     return conversation, secret
 
 
-async def get_conversation(pool: asyncpg.Pool, tenant_id: str, conversation_id: str) -> Conversation:
+async def get_conversation(
+    pool: asyncpg.Pool, tenant_id: str, conversation_id: str
+) -> Conversation:
     """Raises NotFound for unknown ids and for other tenants' ids alike."""
     conversation = await db.get_conversation(pool, tenant_id, conversation_id)
     if conversation is None:
@@ -70,7 +72,7 @@ async def list_conversations(
     pool: asyncpg.Pool, tenant_id: str, limit: int, cursor: str | None
 ) -> ConversationPage:
     before = decode_cursor(cursor, datetime, str) if cursor else None
-    rows = await db.list_conversations(pool, tenant_id, before, limit + 1)  # type: ignore[arg-type]
+    rows = await db.list_conversations(pool, tenant_id, before, limit + 1)
     page, more = rows[:limit], len(rows) > limit
     next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if more else None
     return ConversationPage(data=page, next_cursor=next_cursor)
@@ -88,7 +90,7 @@ async def update_conversation(
         raise InvalidInput("processor cannot be null.")
     if changes.get("webhook_url"):
         await check_webhook_url(changes["webhook_url"], settings.webhook_allow_private)
-    async with pool.acquire() as conn, conn.transaction():
+    async with lifecycle.transaction(pool) as conn:
         current = await db.lock_conversation(conn, tenant_id, conversation_id)
         if current is None:
             raise NotFound(f"Conversation {conversation_id!r} not found.")
@@ -105,7 +107,7 @@ async def rotate_webhook_secret(pool: asyncpg.Pool, tenant_id: str, conversation
     keeps signing beside it. Raises NotFound, InvalidInput (no webhook_url) and TooManyRequests
     past MAX_PREVIOUS_SECRETS rotations within 24 hours."""
     secret = new_webhook_secret()
-    async with pool.acquire() as conn, conn.transaction():
+    async with lifecycle.transaction(pool) as conn:
         current = await db.lock_conversation(conn, tenant_id, conversation_id)
         if current is None:
             raise NotFound(f"Conversation {conversation_id!r} not found.")
@@ -131,8 +133,9 @@ async def delete_conversation(
 
     Its spend is kept (deleted_usage): deleting a conversation gives no budget back.
     """
-    await turn_domain.cancel_open_turns(pool, tenant_id, conversation_id)
-    async with pool.acquire() as conn, conn.transaction():
+    _, follow_ups = await lifecycle.cancel_open_turns(pool, tenant_id, conversation_id)
+    await lifecycle.after_commit(follow_ups)
+    async with lifecycle.transaction(pool) as conn:
         if await db.lock_conversation(conn, tenant_id, conversation_id) is None:
             raise NotFound(f"Conversation {conversation_id!r} not found.")
         await usage_db.archive_usage(conn, tenant_id, conversation_id)

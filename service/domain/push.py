@@ -24,7 +24,6 @@ from collections.abc import Mapping
 import asyncpg
 import msgspec
 import structlog
-from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
 from service import metrics
@@ -119,7 +118,7 @@ def parse_parallel_webhook(body: bytes) -> ParallelWebhook:
 
 
 async def receive_parallel_webhook(
-    pool: asyncpg.Pool, queue: ArqRedis, settings: Settings, headers: Mapping[str, str],
+    pool: asyncpg.Pool, queue: jobs.Queue, settings: Settings, headers: Mapping[str, str],
     body: bytes,
 ) -> str | None:
     """Verify the delivery and have its run checked now, once per webhook-id; returns the run id

@@ -1,64 +1,45 @@
 """Turns as the worker sees them: check a run, record how it ended (service.domain.starts
-creates it).
-
-Lock order in every transaction that changes a turn: its conversation row first, then the turn.
-"""
+creates it; service.domain.lifecycle makes every change of the turn)."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import msgspec
 import structlog
-from arq.connections import ArqRedis
 
-from service import metrics
 from service.clients.parallel import ParallelClient, RunResult
 from service.config import Settings
-from service.db import attempts as attempt_db
-from service.db import conversations as conversation_db
-from service.db import events as event_db
 from service.db import turns as db
+from service.domain import lifecycle
 from service.domain.schedule import check_delay, poll_cap, poll_start, profile
-from service.domain.turns import enqueue_start
 from service.errors import UpstreamRejected, UpstreamUnavailable
 from service.models import Turn
+from service.queue import Queue
 
 log = structlog.get_logger(__name__)
 
 
 async def finish(
-    pool: asyncpg.Pool, queue: ArqRedis | None, settings: Settings, turn_id: str, status: str,
-    *, from_statuses: tuple[str, ...] = ("running",), attempt: int | None = None, **fields: Any,
+    pool: asyncpg.Pool, queue: Queue | None, settings: Settings, turn_id: str, status: str,
+    **fields: Any,
 ) -> Turn | None:
-    """Record a terminal status unless the turn already ended (a cancel wins); start the next turn.
-
-    With `attempt`, a queued turn fails for that start attempt, only while it owns the turn's
-    start lease (a stale attempt's failure changes nothing)."""
-    async with pool.acquire() as conn, conn.transaction():
-        conversation_id = await conversation_db.lock_conversation_of_turn(conn, turn_id)
-        if conversation_id is None:
-            return None
-        if attempt is not None:
-            turn = await attempt_db.fail_start(conn, turn_id, attempt, fields["error"])
-        else:
-            turn = await db.finish_turn(conn, turn_id, status, from_statuses=from_statuses, **fields)
-        if turn is None:
-            log.info("late_result_ignored", turn_id=turn_id, status=status)
-            return None
-        await event_db.insert_event(conn, f"turn.{status}", turn)
-        head = await db.head_turn(conn, conversation_id)
-    log.info("turn_finished", turn_id=turn_id, status=status)
-    metrics.turn_transition(turn)
-    if head is not None and head["status"] == "queued":
-        await enqueue_start(queue, settings, head["id"])
+    """Record how the turn's run ended, unless the turn already ended (a cancel wins), then
+    start the next turn: `status` "completed" (output, basis), "failed" (error) or "timeout"
+    (error; the run may go on upstream). None when nothing changed."""
+    transitions: dict[str, Callable[..., Awaitable[lifecycle.Ended]]] = {
+        "completed": lifecycle.complete, "failed": lifecycle.fail, "timeout": lifecycle.time_out,
+    }
+    turn, follow_ups = await transitions[status](pool, turn_id, **fields)
+    await lifecycle.after_commit(follow_ups, queue, settings)
     return turn
 
 
 async def check_turn(
-    pool: asyncpg.Pool, parallel: ParallelClient, queue: ArqRedis | None, settings: Settings,
+    pool: asyncpg.Pool, parallel: ParallelClient, queue: Queue | None, settings: Settings,
     due: asyncpg.Record, later: list[tuple[str, float]] | None = None,
     reported_status: str | None = None,
 ) -> str:
@@ -89,6 +70,7 @@ async def check_turn(
                      error={"code": exc.code, "message": exc.detail})
         return "failed"
     if run.status == "completed":
+        assert result is not None  # asked for whenever the run completed
         output = {"type": result.output.type, "content": result.output.content}
         await finish(pool, queue, settings, turn_id, "completed", output=output,
                      basis=msgspec.to_builtins(result.output.basis))
@@ -100,7 +82,7 @@ async def check_turn(
         return "failed"
     elapsed = (datetime.now(UTC) - due["started_at"]).total_seconds()
     if elapsed > profile(processor).deadline_s * settings.run_deadline_scale:
-        await finish(pool, queue, settings, turn_id, "failed", upstream_may_continue=True,
+        await finish(pool, queue, settings, turn_id, "timeout",
                      error={"code": "timeout",
                             "message": f"The run was still {run.status} after {elapsed:.0f} s."})
         return "timeout"

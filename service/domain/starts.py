@@ -8,7 +8,8 @@ keeps being retried until the job's own deadline: its write is fenced, so once a
 holds the lease it lands in turn_extra_run with its run id instead. See README, "Guarantees",
 for what may still be billed.
 
-Lock order in every transaction that changes a turn: its conversation row first, then the turn.
+Each write is a transition of service.domain.lifecycle (begin_attempt, record_run,
+abandon_attempt, fail_attempt), which locks the conversation row first, then the turn.
 """
 
 from __future__ import annotations
@@ -20,18 +21,13 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 import msgspec
 import structlog
-from arq.connections import ArqRedis
 
 from service import metrics
 from service import queue as jobs
 from service.clients.parallel import ParallelClient, RunInfo
 from service.config import Settings
-from service.db import attempts as db
-from service.db import conversations as conversation_db
-from service.db import events as event_db
-from service.db import turns as turn_db
 from service.db.pool import DB_UNAVAILABLE
-from service.domain.runs import finish
+from service.domain import lifecycle
 from service.domain.schedule import check_delay, poll_cap, poll_start
 from service.errors import UpstreamRejected, UpstreamUnavailable
 from service.models import Turn
@@ -44,14 +40,6 @@ ATTEMPT_TAG = "rs_attempt"
 
 # A create given less time than this is not sent (the attempt is abandoned and retried).
 MIN_CREATE_S = 1.0
-
-
-class LeaseHeld(Exception):
-    """Another attempt owns the turn's start lease for `seconds` more: look again then."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__(f"a start attempt holds the lease for {seconds:.1f} s more")
-        self.seconds = seconds
 
 
 class Attempt(msgspec.Struct, kw_only=True):
@@ -83,73 +71,37 @@ def attempt_deadlines(settings: Settings, began: float) -> tuple[float, float, f
 
 
 async def start_turn(
-    pool: asyncpg.Pool, parallel: ParallelClient, queue: ArqRedis | None, settings: Settings,
+    pool: asyncpg.Pool, parallel: ParallelClient, queue: jobs.Queue | None, settings: Settings,
     turn_id: str, webhook_url: str | None = None,
     before_create: Callable[[], Awaitable[None]] | None = None,
 ) -> str:
-    """Create the turn's Parallel run if the turn is next in its conversation; returns what happened.
+    """Create the turn's Parallel run if it is next in its conversation; returns what happened.
 
     `before_create` may raise UpstreamUnavailable to defer (the global creation rate limit).
     Raises UpstreamUnavailable (retry later), LeaseHeld (another attempt is live), or what
     asyncpg raises while Postgres is away.
     """
     began = time.monotonic()
-    async with pool.acquire() as conn, conn.transaction():
-        begun = await _begin(conn, settings, turn_id, began)
+    begun, follow_ups = await lifecycle.begin_attempt(pool, settings, turn_id)
+    await lifecycle.after_commit(follow_ups, queue, settings)
     if isinstance(begun, str):
-        if begun == "create_in_doubt":
-            await _fail_in_doubt(pool, queue, settings, turn_id, None)
         return begun
-    attempt = begun
-    if attempt.previous_lost:
-        _lost(turn_id, attempt.number - 1)
+    create_by, record_by, give_up_by = attempt_deadlines(settings, began)
+    attempt = Attempt(turn=begun.turn, number=begun.number,
+                      previous_interaction_id=begun.previous_interaction_id,
+                      previous_lost=begun.previous_lost, create_by=create_by,
+                      record_by=record_by, give_up_by=give_up_by)
     # No connection is held while Parallel answers.
     try:
         run = await _create(parallel, attempt, webhook_url, before_create)
     except UpstreamUnavailable as exc:
         return await _abandon(pool, queue, settings, attempt, exc)
     except UpstreamRejected as exc:
-        await finish(pool, queue, settings, turn_id, "failed", attempt=attempt.number,
-                     error={"code": exc.code, "message": exc.detail})
+        _, follow_ups = await lifecycle.fail_attempt(
+            pool, turn_id, attempt.number, {"code": exc.code, "message": exc.detail})
+        await lifecycle.after_commit(follow_ups, queue, settings)
         return "rejected"
-    return await _record_run(pool, settings, attempt, run)
-
-
-async def _begin(
-    conn: asyncpg.Connection, settings: Settings, turn_id: str, began: float
-) -> Attempt | str:
-    if await conversation_db.lock_conversation_of_turn(conn, turn_id) is None:
-        return "gone"
-    turn = await turn_db.lock_turn(conn, turn_id)
-    assert turn is not None
-    if turn.status != "queued" or turn.run_id is not None:
-        return "not-queued"
-    head = await turn_db.head_turn(conn, turn.conversation_id)
-    if head is None or head["id"] != turn_id:
-        return "waiting"
-    state = await db.attempt_state(conn, turn_id, settings.start_lease_s)
-    if state.held and state.lease_left_s > 0:
-        raise LeaseHeld(state.lease_left_s)
-    if 0 < settings.max_doubtful_attempts <= len(state.doubtful) + state.held:
-        # One more create could bill one more run: the turn fails instead.
-        if state.held:
-            _lost(turn_id, state.attempts)
-            await db.abandon_start(conn, turn_id, state.attempts, in_doubt=True)
-        return "create_in_doubt"
-    previous = await turn_db.previous_interaction(conn, turn.parent_turn_id)
-    number = await db.begin_start(conn, turn_id, previous, state.attempts, settings.start_lease_s)
-    assert number is not None  # the turn is locked and its lease was free
-    create_by, record_by, give_up_by = attempt_deadlines(settings, began)
-    return Attempt(turn=turn, number=number, previous_interaction_id=previous,
-                   previous_lost=state.held, create_by=create_by, record_by=record_by,
-                   give_up_by=give_up_by)
-
-
-def _lost(turn_id: str, attempt: int) -> None:
-    """The attempt never came back (its worker died or froze; its lease ran out), maybe after
-    Parallel had made its run."""
-    log.warning("create_in_doubt", turn_id=turn_id, attempt=attempt, reason="attempt_lost")
-    metrics.create_in_doubt("attempt_lost")
+    return await _record_run(pool, queue, settings, attempt, run)
 
 
 async def _create(
@@ -179,7 +131,7 @@ async def _create(
 
 
 async def _abandon(
-    pool: asyncpg.Pool, queue: ArqRedis | None, settings: Settings, attempt: Attempt,
+    pool: asyncpg.Pool, queue: jobs.Queue | None, settings: Settings, attempt: Attempt,
     exc: UpstreamUnavailable,
 ) -> str:
     """End the attempt without a run; fail the turn once too many creates are in doubt, else
@@ -192,53 +144,44 @@ async def _abandon(
         log.warning("create_in_doubt", turn_id=turn_id, attempt=attempt.number, reason=reason,
                     error=exc.detail)
         metrics.create_in_doubt(reason)
-    doubtful = await db.abandon_start(pool, turn_id, attempt.number, in_doubt=exc.in_doubt)
-    if doubtful is not None and doubtful >= settings.max_doubtful_attempts:
-        await _fail_in_doubt(pool, queue, settings, turn_id, attempt.number)
-        return "create_in_doubt"
+    outcome, follow_ups = await lifecycle.abandon_attempt(
+        pool, settings, turn_id, attempt.number, in_doubt=exc.in_doubt)
+    await lifecycle.after_commit(follow_ups, queue, settings)
+    if outcome == "create_in_doubt":
+        return outcome
     raise exc
 
 
-async def _fail_in_doubt(
-    pool: asyncpg.Pool, queue: ArqRedis | None, settings: Settings, turn_id: str,
-    attempt: int | None,
-) -> None:
-    """Fail the turn rather than pay for one more run: max_doubtful_attempts creates may each
-    have made a run already."""
-    message = (
-        f"Parallel did not answer {settings.max_doubtful_attempts} requests to create this "
-        "turn's run in time; each may have made a billed run that cannot be looked up, so the "
-        "turn is not tried again. Post the question again to retry."
-    )
-    await finish(pool, queue, settings, turn_id, "failed", attempt=attempt,
-                 error={"code": "create_in_doubt", "message": message})
-
-
 async def _record_run(
-    pool: asyncpg.Pool, settings: Settings, attempt: Attempt, run: RunInfo
+    pool: asyncpg.Pool, queue: jobs.Queue | None, settings: Settings, attempt: Attempt,
+    run: RunInfo,
 ) -> str:
     """Store the new run's ids, retrying while Postgres is away. Past the attempt's record
     deadline the run can no longer be the turn's for sure, but it is still known by id: the
     fenced write keeps it (as the turn's run while no newer attempt took over, else as an extra
     run), so retries go on until give_up_by, and only then is the log line its only record."""
-    turn_id = attempt.turn.id
+    turn = attempt.turn
+    first_check = check_delay(turn.processor, 0, poll_start(settings), poll_cap(settings))
     delay = 0.2
     while True:
         try:
-            async with pool.acquire() as conn:
-                return await _record_run_once(conn, settings, attempt, run)
+            outcome, follow_ups = await lifecycle.record_run(
+                pool, turn, attempt.number, run.run_id, run.interaction_id, first_check)
         except DB_UNAVAILABLE as exc:
             if time.monotonic() + delay > attempt.give_up_by:
                 _not_recorded(attempt, run, exc)
                 raise
             late = time.monotonic() > attempt.record_by
-            log.warning("record_run_retry", turn_id=turn_id, run_id=run.run_id, error=repr(exc),
+            log.warning("record_run_retry", turn_id=turn.id, run_id=run.run_id, error=repr(exc),
                         past_lease=late)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
         except BaseException as exc:  # cancelled (shutdown, job timeout) or a bug
             _not_recorded(attempt, run, exc)
             raise
+        else:
+            await lifecycle.after_commit(follow_ups, queue, settings)
+            return outcome
 
 
 def _not_recorded(attempt: Attempt, run: RunInfo, exc: BaseException) -> None:
@@ -247,31 +190,3 @@ def _not_recorded(attempt: Attempt, run: RunInfo, exc: BaseException) -> None:
     log.error("run_not_recorded", turn_id=attempt.turn.id, attempt=attempt.number,
               run_id=run.run_id, interaction_id=run.interaction_id, error=repr(exc))
     metrics.extra_run("unrecorded")
-
-
-async def _record_run_once(
-    conn: asyncpg.Connection, settings: Settings, attempt: Attempt, run: RunInfo
-) -> str:
-    turn = attempt.turn
-    first_check = check_delay(turn.processor, 0, poll_start(settings), poll_cap(settings))
-    async with conn.transaction():
-        if await conversation_db.lock_conversation_of_turn(conn, turn.id) is None:
-            recorded = None
-        else:
-            recorded = await db.record_run(conn, turn.id, attempt.number, run.run_id,
-                                           run.interaction_id, first_check)
-            if recorded.turn is not None and recorded.turn.status == "running":
-                await event_db.insert_event(conn, "turn.running", recorded.turn)
-    if recorded is None or recorded.turn is None:
-        reason = "turn_deleted" if recorded is None else "stale_attempt"
-        # Billed and never read; kept in turn_extra_run (unless the turn is gone). See README.
-        log.warning("extra_run", turn_id=turn.id, attempt=attempt.number, run_id=run.run_id,
-                    reason=reason)
-        if recorded is None or recorded.extra:
-            metrics.extra_run(reason)
-        return "extra-run"
-    log.info("run_started", turn_id=turn.id, run_id=run.run_id, status=recorded.turn.status)
-    if recorded.turn.status == "running":
-        metrics.turn_transition(recorded.turn)
-        return "started"
-    return recorded.turn.status

@@ -1,33 +1,30 @@
-"""Turns as the API sees them: create (idempotently), read, wait, list, cancel."""
+"""Turns as the API sees them: create (idempotently), read, wait, list, cancel.
+
+Every change of a turn is a transition of service.domain.lifecycle."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hashlib
-import secrets
 import time
+from typing import Any
 
 import asyncpg
 import msgspec
-import structlog
-from arq.connections import ArqRedis
 
-from service import metrics
-from service import queue as jobs
 from service.config import Settings
 from service.db import conversations as conversation_db
-from service.db import events as event_db
 from service.db import turns as db
+from service.domain import lifecycle
 from service.domain.cursors import Seq, decode_cursor, encode_cursor
 from service.domain.feeds import Feeds, terminal_event_of
 from service.domain.usage import check_quotas, estimate_cost
 from service.domain.validation import check_turn_request
-from service.errors import Conflict, InvalidInput, NotFound
+from service.errors import InvalidInput, NotFound
 from service.models import TERMINAL_STATUSES, Turn
+from service.queue import Queue
 from service.schemas import TurnCreate, TurnPage
-
-log = structlog.get_logger(__name__)
 
 IDEMPOTENCY_KEY_MAX = 255
 
@@ -38,7 +35,7 @@ def request_hash(data: TurnCreate) -> bytes:
 
 async def create_turn(
     pool: asyncpg.Pool,
-    queue: ArqRedis | None,
+    queue: Queue | None,
     settings: Settings,
     tenant_id: str,
     conversation_id: str,
@@ -52,51 +49,23 @@ async def create_turn(
     """
     if idempotency_key is not None and not 0 < len(idempotency_key) <= IDEMPOTENCY_KEY_MAX:
         raise InvalidInput(f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters.")
-    digest = request_hash(data)
-    async with pool.acquire() as conn, conn.transaction():
-        conversation = await _lock_conversation(conn, tenant_id, conversation_id)
-        replay = None
-        if idempotency_key is not None:
-            replay = await _replay(conn, conversation_id, idempotency_key, digest)
-        if replay is None:
-            turn, open_before = await _insert_queued_turn(
-                conn, settings, tenant_id, conversation, data, idempotency_key, digest
-            )
-    if replay is not None:
-        turn, start = replay
-        if start:
-            await enqueue_start(queue, settings, turn.id)
-        return turn
-    metrics.turn_transition(turn)
-    if open_before == 0:  # the conversation's only open turn: nothing runs before it
-        await enqueue_start(queue, settings, turn.id)
+
+    async def draft(conn: asyncpg.Connection, conversation: asyncpg.Record) -> dict[str, Any]:
+        return await _draft_turn(conn, settings, tenant_id, conversation, data)
+
+    turn, follow_ups = await lifecycle.queue_turn(
+        pool, tenant_id, conversation_id, idempotency_key, request_hash(data), draft
+    )
+    await lifecycle.after_commit(follow_ups, queue, settings)
     return turn
 
 
-async def _replay(
-    conn: asyncpg.Connection, conversation_id: str, idempotency_key: str, digest: bytes
-) -> tuple[Turn, bool] | None:
-    """The first answer for this Idempotency-Key, and whether its turn must be enqueued: the
-    first request may have died between its commit and its enqueue, and the turn should not
-    wait for the reconciler (a start job still queued dedupes the enqueue). Raises Conflict."""
-    previous = await db.get_idempotent_answer(conn, conversation_id, idempotency_key)
-    if previous is None:
-        return None
-    if previous["request_hash"] != digest:
-        raise Conflict("This Idempotency-Key was used with a different request body.")
-    turn = msgspec.convert(previous["first_response"], Turn, strict=False)
-    if previous["status"] != "queued":
-        return turn, False
-    head = await db.head_turn(conn, conversation_id)
-    return turn, head is not None and head["id"] == previous["id"]
-
-
-async def _insert_queued_turn(
+async def _draft_turn(
     conn: asyncpg.Connection, settings: Settings, tenant_id: str, conversation: asyncpg.Record,
-    data: TurnCreate, idempotency_key: str | None, digest: bytes,
-) -> tuple[Turn, int]:
-    """Insert the turn and its turn.queued event (the conversation is locked); returns it with
-    the number of the conversation's turns open before it."""
+    data: TurnCreate,
+) -> dict[str, Any]:
+    """Check the request against the locked conversation and the tenant's quotas; the new
+    turn's values."""
     conversation_id = conversation["id"]
     processor = data.processor or conversation["processor"]
     check_turn_request(settings, data, processor)
@@ -110,45 +79,16 @@ async def _insert_queued_turn(
         )
     cost = estimate_cost(processor)
     # The conversation is locked, so no turn of it opens or closes before we commit.
-    open_before = await check_quotas(conn, settings, tenant_id, conversation_id, cost)
-    turn = await db.insert_turn(
-        conn,
-        id=f"turn_{secrets.token_hex(12)}",
-        conversation_id=conversation_id,
-        tenant_id=tenant_id,
-        seq=conversation["turn_count"] + 1,
-        parent_turn_id=parent_id,
-        input=data.input,
-        processor=processor,
-        output_schema=msgspec.to_builtins(data.output_schema),
-        metadata=data.metadata,
-        idempotency_key=idempotency_key,
-        request_hash=digest,
-        estimated_cost_usd=cost,
-    )
-    await event_db.insert_event(conn, "turn.queued", turn)
-    if idempotency_key is not None:
-        await db.set_first_response(conn, turn.id, msgspec.to_builtins(turn))
-    return turn, open_before
-
-
-async def enqueue_start(queue: ArqRedis | None, settings: Settings, turn_id: str) -> bool:
-    """Enqueue a start; if Redis is down the reconciler finds the turn later, so only log.
-    True when a job was added (False: already queued, or Redis is down)."""
-    if queue is None:
-        return False
-    try:
-        return await jobs.enqueue_start_turn(queue, settings.queue_name, turn_id)
-    except jobs.QUEUE_UNAVAILABLE as exc:
-        log.warning("enqueue_failed", turn_id=turn_id, error=repr(exc))
-        return False
-
-
-async def _lock_conversation(conn: asyncpg.Connection, tenant_id: str, conversation_id: str) -> asyncpg.Record:
-    conversation = await conversation_db.lock_conversation(conn, tenant_id, conversation_id)
-    if conversation is None:
-        raise NotFound(f"Conversation {conversation_id!r} not found.")
-    return conversation
+    await check_quotas(conn, settings, tenant_id, conversation_id, cost)
+    return {
+        "seq": conversation["turn_count"] + 1,
+        "parent_turn_id": parent_id,
+        "input": data.input,
+        "processor": processor,
+        "output_schema": msgspec.to_builtins(data.output_schema),
+        "metadata": data.metadata,
+        "estimated_cost_usd": cost,
+    }
 
 
 async def get_turn(pool: asyncpg.Pool, tenant_id: str, conversation_id: str, turn_id: str) -> Turn:
@@ -205,44 +145,10 @@ async def list_turns(
 
 
 async def cancel_turn(
-    pool: asyncpg.Pool, queue: ArqRedis | None, settings: Settings, tenant_id: str,
+    pool: asyncpg.Pool, queue: Queue | None, settings: Settings, tenant_id: str,
     conversation_id: str, turn_id: str,
 ) -> Turn:
     """Cancel a queued or running turn (idempotent). Raises NotFound, or Conflict once it ended."""
-    async with pool.acquire() as conn, conn.transaction():
-        await _lock_conversation(conn, tenant_id, conversation_id)
-        turn = await db.lock_turn(conn, turn_id)
-        if turn is None or turn.conversation_id != conversation_id:
-            raise NotFound(f"Turn {turn_id!r} not found in conversation {conversation_id!r}.")
-        if turn.status == "cancelled":
-            return turn
-        if turn.status in ("completed", "failed"):
-            raise Conflict(f"The turn already ended: it is {turn.status}.")
-        cancelled = await db.finish_turn(
-            conn, turn_id, "cancelled", from_statuses=("queued", "running"),
-            upstream_may_continue=turn.status == "running",
-        )
-        assert cancelled is not None
-        await event_db.insert_event(conn, "turn.cancelled", cancelled)
-        head = await db.head_turn(conn, conversation_id)
-    metrics.turn_transition(cancelled)
-    if head is not None and head["status"] == "queued":
-        await enqueue_start(queue, settings, head["id"])
+    cancelled, follow_ups = await lifecycle.cancel(pool, tenant_id, conversation_id, turn_id)
+    await lifecycle.after_commit(follow_ups, queue, settings)
     return cancelled
-
-
-async def cancel_open_turns(pool: asyncpg.Pool, tenant_id: str, conversation_id: str) -> None:
-    """Cancel every open turn of the conversation, newest first, without starting others."""
-    done: list[Turn] = []
-    async with pool.acquire() as conn, conn.transaction():
-        await _lock_conversation(conn, tenant_id, conversation_id)
-        for row in reversed(await db.open_turns(conn, conversation_id)):
-            cancelled = await db.finish_turn(
-                conn, row["id"], "cancelled", from_statuses=("queued", "running"),
-                upstream_may_continue=row["status"] == "running",
-            )
-            if cancelled is not None:
-                await event_db.insert_event(conn, "turn.cancelled", cancelled)
-                done.append(cancelled)
-    for cancelled in done:
-        metrics.turn_transition(cancelled)

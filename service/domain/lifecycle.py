@@ -1,0 +1,389 @@
+"""The turn lifecycle: every change of a turn's state, each one transition in one transaction.
+
+Every transition locks in one order (the conversation row first, then the turn: no deadlocks),
+runs its guarded UPDATE (a turn that has ended changes no more, so whichever end commits first
+wins: a cancel wins over a late result), and writes its event in the same transaction (a
+terminal event also writes its webhook delivery there: service.db.events). What must happen
+once it has committed (start the conversation's next turn, count the transition, log) it
+returns as FollowUps, which `after_commit` runs: a queue (Redis) failure there is logged, never
+raised, since the write is committed and the reconciler enqueues what could not be.
+
+    queued --begin_attempt/record_run--> running --complete | fail | time_out--> ended
+    queued --fail_attempt | abandon_attempt | begin_attempt (too many in doubt)--> failed
+    queued | running --cancel | cancel_open_turns--> cancelled
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import asyncpg
+import msgspec
+import structlog
+
+from service import metrics
+from service import queue as jobs
+from service.config import Settings
+from service.db import attempts as attempt_db
+from service.db import conversations as conversation_db
+from service.db import events as event_db
+from service.db import turns as turn_db
+from service.errors import Conflict, NotFound
+from service.models import Turn
+
+log = structlog.get_logger(__name__)
+
+
+@asynccontextmanager
+async def transaction(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection inside a transaction that commits when the block ends."""
+    async with pool.acquire() as proxy, proxy.transaction():
+        # The pool's proxy forwards every Connection method to the connection it holds.
+        yield cast(asyncpg.Connection, proxy)
+
+
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    event: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class FollowUps:
+    """What a committed transition leaves to do; `+` joins two."""
+
+    start: tuple[str, ...] = ()  # turns to enqueue a start job for (each its conversation's head)
+    counted: tuple[Turn, ...] = ()  # turns whose new status the metrics count
+    in_doubt: tuple[str, ...] = ()  # research_create_in_doubt_total reasons
+    extra_runs: tuple[str, ...] = ()  # research_extra_runs_total reasons
+    logs: tuple[LogLine, ...] = ()
+
+    def __add__(self, other: FollowUps) -> FollowUps:
+        return FollowUps(self.start + other.start, self.counted + other.counted,
+                         self.in_doubt + other.in_doubt, self.extra_runs + other.extra_runs,
+                         self.logs + other.logs)
+
+
+NOTHING = FollowUps()
+# The turn a transition ended (None: it had ended already, or it is gone), and its follow-ups.
+Ended = tuple[Turn | None, FollowUps]
+
+
+async def after_commit(
+    follow_ups: FollowUps, queue: jobs.Queue | None = None, settings: Settings | None = None
+) -> int:
+    """Run a committed transition's follow-ups; returns how many start jobs were added (none
+    without a queue and its settings: the reconciler starts those turns)."""
+    for line in follow_ups.logs:
+        getattr(log, line.level)(line.event, **line.fields)
+    for turn in follow_ups.counted:
+        metrics.turn_transition(turn)
+    for reason in follow_ups.in_doubt:
+        metrics.create_in_doubt(reason)
+    for reason in follow_ups.extra_runs:
+        metrics.extra_run(reason)
+    added = 0
+    if settings is not None:
+        for turn_id in follow_ups.start:
+            added += await enqueue_start(queue, settings, turn_id)
+    return added
+
+
+async def enqueue_start(queue: jobs.Queue | None, settings: Settings, turn_id: str) -> bool:
+    """Enqueue a start; with Redis down the reconciler finds the turn later, so only log.
+    True when a job was added (False: already queued, or Redis is down)."""
+    if queue is None:
+        return False
+    try:
+        return await jobs.enqueue_start_turn(queue, settings.queue_name, turn_id)
+    except jobs.QUEUE_UNAVAILABLE as exc:
+        log.warning("enqueue_failed", turn_id=turn_id, error=repr(exc))
+        return False
+
+
+async def _next_head(conn: asyncpg.Connection, conversation_id: str) -> FollowUps:
+    """Start the conversation's oldest open turn once this commits, if it waits for a worker."""
+    head = await turn_db.head_turn(conn, conversation_id)
+    if head is None or head["status"] != "queued":
+        return NOTHING
+    return FollowUps(start=(head["id"],))
+
+
+async def _lock_conversation(
+    conn: asyncpg.Connection, tenant_id: str, conversation_id: str
+) -> asyncpg.Record:
+    conversation = await conversation_db.lock_conversation(conn, tenant_id, conversation_id)
+    if conversation is None:
+        raise NotFound(f"Conversation {conversation_id!r} not found.")
+    return conversation
+
+
+# queue ----------------------------------------------------------------------------------------
+
+# Called under the conversation's lock with its row (id, processor, turn_count, last_turn_id):
+# checks the request (raising what the API answers) and returns the rest of insert_turn's
+# values (seq, parent_turn_id, input, processor, output_schema, metadata, estimated_cost_usd).
+Draft = Callable[[asyncpg.Connection, asyncpg.Record], Awaitable[dict[str, Any]]]
+
+
+async def queue_turn(
+    pool: asyncpg.Pool, tenant_id: str, conversation_id: str, idempotency_key: str | None,
+    digest: bytes, draft: Draft,
+) -> tuple[Turn, FollowUps]:
+    """Append a queued turn with its turn.queued event, or replay the first answer for this
+    Idempotency-Key; either way its start is a follow-up when it is the conversation's head (a
+    first request may have died between its commit and its enqueue; a queued job dedupes).
+    Raises NotFound, Conflict (the key with another body), and what `draft` raises."""
+    async with transaction(pool) as conn:
+        conversation = await _lock_conversation(conn, tenant_id, conversation_id)
+        if idempotency_key is not None:
+            replayed = await _replay(conn, conversation_id, idempotency_key, digest)
+            if replayed is not None:
+                return replayed
+        turn = await turn_db.insert_turn(
+            conn, id=f"turn_{secrets.token_hex(12)}", conversation_id=conversation_id,
+            tenant_id=tenant_id, idempotency_key=idempotency_key, request_hash=digest,
+            **await draft(conn, conversation),
+        )
+        await event_db.insert_event(conn, "turn.queued", turn)
+        if idempotency_key is not None:
+            await turn_db.set_first_response(conn, turn.id, msgspec.to_builtins(turn))
+        head = await turn_db.head_turn(conn, conversation_id)
+    start = (turn.id,) if head is not None and head["id"] == turn.id else ()
+    return turn, FollowUps(start=start, counted=(turn,))
+
+
+async def _replay(
+    conn: asyncpg.Connection, conversation_id: str, idempotency_key: str, digest: bytes
+) -> tuple[Turn, FollowUps] | None:
+    previous = await turn_db.get_idempotent_answer(conn, conversation_id, idempotency_key)
+    if previous is None:
+        return None
+    if previous["request_hash"] != digest:
+        raise Conflict("This Idempotency-Key was used with a different request body.")
+    turn = msgspec.convert(previous["first_response"], Turn, strict=False)
+    if previous["status"] != "queued":
+        return turn, NOTHING
+    head = await turn_db.head_turn(conn, conversation_id)
+    start = (turn.id,) if head is not None and head["id"] == previous["id"] else ()
+    return turn, FollowUps(start=start)
+
+
+# start: an attempt's lease, then its run ------------------------------------------------------
+
+
+class LeaseHeld(Exception):
+    """Another attempt owns the turn's start lease for `seconds` more: look again then."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"a start attempt holds the lease for {seconds:.1f} s more")
+        self.seconds = seconds
+
+
+class Begun(msgspec.Struct, frozen=True, kw_only=True):
+    turn: Turn
+    number: int
+    previous_interaction_id: str | None
+    previous_lost: bool  # the attempt before never came back (its lease ran out)
+
+
+def _lost(turn_id: str, attempt: int) -> FollowUps:
+    """The attempt never came back (its worker died or froze), maybe after Parallel made its run."""
+    line = LogLine("create_in_doubt", {"turn_id": turn_id, "attempt": attempt,
+                                       "reason": "attempt_lost"}, "warning")
+    return FollowUps(in_doubt=("attempt_lost",), logs=(line,))
+
+
+async def begin_attempt(
+    pool: asyncpg.Pool, settings: Settings, turn_id: str
+) -> tuple[Begun | str, FollowUps]:
+    """Begin a start attempt (its lease) if the turn is queued and its conversation's head, or
+    say why not: "gone", "not-queued", "waiting", or "create_in_doubt" (too many creates may
+    each have made a run already: the turn failed instead). Raises LeaseHeld."""
+    async with transaction(pool) as conn:
+        if await conversation_db.lock_conversation_of_turn(conn, turn_id) is None:
+            return "gone", NOTHING
+        turn = await turn_db.lock_turn(conn, turn_id)
+        assert turn is not None  # its conversation is locked, so it cannot be deleted
+        if turn.status != "queued" or turn.run_id is not None:
+            return "not-queued", NOTHING
+        head = await turn_db.head_turn(conn, turn.conversation_id)
+        if head is None or head["id"] != turn_id:
+            return "waiting", NOTHING
+        state = await attempt_db.attempt_state(conn, turn_id, settings.start_lease_s)
+        if state.held and state.lease_left_s > 0:
+            raise LeaseHeld(state.lease_left_s)
+        lost = _lost(turn_id, state.attempts) if state.held else NOTHING
+        if 0 < settings.max_doubtful_attempts <= len(state.doubtful) + state.held:
+            if state.held:
+                await attempt_db.abandon_start(conn, turn_id, state.attempts, in_doubt=True)
+            return "create_in_doubt", lost + await _fail_in_doubt(conn, settings, turn_id,
+                                                                  state.attempts)
+        previous = await turn_db.previous_interaction(conn, turn.parent_turn_id)
+        number = await attempt_db.begin_start(conn, turn_id, previous, state.attempts,
+                                              settings.start_lease_s)
+        assert number is not None  # the turn is locked and its lease was free
+    return Begun(turn=turn, number=number, previous_interaction_id=previous,
+                 previous_lost=state.held), lost
+
+
+async def record_run(
+    pool: asyncpg.Pool, turn: Turn, attempt: int, run_id: str, interaction_id: str,
+    first_check_s: float,
+) -> tuple[str, FollowUps]:
+    """Store the attempt's run: the queued turn becomes running ("started"; a cancelled one
+    keeps it as a run that may go on), or, once a newer attempt owns the lease or the turn is
+    gone, the run is an "extra-run" (kept in turn_extra_run while the turn exists)."""
+    async with transaction(pool) as conn:
+        if await conversation_db.lock_conversation_of_turn(conn, turn.id) is None:
+            recorded = None
+        else:
+            recorded = await attempt_db.record_run(conn, turn.id, attempt, run_id,
+                                                   interaction_id, first_check_s)
+            if recorded.turn is not None and recorded.turn.status == "running":
+                await event_db.insert_event(conn, "turn.running", recorded.turn)
+    if recorded is None or recorded.turn is None:
+        reason = "turn_deleted" if recorded is None else "stale_attempt"
+        # Billed and never read. See README, "Guarantees".
+        line = LogLine("extra_run", {"turn_id": turn.id, "attempt": attempt, "run_id": run_id,
+                                     "reason": reason}, "warning")
+        counted = (reason,) if recorded is None or recorded.extra else ()
+        return "extra-run", FollowUps(extra_runs=counted, logs=(line,))
+    status = recorded.turn.status
+    line = LogLine("run_started", {"turn_id": turn.id, "run_id": run_id, "status": status})
+    if status == "running":
+        return "started", FollowUps(counted=(recorded.turn,), logs=(line,))
+    return status, FollowUps(logs=(line,))
+
+
+async def abandon_attempt(
+    pool: asyncpg.Pool, settings: Settings, turn_id: str, attempt: int, *, in_doubt: bool
+) -> tuple[str, FollowUps]:
+    """End the attempt without a run, so the next one need not wait out its lease: "abandoned",
+    "stale" (it no longer owned the lease), or "create_in_doubt" when this made too many
+    creates in doubt (the turn failed). `in_doubt`: its create may have made a run."""
+    async with transaction(pool) as conn:
+        if await conversation_db.lock_conversation_of_turn(conn, turn_id) is None:
+            return "stale", NOTHING
+        doubtful = await attempt_db.abandon_start(conn, turn_id, attempt, in_doubt=in_doubt)
+        if doubtful is None:
+            return "stale", NOTHING
+        if doubtful < settings.max_doubtful_attempts:
+            return "abandoned", NOTHING
+        return "create_in_doubt", await _fail_in_doubt(conn, settings, turn_id, attempt)
+
+
+async def fail_attempt(
+    pool: asyncpg.Pool, turn_id: str, attempt: int, error: dict[str, str]
+) -> Ended:
+    """Fail the queued turn for its attempt (Parallel refused the create); None, changing
+    nothing, once a newer attempt owns the turn or it left `queued` (a cancel won)."""
+    async with transaction(pool) as conn:
+        conversation_id = await conversation_db.lock_conversation_of_turn(conn, turn_id)
+        if conversation_id is None:
+            return None, NOTHING
+        turn = await attempt_db.fail_start(conn, turn_id, attempt, error)
+        return turn, await _ended(conn, turn_id, "failed", turn)
+
+
+async def _fail_in_doubt(
+    conn: asyncpg.Connection, settings: Settings, turn_id: str, attempt: int
+) -> FollowUps:
+    message = (
+        f"Parallel did not answer {settings.max_doubtful_attempts} requests to create this "
+        "turn's run in time; each may have made a billed run that cannot be looked up, so the "
+        "turn is not tried again. Post the question again to retry."
+    )
+    turn = await attempt_db.fail_start(conn, turn_id, attempt,
+                                       {"code": "create_in_doubt", "message": message})
+    return await _ended(conn, turn_id, "failed", turn)
+
+
+# a run's end --------------------------------------------------------------------------------
+
+
+async def complete(pool: asyncpg.Pool, turn_id: str, output: Any, basis: Any) -> Ended:
+    """The run completed: record its output and basis, unless the turn already ended."""
+    return await _finish(pool, turn_id, "completed", output=output, basis=basis)
+
+
+async def fail(pool: asyncpg.Pool, turn_id: str, error: dict[str, str]) -> Ended:
+    """The run failed (or Parallel refused to say how it is): fail the running turn."""
+    return await _finish(pool, turn_id, "failed", error=error)
+
+
+async def time_out(pool: asyncpg.Pool, turn_id: str, error: dict[str, str]) -> Ended:
+    """The run outlived its processor's deadline: fail the turn; its run may go on upstream."""
+    return await _finish(pool, turn_id, "failed", error=error, upstream_may_continue=True)
+
+
+async def _finish(pool: asyncpg.Pool, turn_id: str, status: str, **fields: Any) -> Ended:
+    async with transaction(pool) as conn:
+        if await conversation_db.lock_conversation_of_turn(conn, turn_id) is None:
+            return None, NOTHING
+        turn = await turn_db.finish_turn(conn, turn_id, status, from_statuses=("running",),
+                                         **fields)
+        return turn, await _ended(conn, turn_id, status, turn)
+
+
+async def _ended(
+    conn: asyncpg.Connection, turn_id: str, status: str, turn: Turn | None
+) -> FollowUps:
+    """The terminal event of a turn that just ended (in its transaction), and its follow-ups."""
+    if turn is None:
+        return FollowUps(logs=(LogLine("late_result_ignored", {"turn_id": turn_id,
+                                                               "status": status}),))
+    await event_db.insert_event(conn, f"turn.{turn.status}", turn)
+    ended = FollowUps(counted=(turn,), logs=(LogLine("turn_finished", {"turn_id": turn_id,
+                                                                       "status": turn.status}),))
+    return ended + await _next_head(conn, turn.conversation_id)
+
+
+# cancel -------------------------------------------------------------------------------------
+
+
+async def cancel(
+    pool: asyncpg.Pool, tenant_id: str, conversation_id: str, turn_id: str
+) -> tuple[Turn, FollowUps]:
+    """Cancel a queued or running turn (idempotent); the next turn starts once it commits.
+    Raises NotFound, or Conflict once the turn has completed or failed."""
+    async with transaction(pool) as conn:
+        await _lock_conversation(conn, tenant_id, conversation_id)
+        turn = await turn_db.lock_turn(conn, turn_id)
+        if turn is None or turn.conversation_id != conversation_id:
+            raise NotFound(f"Turn {turn_id!r} not found in conversation {conversation_id!r}.")
+        if turn.status == "cancelled":
+            return turn, NOTHING
+        if turn.status in ("completed", "failed"):
+            raise Conflict(f"The turn already ended: it is {turn.status}.")
+        cancelled = await turn_db.finish_turn(
+            conn, turn_id, "cancelled", from_statuses=("queued", "running"),
+            upstream_may_continue=turn.status == "running",
+        )
+        assert cancelled is not None  # locked and open
+        await event_db.insert_event(conn, "turn.cancelled", cancelled)
+        return cancelled, FollowUps(counted=(cancelled,)) + await _next_head(conn, conversation_id)
+
+
+async def cancel_open_turns(
+    pool: asyncpg.Pool, tenant_id: str, conversation_id: str
+) -> tuple[list[Turn], FollowUps]:
+    """Cancel every open turn of the conversation, newest first, starting none (it is being
+    deleted). Raises NotFound."""
+    done: list[Turn] = []
+    async with transaction(pool) as conn:
+        await _lock_conversation(conn, tenant_id, conversation_id)
+        for row in reversed(await turn_db.open_turns(conn, conversation_id)):
+            cancelled = await turn_db.finish_turn(
+                conn, row["id"], "cancelled", from_statuses=("queued", "running"),
+                upstream_may_continue=row["status"] == "running",
+            )
+            if cancelled is not None:
+                await event_db.insert_event(conn, "turn.cancelled", cancelled)
+                done.append(cancelled)
+    return done, FollowUps(counted=tuple(done))

@@ -7,7 +7,7 @@ become UpstreamUnavailable (retry later) or UpstreamRejected (give up).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Literal, TypeVar
 
 import httpx
@@ -257,7 +257,7 @@ class ParallelClient:
             raise translate(exc) from exc
         return _convert(res.model_dump(mode="json"), RunResult)
 
-    async def progress(self, run_id: str) -> AsyncIterator[dict[str, Any]]:
+    async def progress(self, run_id: str) -> AsyncGenerator[dict[str, Any], None]:
         """Yield the run's progress events (Parallel's SSE stream) as plain dicts."""
         try:
             with metrics.parallel_call("run_events"):

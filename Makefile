@@ -41,7 +41,7 @@ lint-openapi: install  ## Redocly lint of openapi/openapi.json, and the generate
 	npx --yes @redocly/cli@2.77.0 lint --extends recommended openapi/openapi.json
 	$(BIN)/python -m pytest -q tests/test_generated_client.py -m "not slow"
 
-test: install
+test: lint  ## lint and types first (zero findings), then the whole suite
 	$(BIN)/python -m pytest -q
 
 test-fast: install

@@ -14,7 +14,7 @@ from service.config import Settings
 from service.db import conversations as db
 from service.db import usage as usage_db
 from service.domain import lifecycle
-from service.domain.cursors import decode_cursor, encode_cursor
+from service.domain.cursors import decode_cursor, page_of
 from service.domain.validation import check_processor
 from service.domain.webhook_urls import check_webhook_url
 from service.errors import InvalidInput, NotFound, TooManyRequests
@@ -73,8 +73,7 @@ async def list_conversations(
 ) -> ConversationPage:
     before = decode_cursor(cursor, datetime, str) if cursor else None
     rows = await db.list_conversations(pool, tenant_id, before, limit + 1)
-    page, more = rows[:limit], len(rows) > limit
-    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if more else None
+    page, next_cursor = page_of(rows, limit, lambda c: (c.created_at, c.id))
     return ConversationPage(data=page, next_cursor=next_cursor)
 
 

@@ -17,7 +17,7 @@ from service.config import Settings
 from service.db import conversations as conversation_db
 from service.db import turns as db
 from service.domain import lifecycle
-from service.domain.cursors import Seq, decode_cursor, encode_cursor
+from service.domain.cursors import Seq, decode_cursor, page_of
 from service.domain.feeds import Feeds, terminal_event_of
 from service.domain.usage import check_quotas, estimate_cost
 from service.domain.validation import check_turn_request
@@ -140,8 +140,8 @@ async def list_turns(
     if await conversation_db.get_conversation(pool, tenant_id, conversation_id) is None:
         raise NotFound(f"Conversation {conversation_id!r} not found.")
     rows = await db.list_turns(pool, conversation_id, after, limit + 1)
-    page, more = rows[:limit], len(rows) > limit
-    return TurnPage(data=page, next_cursor=encode_cursor(page[-1].seq) if more else None)
+    page, next_cursor = page_of(rows, limit, lambda t: (t.seq,))
+    return TurnPage(data=page, next_cursor=next_cursor)
 
 
 async def cancel_turn(

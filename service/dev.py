@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import hashlib
 import os
 import signal
@@ -24,6 +23,7 @@ from typing import Any
 import httpx
 import msgspec
 
+from sandbox.server import PortBusy, bind
 from service.config import Settings
 from service.db import keys
 from service.db.migrate import migrate
@@ -45,17 +45,13 @@ def _say(message: str) -> None:
 
 def _bind(host: str, port: int, what: str, knob: str, keep: bool = True) -> socket.socket | None:
     """Listen-ready socket on host:port (SO_REUSEADDR, as uvicorn), or DevError in one line."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
+        sock = bind(host, port)
+    except PortBusy:
+        where = "" if host == "0.0.0.0" else f" on {host}"
+        raise DevError(f"port {port} ({what}) is already in use{where}: stop what holds it "
+                       f"(another `make run`?) or choose another: make run {knob}=…") from None
     except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            where = "" if host == "0.0.0.0" else f" on {host}"
-            raise DevError(f"port {port} ({what}) is already in use{where}: stop what holds it "
-                           f"(another `make run`?) or choose another: make run {knob}=…") from None
         raise DevError(f"cannot listen on {host}:{port} ({what}): {exc.strerror}") from None
     if keep:
         return sock

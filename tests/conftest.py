@@ -15,7 +15,8 @@ from sandbox.server import SandboxServer
 from service.app import create_app
 from service.config import Settings
 from service.resources import Resources
-from tests.helpers import new_key, running_worker
+from tests.helpers import guarded_client, new_key, running_worker
+from tests.receivers import Receiver, receiving
 from tests.servers import (
     TEMPLATE_DB,
     clone_template,
@@ -112,3 +113,19 @@ async def worker(settings: Settings) -> AsyncIterator[object]:
     """An arq worker running in this event loop, with its follower, until the test ends."""
     async with running_worker(settings) as w:
         yield w
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    """A webhook receiver on a free local port, answering 200 (tests.receivers)."""
+    async with receiving() as receiver:
+        yield receiver
+
+
+@pytest.fixture
+async def guarded_api(
+    settings: Settings, resources: Resources, api_key: str
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The API with WEBHOOK_ALLOW_PRIVATE off."""
+    async with guarded_client(settings, resources, api_key) as http:
+        yield http

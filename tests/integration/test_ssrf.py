@@ -9,31 +9,16 @@ import pytest
 from tests.helpers import (
     create_conversation,
     fast_webhook_retries,
-    guarded_client,
     post_turn,
     running_worker,
     wait_ledger,
     wait_turn,
 )
-from tests.receivers import receiving
 
 
 @pytest.fixture
 def settings(settings):
     return fast_webhook_retries(settings)
-
-
-@pytest.fixture
-async def receiver():
-    async with receiving() as receiver:
-        yield receiver
-
-
-@pytest.fixture
-async def guarded_api(settings, resources, api_key):
-    """The API with WEBHOOK_ALLOW_PRIVATE off."""
-    async with guarded_client(settings, resources, api_key) as http:
-        yield http
 
 
 @pytest.mark.parametrize("url", [

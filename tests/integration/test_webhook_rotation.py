@@ -21,7 +21,7 @@ from tests.helpers import (
     wait_turn,
     with_database,
 )
-from tests.receivers import Received, Receiver, receiving
+from tests.receivers import Received, Receiver
 
 UNRELATED_SECRET = "whsec_" + "QUJD" * 10 + "QUI="
 
@@ -29,12 +29,6 @@ UNRELATED_SECRET = "whsec_" + "QUJD" * 10 + "QUI="
 @pytest.fixture
 def settings(settings):
     return fast_webhook_retries(settings)
-
-
-@pytest.fixture
-async def receiver():
-    async with receiving() as receiver:
-        yield receiver
 
 
 async def age_secrets(resources, conversation_id: str, seconds: float) -> None:

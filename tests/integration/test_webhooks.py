@@ -12,7 +12,6 @@ from standardwebhooks import Webhook
 from tests.helpers import (
     create_conversation,
     fast_webhook_retries,
-    guarded_client,
     ledger,
     new_key,
     post_turn,
@@ -21,25 +20,11 @@ from tests.helpers import (
     wait_turn,
 )
 from tests.processes import WorkerProcess
-from tests.receivers import receiving
 
 
 @pytest.fixture
 def settings(settings):
     return fast_webhook_retries(settings)
-
-
-@pytest.fixture
-async def receiver():
-    async with receiving() as receiver:
-        yield receiver
-
-
-@pytest.fixture
-async def guarded_api(settings, resources, api_key):
-    """The API with WEBHOOK_ALLOW_PRIVATE off."""
-    async with guarded_client(settings, resources, api_key) as http:
-        yield http
 
 
 async def test_a_completed_turn_is_posted_once_signed_with_the_answer(api, worker, receiver):

@@ -240,6 +240,7 @@ async def test_many_runs_complete_on_schedule(
     records = (await control.get("/_sandbox/runs")).json()["data"]
     lags = [r["completed_at_monotonic"] - r["due_at_monotonic"] for r in records]
     # Finished by the scheduler's timer, not by the polls: without it a run would end only
-    # when polled (3.3 s and more here, with the timer broken by hand). The timer fires late by however long the event loop
-    # is busy with the burst of 600 requests (0.56 s once on this 2-core machine).
+    # when polled (3.3 s and more here, with the timer broken by hand). The timer fires late
+    # by however long the event loop is busy with the burst of 600 requests (0.56 s once on
+    # this 2-core machine).
     assert max(lags) < 2.0

@@ -7,6 +7,7 @@ ServiceError
   ├── PaymentRequired     402  (the tenant's monthly budget is spent)
   ├── NotFound            404
   ├── Conflict            409
+  │     └── ConversationBusy  `if_busy: "reject"` and a turn is queued or running
   ├── TooManyRequests     429
   │     ├── RateLimited       the key's requests per minute (with Retry-After)
   │     ├── TooManyOpenTurns  queued plus running turns of a conversation or tenant
@@ -81,6 +82,14 @@ class Conflict(ServiceError):
     status = 409
     type_ = "conflict"
     title = "Conflict"
+
+
+class ConversationBusy(Conflict):
+    """The conversation already has a queued or running turn, and the request asked
+    `if_busy: "reject"`; nothing was written."""
+
+    type_ = "conversation-busy"
+    title = "Conversation busy"
 
 
 class TooManyRequests(ServiceError):

@@ -75,12 +75,23 @@ TurnInput = (
 )
 
 
+# What a new turn does when its conversation already has a queued or running turn.
+IfBusy = Annotated[
+    Literal["enqueue", "reject", "interrupt"],
+    Meta(description="When the conversation already has a queued or running turn: `enqueue` "
+                     "queues behind it; `reject` answers 409 `/problems/conversation-busy` and "
+                     "writes nothing; `interrupt` cancels every open turn (as cancel does) in "
+                     "the same transaction, then queues this one"),
+]
+
+
 class TurnCreate(Request):
     input: TurnInput
     processor: Processor | None = None
     output_schema: OutputSchema = msgspec.field(default_factory=TextOutputSchema)
     parent_turn_id: Id | None = None
     metadata: Metadata = {}
+    if_busy: IfBusy = "enqueue"
 
 
 class ConversationWithSecret(Conversation, kw_only=True, omit_defaults=True):

@@ -10,7 +10,7 @@ raised, since the write is committed and the reconciler enqueues what could not 
 
     queued --begin_attempt/record_run--> running --complete | fail | time_out--> ended
     queued --fail_attempt | abandon_attempt | begin_attempt (too many in doubt)--> failed
-    queued | running --cancel | cancel_open_turns--> cancelled
+    queued | running --cancel | cancel_open_turns | queue_turn (if_busy interrupt)--> cancelled
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from service.db import attempts as attempt_db
 from service.db import conversations as conversation_db
 from service.db import events as event_db
 from service.db import turns as turn_db
-from service.errors import Conflict, NotFound
+from service.errors import Conflict, ConversationBusy, NotFound
 from service.models import Turn
+from service.schemas import IfBusy
 
 log = structlog.get_logger(__name__)
 
@@ -133,18 +134,29 @@ Draft = Callable[[asyncpg.Connection, asyncpg.Record], Awaitable[dict[str, Any]]
 
 async def queue_turn(
     pool: asyncpg.Pool, tenant_id: str, conversation_id: str, idempotency_key: str | None,
-    digest: bytes, draft: Draft,
+    digest: bytes, draft: Draft, *, if_busy: IfBusy = "enqueue",
 ) -> tuple[Turn, FollowUps]:
     """Append a queued turn with its turn.queued event, or replay the first answer for this
     Idempotency-Key; either way its start is a follow-up when it is the conversation's head (a
     first request may have died between its commit and its enqueue; a queued job dedupes).
-    Raises NotFound, Conflict (the key with another body), and what `draft` raises."""
+
+    When the conversation has an open (queued or running) turn, `if_busy` says what happens
+    first: "enqueue" nothing (the new turn waits behind it), "reject" raises ConversationBusy,
+    "interrupt" cancels every open turn in this transaction, as `cancel` does. A replay comes
+    before either: it answers the first answer whatever the conversation is doing now.
+    Raises NotFound, Conflict (the key with another body), ConversationBusy, and what `draft`
+    raises (after an interrupt's cancels, which then roll back with the rest)."""
+    interrupted: list[Turn] = []
     async with transaction(pool) as conn:
         conversation = await _lock_conversation(conn, tenant_id, conversation_id)
         if idempotency_key is not None:
             replayed = await _replay(conn, conversation_id, idempotency_key, digest)
             if replayed is not None:
                 return replayed
+        if if_busy == "reject":
+            await _refuse_if_busy(conn, conversation_id)
+        elif if_busy == "interrupt":
+            interrupted = await _cancel_open(conn, conversation_id)
         turn = await turn_db.insert_turn(
             conn, id=f"turn_{secrets.token_hex(12)}", conversation_id=conversation_id,
             tenant_id=tenant_id, idempotency_key=idempotency_key, request_hash=digest,
@@ -155,7 +167,22 @@ async def queue_turn(
             await turn_db.set_first_response(conn, turn.id, msgspec.to_builtins(turn))
         head = await turn_db.head_turn(conn, conversation_id)
     start = (turn.id,) if head is not None and head["id"] == turn.id else ()
-    return turn, FollowUps(start=start, counted=(turn,))
+    queued = FollowUps(start=start, counted=(*interrupted, turn))
+    if not interrupted:
+        return turn, queued
+    line = LogLine("turns_interrupted", {"turn_id": turn.id,
+                                         "cancelled": [t.id for t in interrupted]})
+    return turn, queued + FollowUps(logs=(line,))
+
+
+async def _refuse_if_busy(conn: asyncpg.Connection, conversation_id: str) -> None:
+    head = await turn_db.head_turn(conn, conversation_id)
+    if head is not None:
+        raise ConversationBusy(
+            f"Conversation {conversation_id!r} already has a turn {head['status']} "
+            f"({head['id']}); post again once it ends, or with if_busy \"interrupt\" to "
+            "cancel it."
+        )
 
 
 async def _replay(
@@ -361,12 +388,8 @@ async def cancel(
             return turn, NOTHING
         if turn.status in ("completed", "failed"):
             raise Conflict(f"The turn already ended: it is {turn.status}.")
-        cancelled = await turn_db.finish_turn(
-            conn, turn_id, "cancelled", from_statuses=("queued", "running"),
-            upstream_may_continue=turn.status == "running",
-        )
+        cancelled = await _cancel_locked(conn, turn_id, turn.status)
         assert cancelled is not None  # locked and open
-        await event_db.insert_event(conn, "turn.cancelled", cancelled)
         return cancelled, FollowUps(counted=(cancelled,)) + await _next_head(conn, conversation_id)
 
 
@@ -375,15 +398,30 @@ async def cancel_open_turns(
 ) -> tuple[list[Turn], FollowUps]:
     """Cancel every open turn of the conversation, newest first, starting none (it is being
     deleted). Raises NotFound."""
-    done: list[Turn] = []
     async with transaction(pool) as conn:
         await _lock_conversation(conn, tenant_id, conversation_id)
-        for row in reversed(await turn_db.open_turns(conn, conversation_id)):
-            cancelled = await turn_db.finish_turn(
-                conn, row["id"], "cancelled", from_statuses=("queued", "running"),
-                upstream_may_continue=row["status"] == "running",
-            )
-            if cancelled is not None:
-                await event_db.insert_event(conn, "turn.cancelled", cancelled)
-                done.append(cancelled)
+        done = await _cancel_open(conn, conversation_id)
     return done, FollowUps(counted=tuple(done))
+
+
+async def _cancel_open(conn: asyncpg.Connection, conversation_id: str) -> list[Turn]:
+    """Cancel every open turn of the locked conversation, newest first."""
+    done: list[Turn] = []
+    for row in reversed(await turn_db.open_turns(conn, conversation_id)):
+        cancelled = await _cancel_locked(conn, row["id"], row["status"])
+        if cancelled is not None:
+            done.append(cancelled)
+    return done
+
+
+async def _cancel_locked(conn: asyncpg.Connection, turn_id: str, status: str) -> Turn | None:
+    """Cancel an open turn of the locked conversation, with its turn.cancelled event (and so its
+    webhook delivery); a running one's run may still finish upstream, which the turn says. None
+    when it had already ended."""
+    cancelled = await turn_db.finish_turn(
+        conn, turn_id, "cancelled", from_statuses=("queued", "running"),
+        upstream_may_continue=status == "running",
+    )
+    if cancelled is not None:
+        await event_db.insert_event(conn, "turn.cancelled", cancelled)
+    return cancelled

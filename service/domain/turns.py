@@ -30,7 +30,13 @@ IDEMPOTENCY_KEY_MAX = 255
 
 
 def request_hash(data: TurnCreate) -> bytes:
-    return hashlib.sha256(msgspec.json.encode(data, order="sorted")).digest()
+    """The body's digest for Idempotency-Key: its fields, sorted. `if_busy: "enqueue"` (the
+    default) counts as absent, so a body that names it matches one that does not, and keys
+    stored before the field existed keep matching."""
+    body = msgspec.to_builtins(data)
+    if body["if_busy"] == "enqueue":
+        del body["if_busy"]
+    return hashlib.sha256(msgspec.json.encode(body, order="sorted")).digest()
 
 
 async def create_turn(
@@ -45,7 +51,9 @@ async def create_turn(
     """Append a queued turn and ask a worker to start it when its conversation is ready.
 
     The same Idempotency-Key with the same body returns the first answer; with another body,
-    Conflict. Raises NotFound, InvalidInput, TooManyOpenTurns, PaymentRequired.
+    Conflict. `data.if_busy` says what to do when the conversation has an open turn
+    (lifecycle.queue_turn). Raises NotFound, InvalidInput, ConversationBusy, TooManyOpenTurns,
+    PaymentRequired.
     """
     if idempotency_key is not None and not 0 < len(idempotency_key) <= IDEMPOTENCY_KEY_MAX:
         raise InvalidInput(f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters.")
@@ -54,7 +62,8 @@ async def create_turn(
         return await _draft_turn(conn, settings, tenant_id, conversation, data)
 
     turn, follow_ups = await lifecycle.queue_turn(
-        pool, tenant_id, conversation_id, idempotency_key, request_hash(data), draft
+        pool, tenant_id, conversation_id, idempotency_key, request_hash(data), draft,
+        if_busy=data.if_busy,
     )
     await lifecycle.after_commit(follow_ups, queue, settings)
     return turn

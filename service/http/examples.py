@@ -151,6 +151,10 @@ CREATE_TURN = (
     example("branch", "Branch from an earlier turn", {
         "input": "And in 2022?", "parent_turn_id": TURN_1,
     }),
+    example("reject-if-busy", "Refuse (409) while the conversation's previous turn is open",
+            {"input": "How many were gold?", "if_busy": "reject"}),
+    example("interrupt", "Replace the open turn with this question",
+            {"input": "Actually: how many were gold?", "if_busy": "interrupt"}),
 )
 EVENT = {
     "sequence": 4, "type": "turn.completed", "conversation_id": CONVERSATION_ID,

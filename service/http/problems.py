@@ -64,15 +64,26 @@ PROBLEM_EXAMPLES = {
 }
 
 
-def problem_responses(*statuses: int, auth: bool = True) -> dict[int, ResponseSpec]:
-    """OpenAPI entries for a route's problem+json answers; /v1 routes add the ones all can give."""
+# Further answers some routes give, beside the one of PROBLEM_EXAMPLES.
+BUSY_EXAMPLE = _example(
+    409, "conversation-busy", "Conversation busy",
+    "Conversation 'conv_5d3aaf9f42be041f26853248' already has a turn running "
+    "(turn_8e1f0c6b2a9d4e7f3c5b1a0d); post again once it ends, or with if_busy \"interrupt\" "
+    "to cancel it.")
+
+
+def problem_responses(
+    *statuses: int, auth: bool = True, also: tuple[dict[str, Any], ...] = ()
+) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for a route's problem+json answers; /v1 routes add the ones all can give.
+    `also`: more example answers (PROBLEM_EXAMPLES' shape), each under its status."""
     common = (400, 401, 422, 429, 503) if auth else (503,)
     return {
         status: ResponseSpec(
             data_container=Problem, media_type=PROBLEM_MEDIA_TYPE,
             description=PROBLEM_DESCRIPTIONS[status], generate_examples=False,
-            examples=[example(PROBLEM_EXAMPLES[status]["type"].rsplit("/", 1)[1],
-                              PROBLEM_EXAMPLES[status]["title"], PROBLEM_EXAMPLES[status])],
+            examples=[example(body["type"].rsplit("/", 1)[1], body["title"], body)
+                      for body in (PROBLEM_EXAMPLES[status], *also) if body["status"] == status],
         )
         for status in sorted({*common, *statuses})
     }

@@ -13,7 +13,7 @@ from litestar.params import FromPath, HeaderParameter, QueryParameter
 from service.domain import turns
 from service.http import examples as ex
 from service.http.deps import Cursor, Limit, tenant_of
-from service.http.problems import problem_responses
+from service.http.problems import BUSY_EXAMPLE, problem_responses
 from service.models import Turn
 from service.resources import Resources
 from service.schemas import TurnCreate, TurnPage
@@ -35,7 +35,7 @@ class TurnController(Controller):
     tags = ("turns",)
 
     @post(operation_id="CreateTurn", summary="Ask a question (a new turn)", status_code=202,
-          responses={**problem_responses(402, 404, 409, 413), **ex.answer(
+          responses={**problem_responses(402, 404, 409, 413, also=(BUSY_EXAMPLE,)), **ex.answer(
               202, Turn, "The queued turn; `Location` names it. The same Idempotency-Key and body "
               "answer the first response again",
               ex.example("queued", "Queued behind the conversation's previous turn",
@@ -47,9 +47,14 @@ class TurnController(Controller):
         idempotency_key: IdempotencyKey = None,
     ) -> Response[Turn]:
         """Queue a question as a new turn, chained to the conversation's newest turn (or to
-        `parent_turn_id`). Answered 202 once committed, with the turn's URL in `Location`. The
-        same `Idempotency-Key` with the same body answers the first turn again; with another
-        body, 409."""
+        `parent_turn_id`). Answered 202 once committed, with the turn's URL in `Location`. While
+        a turn is queued or running, `if_busy` decides: `enqueue` (default) waits behind it,
+        `reject` answers 409 `/problems/conversation-busy` and writes nothing, `interrupt`
+        cancels every open turn first (in the same transaction; a running one's turn says
+        `upstream_may_continue`). The same `Idempotency-Key` with the same body answers the
+        first turn again, whatever the conversation is doing now; with another body (another
+        `if_busy` too), 409. A refused request (any 4xx, `conversation-busy` included) records
+        nothing, so its key stays unused."""
         turn = await turns.create_turn(
             resources.pool, resources.queue, resources.settings, tenant_of(request),
             conversation_id, data, idempotency_key,

@@ -140,8 +140,8 @@ def test_the_readme_curl_session_runs_as_pasted(dev: Dev) -> None:
     assert done.returncode == 0 and not done.stderr, done.stdout + done.stderr
     conversation = re.match(r"conversation (conv_\w+)\n", done.stdout)
     assert conversation, done.stdout
-    posted, last, turns, events, branch, structured, cancelled = _split(
-        json_values(done.stdout))
+    (posted, last, turns, events, branch, structured, cancelled, busy, interrupted,
+     instead) = _split(json_values(done.stdout))
     assert [(t["seq"], t["status"]) for t in posted] == [(1, "queued"), (2, "queued"),
                                                          (3, "queued")]
     assert last["status"] == "completed" and last["sources"], last
@@ -160,6 +160,13 @@ def test_the_readme_curl_session_runs_as_pasted(dev: Dev) -> None:
     countries = structured["content"]["countries"]
     assert isinstance(countries, list) and all(isinstance(c, str) for c in countries)
     assert cancelled["status"] == "cancelled"
+    assert busy == {"status": 409, "type": "/problems/conversation-busy"}
+    assert interrupted["status"] == "cancelled"  # upstream_may_continue: whether it had started
+    assert instead["status"] == "completed", instead
+    assert instead["answer"].startswith('Answer to "Which came fifth?"')
+    # Chained past the two cancelled turns to the structured one, the nearest completed.
+    assert instead["previous_interaction_id"] is not None
+    assert '"Top 3 countries by golds"' in instead["answer"].split("Context:")[1]
 
     # Push mode out of the box: the 5 completed runs' webhooks reached this API, accepted (its
     # secret is not the default one, so dev passed the sandbox's own secret on).
@@ -171,10 +178,11 @@ def test_the_readme_curl_session_runs_as_pasted(dev: Dev) -> None:
 
 def _split(values: list[Any]) -> tuple[Any, ...]:
     """The session's outputs: 3 posted turns, the long-polled last one, 3 turns, the events
-    (however many were logged by then), the branch, the structured turn, the cancelled one."""
+    (however many were logged by then), the branch, the structured turn, the cancelled one, the
+    busy conversation's 409, the interrupted turn and the one asked instead."""
     posted, last, turns = values[:3], values[3], values[4:7]
-    events = values[7:-3]
-    return posted, last, turns, events, *values[-3:]
+    events = values[7:-6]
+    return posted, last, turns, events, *values[-6:]
 
 
 def test_keys_and_chat_find_the_running_stack_without_exports(dev: Dev) -> None:

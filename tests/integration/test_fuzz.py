@@ -162,12 +162,15 @@ def app_url(pg_admin_url: str, redis_url: str, sandbox_server
 def real_ids(url: str, headers: dict[str, str]) -> dict[str, str]:
     """A conversation, a turn and a webhook delivery of the first tenant, so that generated
     requests also reach past the 404s. The turn is cancelled (terminal: ?wait= on it answers at
-    once), which queues the delivery."""
+    once), which queues the delivery. A second turn stays queued (no worker runs here), so the
+    conversation is busy: a generated `if_busy: "reject"` meets its 409, `"interrupt"` its
+    cancels."""
     conversation = httpx.post(f"{url}/v1/conversations", headers=headers,
                               json={"webhook_url": "http://127.0.0.1:9999/hook"}).json()
     path = f"{url}/v1/conversations/{conversation['id']}"
     turn = httpx.post(f"{path}/turns", json={"input": "q"}, headers=headers).json()
     httpx.post(f"{path}/turns/{turn['id']}/cancel", headers=headers).raise_for_status()
+    httpx.post(f"{path}/turns", json={"input": "open"}, headers=headers).raise_for_status()
     delivery = httpx.get(f"{path}/webhook-deliveries", headers=headers).json()["data"][0]
     return {"conversation_id": conversation["id"], "turn_id": turn["id"],
             "delivery_id": delivery["id"]}
@@ -198,11 +201,13 @@ class Tally:
         self.statuses: collections.Counter[str] = collections.Counter()
         self.kinds: collections.Counter[str] = collections.Counter()
         self.writes_from_4xx: list[str] = []
+        self.problems: collections.Counter[str] = collections.Counter()  # 4xx by problem type
 
     def report(self) -> str:
         return (f"fuzz: {sum(self.statuses.values())} cases (seed {SEED}): "
                 f"{dict(sorted(self.statuses.items()))};"
                 f" hostile {dict(sorted(self.kinds.items()))};"
+                f" problems {dict(sorted(self.problems.items()))};"
                 f" 5xx {self.statuses['5xx']}; writes from a 4xx {len(self.writes_from_4xx)}")
 
 
@@ -243,12 +248,34 @@ def fuzz_operation(operation: Any, mode: GenerationMode, url: str, keys: list[di
             raise AssertionError(f"{name} wrote: {response.text[:300]}")
         if mutation is not None and status >= 400:
             assert response.headers["content-type"].startswith("application/problem+json"), name
+        content_type = response.headers.get("content-type") or ""
+        if isinstance(content_type, list):  # schemathesis' own responses list each header's values
+            content_type = content_type[0]
+        if 400 <= status < 500 and content_type.startswith("application/problem+json"):
+            tally.problems[response.json()["type"].rsplit("/", 1)[-1]] += 1
 
     try:
         run()
     except Unsatisfiable:
         # Nothing about this operation can be made invalid (no parameters, no body).
         assert mode is GenerationMode.NEGATIVE
+
+
+def check_busy_answers(schema: Any, url: str, headers: dict[str, str], ids: dict[str, str],
+                       probe: WriteProbe) -> None:
+    """Each if_busy value on the busy conversation, checked as the generated cases are: the
+    reject's 409 is an answer the document describes and writes nothing; the others queue."""
+    operation = schema["/v1/conversations/{conversation_id}/turns"]["POST"]
+    path = {"conversation_id": ids["conversation_id"]}
+    for if_busy, expected in (("reject", 409), ("interrupt", 202), ("enqueue", 202)):
+        case = operation.Case(path_parameters=path, body={"input": "q", "if_busy": if_busy},
+                              media_type="application/json")
+        response = case.call_and_validate(base_url=url, headers=headers, checks=CONFORMANCE,
+                                          timeout=30)
+        assert response.status_code == expected, response.text
+        assert probe.changed() is (expected == 202), if_busy
+        if expected == 409:
+            assert response.json()["type"] == "/problems/conversation-busy"
 
 
 async def test_the_write_probe_sees_inserts_updates_deletes_and_jobs(
@@ -285,6 +312,7 @@ def test_fuzz_finds_no_server_error_no_write_from_a_4xx_and_no_answer_off_the_sc
     schema = schemathesis.openapi.from_dict(json.loads(render()))
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 14
+    check_busy_answers(schema, url, keys[0], ids, probe)
     tally, failures = Tally(), []
     # Hypothesis may run fewer examples than asked (an operation with little to vary): further
     # rounds, each with the next seed, until CASES cases have been sent.

@@ -41,11 +41,15 @@ lint-openapi: install  ## Redocly lint of openapi/openapi.json, and the generate
 	npx --yes @redocly/cli@2.77.0 lint --extends recommended openapi/openapi.json
 	$(BIN)/python -m pytest -q tests/test_generated_client.py -m "not slow"
 
+# Two test processes (pytest-xdist): most of the suite waits on real servers and processes, so
+# two share this 2-core machine well. Each process has its own template database and sandbox.
+TEST_PROCS ?= 2
+
 test: lint  ## lint and types first (zero findings), then the whole suite
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_PROCS)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_PROCS) -m "not slow"
 
 fuzz: install  ## the schema fuzz test at length: FUZZ_CASES (5000) cases, a random seed unless FUZZ_SEED
 	FUZZ_CASES=$${FUZZ_CASES:-5000} FUZZ_SEED=$${FUZZ_SEED:-random} \

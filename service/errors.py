@@ -6,6 +6,7 @@ ServiceError
   ├── Unauthorized        401
   ├── PaymentRequired     402  (the tenant's monthly budget is spent)
   ├── NotFound            404
+  ├── NotAcceptable       406  (no media type the Accept header allows)
   ├── Conflict            409
   ├── TooManyRequests     429
   │     ├── RateLimited       the key's requests per minute (with Retry-After)
@@ -73,6 +74,14 @@ class NotFound(ServiceError):
     status = 404
     type_ = "not-found"
     title = "Not found"
+
+
+class NotAcceptable(ServiceError):
+    """The route cannot answer in any media type the Accept header allows."""
+
+    status = 406
+    type_ = "not-acceptable"
+    title = "Not acceptable"
 
 
 class Conflict(ServiceError):

@@ -16,7 +16,8 @@ from service.db.pool import Conn
 # in the basis (field by field, citation by citation). The jsonpath is lax, so a basis of an
 # unexpected shape yields nothing rather than an error; a citation needs a string `url`.
 CITATIONS_SQL = """
-SELECT t.id AS turn_id, c.citation
+SELECT t.id AS turn_id, c.citation->>'url' AS url, c.citation->>'title' AS title,
+    c.citation->'excerpts' AS excerpts
 FROM turn t
 CROSS JOIN LATERAL jsonb_path_query(
     t.basis, 'lax $[*].citations[*] ? (@.url.type() == "string")'
@@ -27,7 +28,12 @@ ORDER BY t.seq, c.n
 
 
 async def list_citations(conn: Conn, tenant_id: str, conversation_id: str) -> list[asyncpg.Record]:
-    """(turn_id, citation) rows: every citation of the conversation's completed turns, in order."""
+    """(turn_id, url, title, excerpts) of every citation of the conversation's completed turns,
+    in first-seen order. Run it inside a transaction: it turns JIT off for that transaction."""
+    # Postgres guesses 1,000 rows per jsonb_path_query call, so past a few hundred turns the
+    # plan looks costly enough to JIT-compile: 0.7 s of compiling for a 0.1 s query of 10,000
+    # turns (docs/design.md, "Sources and transcripts").
+    await conn.execute("SET LOCAL jit = off")
     return await conn.fetch(CITATIONS_SQL, conversation_id, tenant_id)
 
 

@@ -20,7 +20,7 @@ import msgspec
 from service.db import conversations as conversation_db
 from service.db import transcripts as db
 from service.errors import Conflict, NotFound
-from service.models import Citation, Conversation, FieldBasis
+from service.models import Conversation, FieldBasis
 from service.schemas import NumberedCitation, Source, SourceList, Transcript, TranscriptTurn
 
 
@@ -32,17 +32,20 @@ async def list_sources(pool: asyncpg.Pool, tenant_id: str, conversation_id: str)
         await _conversation(conn, tenant_id, conversation_id)
         rows = await db.list_citations(conn, tenant_id, conversation_id)
     sources: dict[str, Source] = {}
-    for row in rows:
-        citation = msgspec.convert(row["citation"], Citation)
-        source = sources.get(citation.url)
+    excerpts: dict[str, dict[str, None]] = {}  # per URL, as an ordered set
+    for turn_id, url, title, cited in rows:
+        source = sources.get(url)
         if source is None:
-            source = sources[citation.url] = Source(
-                url=citation.url, title=None, first_turn_id=row["turn_id"], turn_ids=[],
-                excerpts=[])
-        source.title = source.title or citation.title
-        if row["turn_id"] not in source.turn_ids[-1:]:  # rows come turn by turn
-            source.turn_ids.append(row["turn_id"])
-        source.excerpts.extend(e for e in citation.excerpts or [] if e not in source.excerpts)
+            source = sources[url] = Source(url=url, title=None, first_turn_id=turn_id,
+                                           turn_ids=[], excerpts=[])
+            excerpts[url] = {}
+        source.title = source.title or title
+        if source.turn_ids[-1:] != [turn_id]:  # rows come turn by turn
+            source.turn_ids.append(turn_id)
+        if isinstance(cited, list):
+            excerpts[url].update(dict.fromkeys(e for e in cited if isinstance(e, str)))
+    for url, source in sources.items():
+        source.excerpts = list(excerpts[url])
     return SourceList(data=list(sources.values()))
 
 

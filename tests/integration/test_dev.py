@@ -140,7 +140,7 @@ def test_the_readme_curl_session_runs_as_pasted(dev: Dev) -> None:
     assert done.returncode == 0 and not done.stderr, done.stdout + done.stderr
     conversation = re.match(r"conversation (conv_\w+)\n", done.stdout)
     assert conversation, done.stdout
-    posted, last, turns, events, branch, structured, cancelled = _split(
+    posted, last, turns, events, branch, structured, cancelled, sources, transcript = _split(
         json_values(done.stdout))
     assert [(t["seq"], t["status"]) for t in posted] == [(1, "queued"), (2, "queued"),
                                                          (3, "queued")]
@@ -160,6 +160,15 @@ def test_the_readme_curl_session_runs_as_pasted(dev: Dev) -> None:
     countries = structured["content"]["countries"]
     assert isinstance(countries, list) and all(isinstance(c, str) for c in countries)
     assert cancelled["status"] == "cancelled"
+    # The 5 completed turns' sources (the branch asked a new question: a new page), and the
+    # branch's transcript: turn 1, then the branch, in JSON and in markdown.
+    assert [s["turn_ids"] for s in sources[:3]] == [[t["id"]] for t in posted], sources
+    later = [s["turn_ids"] for s in sources[3:]]  # the branch's page, then the JSON answer's
+    assert len(later) == 2 and all(len(ids) == 1 for ids in later), sources
+    assert len({ids[0] for ids in later} | {t["id"] for t in posted}) == 5, sources
+    assert transcript["seqs"] == [1, 4] and transcript["turn_id"] == later[0][0]
+    assert done.stdout.endswith(f"# Winter Olympics\n## Turn 1\n> {CHAT_QUESTIONS[0]}\n"
+                                "## Turn 4\n> And in 2022?\n"), done.stdout[-500:]
 
     # Push mode out of the box: the 5 completed runs' webhooks reached this API, accepted (its
     # secret is not the default one, so dev passed the sandbox's own secret on).
@@ -171,10 +180,11 @@ def test_the_readme_curl_session_runs_as_pasted(dev: Dev) -> None:
 
 def _split(values: list[Any]) -> tuple[Any, ...]:
     """The session's outputs: 3 posted turns, the long-polled last one, 3 turns, the events
-    (however many were logged by then), the branch, the structured turn, the cancelled one."""
+    (however many were logged by then), the branch, the structured turn, the cancelled one, the
+    sources and the branch's transcript."""
     posted, last, turns = values[:3], values[3], values[4:7]
-    events = values[7:-3]
-    return posted, last, turns, events, *values[-3:]
+    events = values[7:-5]
+    return posted, last, turns, events, *values[-5:]
 
 
 def test_keys_and_chat_find_the_running_stack_without_exports(dev: Dev) -> None:

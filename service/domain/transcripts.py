@@ -31,6 +31,12 @@ async def list_sources(pool: asyncpg.Pool, tenant_id: str, conversation_id: str)
     async with _snapshot(pool) as conn:
         await _conversation(conn, tenant_id, conversation_id)
         rows = await db.list_citations(conn, tenant_id, conversation_id)
+    return SourceList(data=collect_sources([tuple(row) for row in rows]))
+
+
+def collect_sources(rows: list[tuple[str, str, str | None, Any]]) -> list[Source]:
+    """Sources from (turn_id, url, title, excerpts) citation rows in first-seen order: each URL
+    once, with its first turn, every turn citing it and every excerpt, each once."""
     sources: dict[str, Source] = {}
     excerpts: dict[str, dict[str, None]] = {}  # per URL, as an ordered set
     for turn_id, url, title, cited in rows:
@@ -46,7 +52,7 @@ async def list_sources(pool: asyncpg.Pool, tenant_id: str, conversation_id: str)
             excerpts[url].update(dict.fromkeys(e for e in cited if isinstance(e, str)))
     for url, source in sources.items():
         source.excerpts = list(excerpts[url])
-    return SourceList(data=list(sources.values()))
+    return list(sources.values())
 
 
 async def get_transcript(

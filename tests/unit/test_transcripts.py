@@ -87,7 +87,7 @@ def test_markdown_of_no_turn_and_of_a_text_answer():
     ("text/markdown;q=0.5, application/json", JSON),
     ("text/markdown, application/json", JSON),  # a tie: JSON
     ("application/json;q=0, */*", MARKDOWN),  # the most specific range decides,
-    ("*/*;q=0.1, text/markdown;q=0", JSON),  # wherever it stands
+    ("*/*, application/json;q=0", MARKDOWN),  # wherever it stands
     ("text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8", JSON),
     ("text/markdown;q=bad, application/json;q=0.1", JSON),  # a malformed range is skipped
 ])

@@ -17,8 +17,8 @@ from urllib.parse import quote
 import asyncpg
 import msgspec
 
-from service.db import conversations as conversation_db
 from service.db import transcripts as db
+from service.domain.conversations import get_conversation
 from service.errors import Conflict, NotFound
 from service.models import Conversation, FieldBasis
 from service.schemas import NumberedCitation, Source, SourceList, Transcript, TranscriptTurn
@@ -29,7 +29,7 @@ async def list_sources(pool: asyncpg.Pool, tenant_id: str, conversation_id: str)
     seq, then by place in the basis), with the turns citing it and its excerpts, each once.
     Raises NotFound."""
     async with _snapshot(pool) as conn:
-        await _conversation(conn, tenant_id, conversation_id)
+        await get_conversation(conn, tenant_id, conversation_id)
         rows = await db.list_citations(conn, tenant_id, conversation_id)
     return SourceList(data=collect_sources([tuple(row) for row in rows]))
 
@@ -62,7 +62,7 @@ async def get_transcript(
     oldest first; with no completed turn at all, an empty one. Raises NotFound (no such
     conversation, or no such turn in it) and Conflict (the turn named is not completed)."""
     async with _snapshot(pool) as conn:
-        conversation = await _conversation(conn, tenant_id, conversation_id)
+        conversation = await get_conversation(conn, tenant_id, conversation_id)
         if turn_id is None:
             turn_id = await db.newest_completed(conn, tenant_id, conversation_id)
             if turn_id is None:
@@ -88,15 +88,6 @@ async def _snapshot(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
     async with pool.acquire() as proxy, proxy.transaction(isolation="repeatable_read",
                                                           readonly=True):
         yield cast(asyncpg.Connection, proxy)
-
-
-async def _conversation(
-    conn: asyncpg.Connection, tenant_id: str, conversation_id: str
-) -> Conversation:
-    conversation = await conversation_db.get_conversation(conn, tenant_id, conversation_id)
-    if conversation is None:
-        raise NotFound(f"Conversation {conversation_id!r} not found.")
-    return conversation
 
 
 def numbered(basis: Any) -> list[dict[str, Any]]:

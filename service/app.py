@@ -23,6 +23,7 @@ from service.http.metrics import MetricsController
 from service.http.middleware import access_middleware, add_request_id, request_id_middleware
 from service.http.openapi_extras import render_plugins
 from service.http.problems import EXCEPTION_HANDLERS
+from service.http.transcripts import TranscriptController
 from service.http.turns import TurnController
 from service.http.usage import UsageController
 from service.http.webhooks import ParallelHookController, WebhookDeliveryController
@@ -83,8 +84,8 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
 
     v1 = Router(
         path="/",
-        route_handlers=[ConversationController, TurnController, EventController, UsageController,
-                        WebhookDeliveryController],
+        route_handlers=[ConversationController, TranscriptController, TurnController,
+                        EventController, UsageController, WebhookDeliveryController],
         middleware=[DefineMiddleware(ApiKeyMiddleware, exclude=["^/v1/hooks/"])],
         # Declared here, not for the whole document: the probes and /metrics need no key.
         security=[{"BearerAuth": []}],

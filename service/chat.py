@@ -50,13 +50,17 @@ class Api:
             timeout=httpx.Timeout(15.0, read=75.0))
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self.send(method, path, **kwargs)
+        return response.json() if response.content else None
+
+    def send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise ApiError(f"cannot reach {self.http.base_url}: {exc}") from None
         if response.status_code >= 400:
             raise ApiError(_problem(response))
-        return response.json() if response.content else None
+        return response
 
     def pages(self, path: str, **params: Any) -> Iterator[Json]:
         while True:
@@ -108,9 +112,12 @@ def answer_text(turn: Json) -> str:
     return content if isinstance(content, str) else json.dumps(content, indent=2)
 
 
+COMMANDS = "/sources (what was read), /transcript [TURN_ID] (what was said)"
+
+
 class Chat:
-    def __init__(self, api: Api) -> None:
-        self.api, self.base, self.last_event = api, "", 0
+    def __init__(self, api: Api, processor: str | None = None) -> None:
+        self.api, self.base, self.last_event, self.processor = api, "", 0, processor
         self.tty, self.shown, self.line_open = sys.stdout.isatty(), "", False
 
     def progress(self, text: str) -> None:
@@ -130,11 +137,14 @@ class Chat:
     def open(self, conversation_id: str | None) -> None:
         """Create a conversation, or resume one: print its earlier turns, skip its old events."""
         if conversation_id is None:
-            conversation = self.api.call("POST", "/v1/conversations", json={})
+            body = {"processor": self.processor} if self.processor else {}
+            conversation = self.api.call("POST", "/v1/conversations", json=body)
         else:
             conversation = self.api.call("GET", f"/v1/conversations/{conversation_id}")
         self.base = f"/v1/conversations/{conversation['id']}"
         print(f"conversation {conversation['id']} (processor {conversation.get('processor')})")
+        if self.processor and self.processor != conversation.get("processor"):
+            print(f"  questions asked here use processor {self.processor}")
         if conversation_id is None:
             print(f"  resume it with: research-service chat --conversation {conversation['id']}")
             return
@@ -148,7 +158,8 @@ class Chat:
             self.last_event = max(self.last_event, int(event.get("sequence") or 0))
 
     def ask(self, question: str) -> None:
-        turn = self.api.call("POST", f"{self.base}/turns", json={"input": question})
+        body = {"input": question, **({"processor": self.processor} if self.processor else {})}
+        turn = self.api.call("POST", f"{self.base}/turns", json=body)
         path = f"{self.base}/turns/{turn['id']}"
         try:
             turn = self.follow(turn, path)
@@ -193,6 +204,33 @@ class Chat:
             turn = self.api.call("GET", path, params={"wait": 30})
         return turn
 
+    def command(self, line: str) -> None:
+        """A `/` command: /sources, /transcript [TURN_ID]."""
+        name, *args = line.split()
+        if name == "/sources" and not args:
+            self.sources()
+        elif name == "/transcript" and len(args) <= 1:
+            params = {"turn_id": args[0]} if args else {}
+            print(self.api.send("GET", f"{self.base}/transcript", params=params,
+                                headers={"Accept": "text/markdown"}).text.rstrip("\n"))
+        else:
+            print(f"unknown command {line!r}; the commands are {COMMANDS}")
+
+    def sources(self) -> None:
+        """Every page the conversation's answers cited, once, with the turns (by seq) citing it."""
+        sources = self.api.call("GET", f"{self.base}/sources").get("data") or []
+        if not sources:
+            print("(no sources yet: no completed turn cited any)")
+            return
+        seqs = {turn["id"]: turn.get("seq") for turn in self.api.pages(f"{self.base}/turns")}
+        print(f"sources ({len(sources)}):")
+        for number, source in enumerate(sources, 1):
+            title = source.get("title") or ""
+            print(f"  [{number}] {source['url']}" + (f" — {title}" if title else ""))
+            cited = ", ".join(str(seqs.get(t, t)) for t in source.get("turn_ids") or [])
+            print(f"      cited by turn{'s' if len(source.get('turn_ids') or []) > 1 else ''} "
+                  f"{cited}")
+
     def show(self, turn: Json) -> None:
         self.clear_progress()
         status = turn.get("status")
@@ -222,7 +260,7 @@ def default_api_url() -> str:
 
 
 def run_chat(conversation_id: str | None = None, api_url: str | None = None,
-             api_key: str | None = None) -> int:
+             api_key: str | None = None, processor: str | None = None) -> int:
     url = api_url or default_api_url()
     if not (key := api_key or default_api_key()):
         print("no API key: set RESEARCH_API_KEY, or start `make run` (it writes .data/dev-api-key)",
@@ -230,10 +268,11 @@ def run_chat(conversation_id: str | None = None, api_url: str | None = None,
         return 2
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
-    chat = Chat(Api(url, key))
+    chat = Chat(Api(url, key), processor)
     try:
         chat.open(conversation_id)
-        print("ask a question; `exit`, `quit` or Ctrl-D leave; Ctrl-C cancels a running turn")
+        print(f"ask a question, or {COMMANDS}")
+        print("`exit`, `quit` or Ctrl-D leave; Ctrl-C cancels a running turn")
         while True:
             try:
                 question = input("you> ").strip()
@@ -246,7 +285,9 @@ def run_chat(conversation_id: str | None = None, api_url: str | None = None,
             if question.lower() in ("exit", "quit"):
                 return 0
             try:
-                if question:
+                if question.startswith("/"):
+                    chat.command(question)
+                elif question:
                     chat.ask(question)
             except (ApiError, KeyboardInterrupt) as exc:  # the loop goes on
                 chat.clear_progress()

@@ -175,7 +175,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from service.chat import run_chat
 
     sys.exit(run_chat(conversation_id=args.conversation, api_url=args.api_url,
-                      api_key=args.api_key))
+                      api_key=args.api_key, processor=args.processor))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="the interactive research loop, through this service")
     chat.add_argument("--conversation", default=None, metavar="ID",
                       help="resume this conversation (shows its earlier turns first)")
+    chat.add_argument("--processor", default=None, metavar="NAME",
+                      help="the Parallel processor for the questions asked (e.g. core); a new "
+                           "conversation gets it as its own (default: DEFAULT_PROCESSOR)")
     chat.add_argument("--api-url", default=None,
                       help="the API (default: RESEARCH_API_URL, else the running `make run`'s "
                            "(.data/dev-stack.json), else http://127.0.0.1:8000)")

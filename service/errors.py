@@ -6,6 +6,7 @@ ServiceError
   ├── Unauthorized        401
   ├── PaymentRequired     402  (the tenant's monthly budget is spent)
   ├── NotFound            404
+  ├── NotAcceptable       406  (no media type the Accept header allows)
   ├── Conflict            409
   │     └── ConversationBusy  `if_busy: "reject"` and a turn is queued or running
   ├── TooManyRequests     429
@@ -74,6 +75,14 @@ class NotFound(ServiceError):
     status = 404
     type_ = "not-found"
     title = "Not found"
+
+
+class NotAcceptable(ServiceError):
+    """The route cannot answer in any media type the Accept header allows."""
+
+    status = 406
+    type_ = "not-acceptable"
+    title = "Not acceptable"
 
 
 class Conflict(ServiceError):

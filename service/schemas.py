@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from service.models import Conversation, Event, Turn
+from service.models import Conversation, Event, JsonOutput, TextOutput, Turn
 
 MetadataKey = Annotated[str, Meta(min_length=1, max_length=16, description="At most 16 characters")]
 MetadataValue = Annotated[str, Meta(max_length=512, description="At most 512 characters")]
@@ -118,6 +118,48 @@ class TurnPage(msgspec.Struct, kw_only=True):
 class EventPage(msgspec.Struct, kw_only=True):
     data: list[Event]
     next_cursor: str | None
+
+
+class Source(msgspec.Struct, kw_only=True):
+    """A URL the conversation's completed turns cited, with every turn that cited it."""
+
+    url: str
+    title: Annotated[str | None, Meta(description="The first title a citation gave it")]
+    first_turn_id: Annotated[str, Meta(description="The earliest turn (by seq) citing it")]
+    turn_ids: Annotated[list[str], Meta(description="Each turn citing it, once, by seq")]
+    excerpts: Annotated[list[str], Meta(description="Every excerpt cited from it, once each")]
+
+
+class SourceList(msgspec.Struct, kw_only=True):
+    """The conversation's bibliography, whole (not paged), in first-seen order."""
+
+    data: list[Source]
+
+
+class NumberedCitation(msgspec.Struct, kw_only=True):
+    n: Annotated[int, Meta(ge=1, description="Its number within the turn, from 1")]
+    url: str
+    title: str | None
+
+
+class TranscriptTurn(msgspec.Struct, kw_only=True):
+    id: str
+    seq: int
+    input: str | dict[str, Any]
+    output: TextOutput | JsonOutput
+    citations: Annotated[
+        list[NumberedCitation], Meta(description="The turn's cited URLs, once each, numbered")
+    ]
+
+
+class Transcript(msgspec.Struct, kw_only=True):
+    """A turn's lineage: its completed ancestors and itself, oldest first."""
+
+    conversation_id: str
+    turn_id: Annotated[
+        str | None, Meta(description="The turn it ends at; null when no turn has completed")
+    ]
+    turns: list[TranscriptTurn]
 
 
 class ProcessorUsage(msgspec.Struct, kw_only=True):

@@ -86,12 +86,15 @@ async def test_generated_client_runs_the_seed_chain(client_dir: Path, settings, 
     finally:
         api.stop()
     assert done.returncode == 0, done.stdout + done.stderr
-    lines = [line.split(" ", 4) for line in done.stdout.splitlines()]
+    *lines, sources, transcript = [line.split(" ", 4) for line in done.stdout.splitlines()]
     assert [(seq, status) for seq, status, *_ in lines] == [
         ("1", "completed"), ("2", "completed"), ("3", "completed")]
     # Each turn chained to the one before it.
     assert lines[0][3] == "None"
     assert lines[1][3] == lines[0][2] and lines[2][3] == lines[1][2]
+    # A page per turn (each asked something new), and the lineage of the last: all three.
+    assert sources[0] == "sources" and len(set(sources[1:])) == 3, done.stdout
+    assert transcript == ["transcript", sources[-1], *sources[1:]], done.stdout
 
 
 def test_openapi_file_lints_clean_with_redocly_recommended():

@@ -59,7 +59,7 @@ async def create_conversation(
 
 
 async def get_conversation(
-    pool: asyncpg.Pool, tenant_id: str, conversation_id: str
+    pool: asyncpg.Pool | asyncpg.Connection, tenant_id: str, conversation_id: str
 ) -> Conversation:
     """Raises NotFound for unknown ids and for other tenants' ids alike."""
     conversation = await db.get_conversation(pool, tenant_id, conversation_id)

@@ -186,3 +186,28 @@ USAGE = {
     "by_processor": [{"processor": "lite", "turns": 25, "usd": 0.125}],
     "by_conversation": [{"conversation_id": CONVERSATION_ID, "turns": 25, "usd": 0.125}],
 }
+MEDALS_URL = "https://www.olympics.com/en/milano-cortina-2026/medals"
+SOURCES = {"data": [
+    {"url": MEDALS_URL, "title": "Milano Cortina 2026 medal table", "first_turn_id": TURN_1,
+     "turn_ids": [TURN_1, TURN_2],
+     "excerpts": ["Norway tops the medal table with 18 gold medals.",
+                  "Norway: 18 gold, 12 silver, 11 bronze."]},
+    {"url": "https://en.wikipedia.org/wiki/2026_Winter_Olympics_medal_table",
+     "title": "2026 Winter Olympics medal table", "first_turn_id": TURN_2,
+     "turn_ids": [TURN_2], "excerpts": []},
+]}
+TRANSCRIPT = {
+    "conversation_id": CONVERSATION_ID,
+    "turn_id": TURN_2,
+    "turns": [
+        {"id": TURN_1, "seq": 1, "input": "Which country won the most gold medals in 2026?",
+         "output": {"type": "text", "content": "Norway, with 18 gold medals."},
+         "citations": [{"n": 1, "url": MEDALS_URL, "title": "Milano Cortina 2026 medal table"}]},
+        {"id": TURN_2, "seq": 2, "input": "How many medals did they win?",
+         "output": COMPLETED_TURN["output"],
+         "citations": [
+             {"n": 1, "url": MEDALS_URL, "title": "Milano Cortina 2026 medal table"},
+             {"n": 2, "url": "https://en.wikipedia.org/wiki/2026_Winter_Olympics_medal_table",
+              "title": "2026 Winter Olympics medal table"}]},
+    ],
+}

@@ -6,7 +6,8 @@ client meets and what the server enforces:
 - component schemas from msgspec itself (service.http.openapi_schemas), so request schemas
   carry `additionalProperties: false` and every limit; enums, metadata, output schemas and
   JSON inputs as named components, so generated clients get one type each;
-- the SSE answer of ListEvents (`text/event-stream`) beside its JSON, one schema per message;
+- the SSE answer of ListEvents (`text/event-stream`) beside its JSON, one schema per message,
+  and GetTranscript's markdown (`text/markdown`) beside its JSON;
 - the response headers (`X-Request-ID` everywhere, `RateLimit`/`RateLimit-Policy` on /v1,
   `Retry-After` on 429 and 503, `Location` on CreateTurn's 202);
 - `security: []` on the public routes, and the outbound webhooks (OpenAPI 3.1 `webhooks`).
@@ -31,8 +32,11 @@ from litestar.openapi.plugins import (
     YamlRenderPlugin,
 )
 
+from service.domain.transcripts import render_markdown
 from service.http import examples as ex
 from service.http.openapi_schemas import component_schemas, ref
+from service.models import Conversation
+from service.schemas import Transcript
 
 # Litestar's `oneOf: [T, null]` of an optional query parameter: a query value is never null.
 _NULL = {"type": "null"}
@@ -60,6 +64,8 @@ HEADERS: dict[str, Any] = {
         "description": "The turn's URL: `/v1/conversations/{conversation_id}/turns/{turn_id}`",
         "schema": {"type": "string"}},
     "WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}},
+    "Vary": {"description": "`Accept`: the answer's media type follows the Accept header",
+             "schema": {"type": "string"}},
 }
 
 
@@ -158,6 +164,31 @@ def _add_stream(operation: dict[str, Any]) -> None:
     }
 
 
+# --- the markdown transcript ----------------------------------------------------------------
+
+MARKDOWN_DESCRIPTION = (
+    "With `Accept: text/markdown` (CommonMark, UTF-8): a `# <conversation title>` heading, a line "
+    "naming the conversation and the turn, then per turn, oldest first, a `## Turn <seq>` "
+    "section: **Question** (a text question quoted with `>`, an object as a fenced `json` "
+    "block), **Answer** (a text answer as Parallel wrote it, a JSON one as a fenced `json` "
+    "block) and **Citations** (a numbered list of `[title](<url>)` links, numbered as `n` in "
+    "the JSON; `None.` when the turn cited nothing). Questions and answers are written "
+    "verbatim: render the document with an HTML-sanitizing renderer."
+)
+
+
+def _add_markdown(operation: dict[str, Any]) -> None:
+    conversation = msgspec.convert(ex.CONVERSATION, Conversation)
+    example = render_markdown(conversation, msgspec.convert(ex.TRANSCRIPT, Transcript))
+    response = operation["responses"]["200"]
+    response["description"] += "; with `Accept: text/markdown`, the same as a document"
+    response["content"]["text/markdown"] = {
+        "schema": {"type": "string", "description": MARKDOWN_DESCRIPTION},
+        "examples": {"transcript": {"summary": "Two turns, as markdown", "value": example}},
+    }
+    response["headers"]["Vary"] = header("Vary")
+
+
 # --- webhooks --------------------------------------------------------------------------------
 
 WEBHOOK_HEADERS = (
@@ -253,6 +284,8 @@ def finish(document: dict[str, Any]) -> dict[str, Any]:
             _add_headers(path, operation)
             if operation["operationId"] == "ListEvents":
                 _add_stream(operation)
+            if operation["operationId"] == "GetTranscript":
+                _add_markdown(operation)
     doc["webhooks"] = WEBHOOKS
     return doc
 

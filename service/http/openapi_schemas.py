@@ -127,4 +127,6 @@ def _name_shared_parts(components: dict[str, Any]) -> None:
         for field in fields:
             target = "Metadata" if field == "metadata" else "OutputSchema"
             components[owner]["properties"][field] = ref(target)
-    components["Turn"]["properties"]["input"] = {"anyOf": [{"type": "string"}, ref("TurnInput")]}
+    for owner in ("Turn", "TranscriptTurn"):
+        components[owner]["properties"]["input"] = {
+            "anyOf": [{"type": "string"}, ref("TurnInput")]}

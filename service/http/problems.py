@@ -26,6 +26,7 @@ PROBLEM_DESCRIPTIONS = {
     401: "No valid API key (missing, malformed, unknown or revoked)",
     402: "The tenant's monthly budget is spent",
     404: "No such resource, or another tenant's",
+    406: "The Accept header allows none of the route's media types",
     409: "Conflicts with the resource's state",
     413: "The body is larger than 1 MB",
     422: "A value is not acceptable; `errors` lists the fields",
@@ -49,6 +50,9 @@ PROBLEM_EXAMPLES = {
                   "The tenant's monthly budget is spent; new turns are refused until next month."),
     404: _example(404, "not-found", "Not found",
                   "Conversation 'conv_5d3aaf9f42be041f26853248' not found."),
+    406: _example(406, "not-acceptable", "Not acceptable",
+                  "A transcript is served as application/json or text/markdown; the Accept "
+                  "header allows neither ('text/html')."),
     405: _example(405, "method-not-allowed", "Method Not Allowed", "Method Not Allowed"),
     409: _example(409, "conflict", "Conflict", "The turn already ended: it is completed."),
     413: _example(413, "request-entity-too-large", "Request Entity Too Large",

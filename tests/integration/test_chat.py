@@ -164,3 +164,53 @@ def test_failed_turn_then_ctrl_c_cancels_a_running_turn(dev: dict[str, str]) -> 
     missing = Terminal(dev, "--conversation", "conv_does_not_exist")
     assert missing.wait() == 1
     assert "404" in missing.output and "not found" in missing.output.lower()
+
+
+def test_processor_sources_and_transcript_commands(dev: dict[str, str]) -> None:
+    chat = Terminal(dev, "--processor", "base")
+    intro = chat.expect("you> ")
+    assert "(processor base)" in intro and "/sources" in intro and "/transcript" in intro, intro
+    conversation_id = intro.split("conversation ", 1)[1].split()[0]
+    chat.type("/sources\n")
+    assert "(no sources yet" in chat.expect("you> ")
+    first_question, second_question = CHAT_QUESTIONS[:2]
+    for number, question in enumerate((first_question, second_question), 1):
+        chat.type(question + "\n")
+        shown = chat.expect("you> ", timeout=20)
+        assert f'Answer to "{question}" (processor base).' in shown, shown
+        assert f"[completed · turn {number} · " in shown, shown
+    turns = httpx.get(f"{dev['RESEARCH_API_URL']}/v1/conversations/{conversation_id}/turns",
+                      headers={"Authorization": f"Bearer {_key(dev)}"}).json()["data"]
+    assert [turn["processor"] for turn in turns] == ["base", "base"]
+    urls = [c["url"] for turn in turns for field in turn["basis"] for c in field["citations"]]
+
+    chat.type("/sources\n")
+    shown = chat.expect("you> ")
+    assert "sources (2):" in shown, shown
+    assert f"[1] {urls[0]}" in shown and f"[2] {urls[1]}" in shown, shown
+    assert shown.count("cited by turn ") == 2 and "cited by turn 2" in shown, shown
+
+    chat.type("/transcript\n")
+    shown = chat.expect("you> ")
+    assert shown.index("## Turn 1") < shown.index(f"> {first_question}") < shown.index(
+        "## Turn 2") < shown.index(f"> {second_question}"), shown
+    assert f"1. [Sandbox source for {second_question}]({urls[1]})" in shown, shown
+    chat.type(f"/transcript {turns[0]['id']}\n")  # the lineage of turn 1 only
+    shown = chat.expect("you> ")
+    assert "## Turn 1" in shown and "## Turn 2" not in shown, shown
+    chat.type("/transcript turn_does_not_exist\n")
+    assert "error: 404" in chat.expect("you> ")
+    chat.type("/nonsense\n")
+    assert "unknown command '/nonsense'" in chat.expect("you> ")
+    chat.type("exit\n")
+    assert chat.wait() == 0
+    assert "Traceback" not in chat.output
+
+    # Resumed with another processor: the conversation keeps its own, the questions use this.
+    again = Terminal(dev, "--conversation", conversation_id, "--processor", "lite")
+    assert "questions asked here use processor lite" in again.expect("Ctrl-C cancels")
+    again.expect("you> ")
+    again.type(CHAT_QUESTIONS[2] + "\n")
+    assert f'Answer to "{CHAT_QUESTIONS[2]}" (processor lite).' in again.expect("you> ", 20)
+    again.type("exit\n")
+    assert again.wait() == 0

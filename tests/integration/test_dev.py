@@ -140,8 +140,8 @@ def test_the_readme_curl_session_runs_as_pasted(dev: Dev) -> None:
     assert done.returncode == 0 and not done.stderr, done.stdout + done.stderr
     conversation = re.match(r"conversation (conv_\w+)\n", done.stdout)
     assert conversation, done.stdout
-    (posted, last, turns, events, branch, structured, cancelled, busy, interrupted,
-     instead) = _split(json_values(done.stdout))
+    (posted, last, turns, events, branch, structured, cancelled, sources, transcript, busy,
+     interrupted, instead) = _split(json_values(done.stdout))
     assert [(t["seq"], t["status"]) for t in posted] == [(1, "queued"), (2, "queued"),
                                                          (3, "queued")]
     assert last["status"] == "completed" and last["sources"], last
@@ -160,6 +160,15 @@ def test_the_readme_curl_session_runs_as_pasted(dev: Dev) -> None:
     countries = structured["content"]["countries"]
     assert isinstance(countries, list) and all(isinstance(c, str) for c in countries)
     assert cancelled["status"] == "cancelled"
+    # The 5 completed turns' sources (the branch asked a new question: a new page), and the
+    # branch's transcript: turn 1, then the branch, in JSON and in markdown.
+    assert [s["turn_ids"] for s in sources[:3]] == [[t["id"]] for t in posted], sources
+    later = [s["turn_ids"] for s in sources[3:]]  # the branch's page, then the JSON answer's
+    assert len(later) == 2 and all(len(ids) == 1 for ids in later), sources
+    assert len({ids[0] for ids in later} | {t["id"] for t in posted}) == 5, sources
+    assert transcript["seqs"] == [1, 4] and transcript["turn_id"] == later[0][0]
+    assert (f"# Winter Olympics\n## Turn 1\n> {CHAT_QUESTIONS[0]}\n## Turn 4\n> And in 2022?\n"
+            in done.stdout), done.stdout[-2000:]
     assert busy == {"status": 409, "type": "/problems/conversation-busy"}
     assert interrupted["status"] == "cancelled"  # upstream_may_continue: whether it had started
     assert instead["status"] == "completed", instead
@@ -179,10 +188,11 @@ def test_the_readme_curl_session_runs_as_pasted(dev: Dev) -> None:
 def _split(values: list[Any]) -> tuple[Any, ...]:
     """The session's outputs: 3 posted turns, the long-polled last one, 3 turns, the events
     (however many were logged by then), the branch, the structured turn, the cancelled one, the
-    busy conversation's 409, the interrupted turn and the one asked instead."""
+    sources and the branch's transcript, the busy conversation's 409, the interrupted turn and
+    the one asked instead."""
     posted, last, turns = values[:3], values[3], values[4:7]
-    events = values[7:-6]
-    return posted, last, turns, events, *values[-6:]
+    events = values[7:-8]
+    return posted, last, turns, events, *values[-8:]
 
 
 def test_keys_and_chat_find_the_running_stack_without_exports(dev: Dev) -> None:

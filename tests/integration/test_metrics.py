@@ -86,6 +86,10 @@ async def _workload_and_scrape(api, client, settings, hook_url, receiver):
         await scrape_until(client, "research_webhook_deliveries_total", delivered + 1,
                            outcome="delivered")
     assert [t["status"] for t in done] == ["completed"] * 3
+    read = f"/v1/conversations/{conversation['id']}"
+    assert (await api.get(f"{read}/sources")).status_code == 200
+    markdown = await api.get(f"{read}/transcript", headers={"Accept": "text/markdown"})
+    assert markdown.status_code == 200
 
     # The runs alone took 0.3 s, past the gauges' 0.1 s cache: open turns are measured afresh.
     after = await scrape(client)
@@ -101,6 +105,9 @@ async def _workload_and_scrape(api, client, settings, hook_url, receiver):
                  status="404") == 1
     assert delta(http, method="POST", route="/v1/conversations/{conversation_id}/turns/"
                  "{turn_id}/cancel", status="200") == 1
+    for route in ("sources", "transcript"):  # a route template, whatever the media type
+        assert delta(http, method="GET", route=f"/v1/conversations/{{conversation_id}}/{route}",
+                     status="200") == 1
     assert not any(
         name == http and "conv_missing" in dict(labels).get("route", "") for name, labels in after
     ), "routes are labelled by template, not by path"

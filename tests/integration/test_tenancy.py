@@ -140,6 +140,7 @@ async def check_unchanged(world, database_url, resources, attempt) -> None:
 async def test_without_a_valid_key_every_route_is_401(client, world, database_url, resources, case):
     ops = operations()
     assert len(ops) >= 12
+    assert {"ListSources", "GetTranscript"} <= {operation for *_, operation in ops}
 
     async def attempt() -> None:
         if case == "no key":
@@ -177,6 +178,11 @@ async def test_another_tenants_key_finds_nothing_of_ours(client, world, database
                                                 world["ids"]), "", other,
                             accept="text/event-stream")
         assert_problem(stream, 404)
+        # So is the transcript as markdown, and with our turn's id.
+        transcript = await send(
+            client, "GET", fill("/v1/conversations/{conversation_id}/transcript?turn_id={turn_id}",
+                                world["ids"]), "", other, accept="text/markdown")
+        assert_problem(transcript, 404)
 
     await check_unchanged(world, database_url, resources, attempt)
     # An unknown id answers exactly as another tenant's does.

@@ -65,7 +65,7 @@ class ApiProcess:
         self._port = port
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 20) -> ApiProcess:
+    def start(self, timeout: float = 60) -> ApiProcess:
         import time
 
         import httpx

@@ -140,7 +140,7 @@ def test_the_readme_curl_session_runs_as_pasted(dev: Dev) -> None:
     assert done.returncode == 0 and not done.stderr, done.stdout + done.stderr
     conversation = re.match(r"conversation (conv_\w+)\n", done.stdout)
     assert conversation, done.stdout
-    posted, last, turns, events, branch, structured, cancelled = _split(
+    posted, last, turns, events, branch, structured, cancelled, reseeded = _split(
         json_values(done.stdout))
     assert [(t["seq"], t["status"]) for t in posted] == [(1, "queued"), (2, "queued"),
                                                          (3, "queued")]
@@ -160,6 +160,8 @@ def test_the_readme_curl_session_runs_as_pasted(dev: Dev) -> None:
     countries = structured["content"]["countries"]
     assert isinstance(countries, list) and all(isinstance(c, str) for c in countries)
     assert cancelled["status"] == "cancelled"
+    assert reseeded == {"status": "completed", "context": "reseeded",
+                        "previous_interaction_id": None}
 
     # Push mode out of the box: the 5 completed runs' webhooks reached this API, accepted (its
     # secret is not the default one, so dev passed the sandbox's own secret on).
@@ -171,10 +173,11 @@ def test_the_readme_curl_session_runs_as_pasted(dev: Dev) -> None:
 
 def _split(values: list[Any]) -> tuple[Any, ...]:
     """The session's outputs: 3 posted turns, the long-polled last one, 3 turns, the events
-    (however many were logged by then), the branch, the structured turn, the cancelled one."""
+    (however many were logged by then), the branch, the structured turn, the cancelled one, the
+    reseeded one."""
     posted, last, turns = values[:3], values[3], values[4:7]
-    events = values[7:-3]
-    return posted, last, turns, events, *values[-3:]
+    events = values[7:-4]
+    return posted, last, turns, events, *values[-4:]
 
 
 def test_keys_and_chat_find_the_running_stack_without_exports(dev: Dev) -> None:

@@ -10,6 +10,10 @@ for what may still be billed.
 
 Each write is a transition of service.domain.lifecycle (begin_attempt, record_run,
 abandon_attempt, fail_attempt), which locks the conversation row first, then the turn.
+
+A create refused for its previous_interaction_id is sent once more in the same attempt, without
+it and with the lineage's questions and answers in front of the input (service.domain.reseed):
+the refusal made no run, so the attempt still makes at most one.
 """
 
 from __future__ import annotations
@@ -122,7 +126,10 @@ async def _create_or_reseed(
         log.warning("chain_refused", turn_id=attempt.turn.id, attempt=attempt.number,
                     previous_interaction_id=attempt.previous_interaction_id,
                     status=exc.status_code, error=exc.detail)
-    seeded = await reseed.reseeded_input(pool, attempt.turn)
+    try:
+        seeded = await reseed.reseeded_input(pool, attempt.turn)
+    except DB_UNAVAILABLE as exc:  # no run was made: end the attempt, retry later
+        raise UpstreamUnavailable(f"No lineage to reseed with (Postgres): {exc!r}") from exc
     try:
         run = await _create(parallel, attempt, webhook_url, before_create, seeded)
     except UpstreamRejected:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
+from typing import Annotated
 
 import msgspec
 
@@ -50,6 +51,9 @@ class SandboxConfig(msgspec.Struct, kw_only=True):
     webhook_concurrency: int = 32
     # Unknown previous_interaction_id: 422 when True, accepted (no context) when False.
     strict_interactions: bool = False
+    # What a create naming an expired interaction is answered (Parallel documents no code of its
+    # own for it; 422 is its answer to an invalid create).
+    expired_interaction_status: Annotated[int, msgspec.Meta(ge=400, le=499)] = 422
     # False: interaction ids ("intr_…") differ from run ids, catching clients that chain by run_id.
     interaction_id_equals_run_id: bool = False
     # Webhook on create without `parallel-beta: webhook-2025-08-12` → 422 when True.

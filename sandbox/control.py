@@ -105,6 +105,18 @@ async def fail_run(request: Request[Any, Any, Any], run_id: FromPath[str]) -> Re
     return await _finish(request, run_id, failed=True)
 
 
+@post("/_sandbox/interactions/{interaction_id:str}/expire", status_code=200)
+async def expire_interaction(
+    request: Request[Any, Any, Any], interaction_id: FromPath[str]
+) -> Response[bytes]:
+    """From now on a create naming this interaction as previous_interaction_id is refused."""
+    run = _store(request).expire(interaction_id)
+    if run is None:
+        raise ApiError(404, "Interaction not found")
+    return json_response({"interaction_id": interaction_id, "run_id": run.run_id,
+                          "expired": True})
+
+
 @get("/_sandbox/calls")
 async def list_calls(request: Request[Any, Any, Any]) -> Response[bytes]:
     store = _store(request)
@@ -179,6 +191,7 @@ CONTROL_ROUTES = [
     get_run,
     complete_run,
     fail_run,
+    expire_interaction,
     list_calls,
     list_webhooks,
     stats,

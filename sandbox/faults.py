@@ -27,6 +27,8 @@ _KIND = re.compile(r"^(drop|drop_after_create|[1-5][0-9][0-9])$")
 
 FAIL_MARKER = "[sandbox:fail]"
 SLOW_MARKER = re.compile(r"\[sandbox:slow=([0-9]+(?:\.[0-9]+)?)\]")
+# The run's interaction expires as soon as the run ends: later creates naming it are refused.
+EXPIRE_MARKER = "[sandbox:expire]"
 
 
 class FaultConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -103,7 +105,8 @@ class FaultState:
         return None
 
 
-def input_markers(text: str) -> tuple[bool, float | None]:
-    """(fail, slow_seconds) from `[sandbox:fail]` and `[sandbox:slow=SECONDS]` in the input."""
+def input_markers(text: str) -> tuple[bool, float | None, bool]:
+    """(fail, slow_seconds, expire) from `[sandbox:fail]`, `[sandbox:slow=SECONDS]` and
+    `[sandbox:expire]` in the input."""
     match = SLOW_MARKER.search(text)
-    return FAIL_MARKER in text, float(match.group(1)) if match else None
+    return FAIL_MARKER in text, float(match.group(1)) if match else None, EXPIRE_MARKER in text

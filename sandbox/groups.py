@@ -278,11 +278,11 @@ def _inputs(body: Any, betas: list[str], store: Store) -> list[dict[str, Any]]:
             validate_create(item, betas, store.config.strict_betas)
         except ApiError as exc:
             raise _relocated(exc, ["inputs", index]) from None
-        prev = item.get("previous_interaction_id")
-        if prev is not None and store.config.strict_interactions and prev not in store.interactions:
-            msg = f"unknown interaction {prev}"
-            loc = _loc(["inputs", index, "previous_interaction_id"], msg)
-            raise ApiError(422, "Unknown previous_interaction_id", loc)
+        refused = store.interaction_refusal(item.get("previous_interaction_id"))
+        if refused is not None:
+            status, message, detail = refused
+            loc = _loc(["inputs", index, "previous_interaction_id"], detail)
+            raise ApiError(status, message, loc)
         bodies.append(item)
     return bodies
 

@@ -33,6 +33,7 @@ class Run:
         "created_wall",
         "due_mono",
         "error",
+        "expires",
         "final",
         "finished_mono",
         "finished_wall",
@@ -58,6 +59,7 @@ class Run:
         self.running_mono = self.created_mono
         self.due_mono = self.created_mono
         self.will_fail = False
+        self.expires = False  # its interaction expires when it ends ([sandbox:expire])
         self.final: str | None = None
         self.finished_wall: float | None = None
         self.finished_mono: float | None = None
@@ -71,6 +73,7 @@ class Store:
         self.config = config
         self.runs: dict[str, Run] = {}
         self.interactions: dict[str, Run] = {}
+        self.expired: set[str] = set()  # interactions refused as previous_interaction_id
         self.calls: deque[dict[str, Any]] = deque(maxlen=config.max_log_entries)
         self.calls_total = 0
         self.webhook_log: deque[dict[str, Any]] = deque(maxlen=config.max_log_entries)
@@ -90,31 +93,42 @@ class Store:
             return run.final
         return "running" if (now or time.monotonic()) >= run.running_mono else "queued"
 
+    def interaction_refusal(self, prev: Any) -> tuple[int, str, str] | None:
+        """(status, message, detail) refusing a create whose previous_interaction_id is `prev`:
+        an expired interaction, or an unknown one with strict_interactions; None to accept."""
+        if prev is None:
+            return None
+        if prev in self.expired:
+            status = self.config.expired_interaction_status
+            return status, "Expired previous_interaction_id", f"interaction {prev} has expired"
+        if self.config.strict_interactions and prev not in self.interactions:
+            return 422, "Unknown previous_interaction_id", f"unknown interaction {prev}"
+        return None
+
+    def expire(self, interaction_id: str) -> Run | None:
+        """Expire an interaction now (its run is returned; None when unknown)."""
+        run = self.interactions.get(interaction_id)
+        if run is not None:
+            self.expired.add(interaction_id)
+        return run
+
     def create(self, body: dict[str, Any], betas: list[str]) -> Run:
-        prev = body.get("previous_interaction_id")
-        if prev is not None and self.config.strict_interactions and prev not in self.interactions:
-            raise ApiError(
-                422,
-                "Unknown previous_interaction_id",
-                {
-                    "errors": [
-                        {
-                            "loc": ["body", "previous_interaction_id"],
-                            "msg": f"unknown interaction {prev}",
-                        }
-                    ]
-                },
-            )
+        refused = self.interaction_refusal(body.get("previous_interaction_id"))
+        if refused is not None:
+            status, message, detail = refused
+            loc = ["body", "previous_interaction_id"]
+            raise ApiError(status, message, {"errors": [{"loc": loc, "msg": detail}]})
         run_id = f"trun_{secrets.token_hex(16)}"
         interaction_id = (
             run_id if self.config.interaction_id_equals_run_id else f"intr_{secrets.token_hex(16)}"
         )
         run = Run(run_id, interaction_id, body, betas)
-        fail, slow = input_markers(question_text(body["input"]))
+        fail, slow, expires = input_markers(question_text(body["input"]))
         latency = max(0.0, slow if slow is not None else self.config.latency_for(run.processor))
         run.running_mono = run.created_mono + min(self.config.queued_s, latency)
         run.due_mono = run.created_mono + latency
         run.will_fail = fail or self.faults.config.fail_runs
+        run.expires = expires
         self.runs[run_id] = run
         self.interactions[interaction_id] = run
         self._schedule(run)
@@ -139,6 +153,8 @@ class Store:
         run.finished_mono = time.monotonic()
         if failed:
             run.error = error_object(message or FAILED_MESSAGE)
+        if run.expires:
+            self.expired.add(run.interaction_id)
         self._wake(run)
         for callback in self.on_terminal:
             callback(run)
@@ -198,6 +214,7 @@ class Store:
             self._wake(run)
         self.runs.clear()
         self.interactions.clear()
+        self.expired.clear()
         self._heap.clear()
         self.calls.clear()
         self.calls_total = 0
@@ -272,6 +289,7 @@ class Store:
             "metadata": body.get("metadata"),
             "taskgroup_id": run.taskgroup_id,
             "previous_interaction_id": body.get("previous_interaction_id"),
+            "interaction_expired": run.interaction_id in self.expired,
             "task_spec": body.get("task_spec"),
             "webhook": body.get("webhook"),
             "enable_events": body.get("enable_events"),

@@ -115,6 +115,14 @@ EXTRA_RUNS = Counter(
     "lease; the run id is only in the log).",
     ["reason"],
 )
+CONTEXT_RESEEDED = Counter(
+    "research_context_reseeded_total",
+    "Creates Parallel refused because of their previous_interaction_id (expired or unknown) that "
+    "were sent once more without it, the lineage's questions and answers prefixed to the input, "
+    "by outcome: created (the turn's context is `reseeded`) or refused (that create was refused "
+    "too; the turn failed with Parallel's error).",
+    ["outcome"],
+)
 
 RATE_LIMIT_FAIL_OPEN = Counter(
     "research_rate_limit_fail_open_total",
@@ -143,6 +151,10 @@ def record_webhook_delivery(outcome: str, seconds: float | None = None) -> None:
 
 def create_in_doubt(reason: str) -> None:
     CREATE_IN_DOUBT.labels(reason).inc()
+
+
+def context_reseeded(outcome: str) -> None:
+    CONTEXT_RESEEDED.labels(outcome).inc()
 
 
 def rate_limit_fail_open() -> None:

@@ -11,6 +11,7 @@ from msgspec import Meta
 TurnStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 ConversationStatus = Literal["idle", "active"]
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+TurnContext = Literal["none", "chained", "reseeded"]
 EventType = Literal[
     "turn.queued", "turn.running", "turn.completed", "turn.failed", "turn.cancelled"
 ]
@@ -59,6 +60,15 @@ class Turn(msgspec.Struct, kw_only=True):
     basis: list[FieldBasis] | None
     error: TurnError | None
     upstream_may_continue: bool
+    # Events and idempotent answers stored before this field existed lack it: null then.
+    context: Annotated[TurnContext | None, Meta(description=(
+        "How the run was given the conversation's context: `none` (no completed ancestor), "
+        "`chained` (created with `previous_interaction_id`), or `reseeded` (Parallel refused "
+        "that interaction on create, expired or unknown, so the run was created once more "
+        "without it, the lineage's earlier questions and answers prefixed to its input; "
+        "`previous_interaction_id` is then null). Null until the turn's run is created: while "
+        "queued, and for a turn that failed or was cancelled before it had a run."
+    ))] = None
     created_at: datetime
     started_at: datetime | None
     completed_at: datetime | None

@@ -196,7 +196,8 @@ async def wait_all_terminal(database_url: str, expected: int, timeout_s: float) 
 
 
 def assert_chains_and_single_runs(turns: dict[str, dict], sandbox_url: str) -> None:
-    assert Counter(t["status"] for t in turns.values()) == {"completed": len(turns)}
+    assert Counter(t["status"] for t in turns.values()) == {"completed": len(turns)}, [
+        (t["status"], t["error"]) for t in turns.values() if t["status"] != "completed"]
     runs: dict[str, list[dict]] = {turn_id: [] for turn_id in turns}
     for run in sandbox_runs(sandbox_url):
         turn_id = (run.get("metadata") or {}).get("rs_turn")

@@ -26,6 +26,8 @@ from service.models import FieldBasis
 
 T = TypeVar("T")
 WEBHOOK_BETA = "webhook-2025-08-12"
+# Parallel refuses a create whose input plus task spec is longer than this (docs/parallel.md §1.2).
+MAX_REQUEST_CHARS = 25_000
 
 # Error codes a failed turn carries when Parallel refuses to start its run.
 REJECTION_CODES = {
@@ -165,6 +167,14 @@ def _create_error(exc: Exception) -> Exception:
             # It answered 2xx (a run exists) with a body we cannot read.
             translated.in_doubt = True
     return translated
+
+
+def request_chars(input: str | dict[str, Any], output_schema: dict[str, Any]) -> int:
+    """Characters of a create's input plus the task spec create_run sends with it, as Parallel
+    counts them against MAX_REQUEST_CHARS (an object input as its JSON; the whole task spec,
+    which errs on the safe side)."""
+    text = input if isinstance(input, str) else msgspec.json.encode(input).decode()
+    return len(text) + len(msgspec.json.encode({"output_schema": output_schema}).decode())
 
 
 class ParallelClient:

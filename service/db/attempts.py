@@ -88,11 +88,16 @@ async def abandon_start(
 
 # The attempt that owns the lease (it is the newest and has not ended: abandoned, or its turn
 # failed for it) records its run: a queued turn becomes running, a cancelled one stays
-# cancelled and says its run may go on. Any other attempt's run is an extra run.
+# cancelled and says its run may go on. Any other attempt's run is an extra run. The run was
+# created with the previous_interaction_id the attempt began with, unless it was reseeded ($6:
+# created without it, Parallel having refused it).
 RECORD_RUN_SQL = f"""
 WITH recorded AS (
     UPDATE turn AS t SET
         run_id = $2, interaction_id = $3, start_attempt_at = NULL,
+        context = CASE WHEN $6 THEN 'reseeded'
+                       WHEN t.previous_interaction_id IS NULL THEN 'none' ELSE 'chained' END,
+        previous_interaction_id = CASE WHEN $6 THEN NULL ELSE t.previous_interaction_id END,
         status = CASE WHEN t.status = 'queued' THEN 'running' ELSE t.status END,
         started_at = CASE WHEN t.status = 'queued' THEN now() ELSE t.started_at END,
         next_check_at = CASE WHEN t.status = 'queued' THEN now() + make_interval(secs => $4) END,
@@ -118,12 +123,13 @@ class Recorded(msgspec.Struct, frozen=True):
 
 async def record_run(
     conn: asyncpg.Connection, turn_id: str, attempt: int, run_id: str, interaction_id: str,
-    first_check_s: float,
+    first_check_s: float, *, reseeded: bool = False,
 ) -> Recorded:
-    """Store attempt `attempt`'s run: as the turn's run if that attempt still owns the lease,
-    else in turn_extra_run. Call it with the turn's conversation locked (the turn exists)."""
+    """Store attempt `attempt`'s run (`reseeded`: created without the attempt's
+    previous_interaction_id): as the turn's run if that attempt still owns the lease, else in
+    turn_extra_run. Call it with the turn's conversation locked (the turn exists)."""
     row = await conn.fetchrow(
-        RECORD_RUN_SQL, turn_id, run_id, interaction_id, first_check_s, attempt
+        RECORD_RUN_SQL, turn_id, run_id, interaction_id, first_check_s, attempt, reseeded
     )
     assert row is not None  # one row always: the LEFT JOIN on (SELECT 1)
     if row["id"] is None:

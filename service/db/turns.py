@@ -13,7 +13,8 @@ from service.models import Turn
 TURN_COLUMNS = """
     t.id, t.conversation_id, t.seq, t.parent_turn_id, t.input, t.processor, t.output_schema,
     t.metadata, t.status, t.run_id, t.interaction_id, t.previous_interaction_id, t.output,
-    t.basis, t.error, t.upstream_may_continue, t.created_at, t.started_at, t.completed_at
+    t.basis, t.error, t.upstream_may_continue, t.context, t.created_at, t.started_at,
+    t.completed_at
 """
 
 
@@ -205,6 +206,39 @@ async def previous_interaction(conn: asyncpg.Connection, parent_turn_id: str | N
         return None
     interaction_id: str | None = await conn.fetchval(PREVIOUS_INTERACTION_SQL, parent_turn_id)
     return interaction_id
+
+
+# The completed ancestors of a turn (from its parent up), oldest first: its lineage's questions
+# and answers. The walk stops once those found hold more than $2 characters (the oldest row
+# returned may then not fit), so a long lineage costs no more than its newest part.
+LINEAGE_SQL = """
+WITH RECURSIVE ancestor AS (
+    SELECT id, parent_turn_id, status, input, output, 0 AS depth,
+           CASE WHEN status = 'completed'
+                THEN length(input::text) + coalesce(length(output::text), 0) ELSE 0 END AS chars
+    FROM turn WHERE id = $1
+    UNION ALL
+    SELECT t.id, t.parent_turn_id, t.status, t.input, t.output, a.depth + 1,
+           a.chars + CASE WHEN t.status = 'completed'
+                          THEN length(t.input::text) + coalesce(length(t.output::text), 0)
+                          ELSE 0 END
+    FROM turn t JOIN ancestor a ON t.id = a.parent_turn_id
+    WHERE a.chars <= $2
+)
+SELECT input, output FROM ancestor WHERE status = 'completed' AND output IS NOT NULL
+ORDER BY depth DESC
+"""
+
+
+async def lineage(
+    conn: asyncpg.Connection | asyncpg.Pool, parent_turn_id: str | None, max_chars: int
+) -> list[tuple[Any, Any]]:
+    """(input, output) of the completed turns from `parent_turn_id` up, oldest first: all of
+    them, or at least the newest ones holding `max_chars` characters."""
+    if parent_turn_id is None:
+        return []
+    rows = await conn.fetch(LINEAGE_SQL, parent_turn_id, max_chars)
+    return [(row["input"], row["output"]) for row in rows]
 
 
 # Claim due checks: push each claimed turn's next check a lease ahead, so a worker that dies

@@ -261,17 +261,19 @@ async def begin_attempt(
 
 async def record_run(
     pool: asyncpg.Pool, turn: Turn, attempt: int, run_id: str, interaction_id: str,
-    first_check_s: float,
+    first_check_s: float, *, reseeded: bool = False,
 ) -> tuple[str, FollowUps]:
-    """Store the attempt's run: the queued turn becomes running ("started"; a cancelled one
-    keeps it as a run that may go on), or, once a newer attempt owns the lease or the turn is
-    gone, the run is an "extra-run" (kept in turn_extra_run while the turn exists)."""
+    """Store the attempt's run (`reseeded`: created without its previous_interaction_id): the
+    queued turn becomes running ("started"; a cancelled one keeps it as a run that may go on),
+    or, once a newer attempt owns the lease or the turn is gone, the run is an "extra-run"
+    (kept in turn_extra_run while the turn exists)."""
     async with transaction(pool) as conn:
         if await conversation_db.lock_conversation_of_turn(conn, turn.id) is None:
             recorded = None
         else:
             recorded = await attempt_db.record_run(conn, turn.id, attempt, run_id,
-                                                   interaction_id, first_check_s)
+                                                   interaction_id, first_check_s,
+                                                   reseeded=reseeded)
             if recorded.turn is not None and recorded.turn.status == "running":
                 await event_db.insert_event(conn, "turn.running", recorded.turn)
     if recorded is None or recorded.turn is None:

@@ -10,6 +10,10 @@ for what may still be billed.
 
 Each write is a transition of service.domain.lifecycle (begin_attempt, record_run,
 abandon_attempt, fail_attempt), which locks the conversation row first, then the turn.
+
+A create refused for its previous_interaction_id is sent once more in the same attempt, without
+it and with the lineage's questions and answers in front of the input (service.domain.reseed):
+the refusal made no run, so the attempt still makes at most one.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -27,7 +32,7 @@ from service import queue as jobs
 from service.clients.parallel import ParallelClient, RunInfo
 from service.config import Settings
 from service.db.pool import DB_UNAVAILABLE
-from service.domain import lifecycle
+from service.domain import lifecycle, reseed
 from service.domain.schedule import check_delay, poll_cap, poll_start
 from service.errors import UpstreamRejected, UpstreamUnavailable
 from service.models import Turn
@@ -93,7 +98,8 @@ async def start_turn(
                       record_by=record_by, give_up_by=give_up_by)
     # No connection is held while Parallel answers.
     try:
-        run = await _create(parallel, attempt, webhook_url, before_create)
+        run, reseeded = await _create_or_reseed(pool, parallel, attempt, webhook_url,
+                                                before_create)
     except UpstreamUnavailable as exc:
         return await _abandon(pool, queue, settings, attempt, exc)
     except UpstreamRejected as exc:
@@ -101,14 +107,45 @@ async def start_turn(
             pool, turn_id, attempt.number, {"code": exc.code, "message": exc.detail})
         await lifecycle.after_commit(follow_ups, queue, settings)
         return "rejected"
-    return await _record_run(pool, queue, settings, attempt, run)
+    return await _record_run(pool, queue, settings, attempt, run, reseeded)
+
+
+async def _create_or_reseed(
+    pool: asyncpg.Pool, parallel: ParallelClient, attempt: Attempt, webhook_url: str | None,
+    before_create: Callable[[], Awaitable[None]] | None,
+) -> tuple[RunInfo, bool]:
+    """Create the attempt's run; when Parallel refuses a create that carried a
+    previous_interaction_id (a 4xx it does not ask to retry: expired or unknown, Parallel
+    documents no code), create it once more without it, reseeded. A refused create made no run,
+    so the attempt still makes at most one. Returns (run, reseeded). Raises as _create."""
+    try:
+        return await _create(parallel, attempt, webhook_url, before_create), False
+    except UpstreamRejected as exc:
+        if attempt.previous_interaction_id is None:
+            raise
+        log.warning("chain_refused", turn_id=attempt.turn.id, attempt=attempt.number,
+                    previous_interaction_id=attempt.previous_interaction_id,
+                    status=exc.status_code, error=exc.detail)
+    try:
+        seeded = await reseed.reseeded_input(pool, attempt.turn)
+    except DB_UNAVAILABLE as exc:  # no run was made: end the attempt, retry later
+        raise UpstreamUnavailable(f"No lineage to reseed with (Postgres): {exc!r}") from exc
+    try:
+        run = await _create(parallel, attempt, webhook_url, before_create, seeded)
+    except UpstreamRejected:
+        metrics.context_reseeded("refused")
+        raise
+    metrics.context_reseeded("created")
+    return run, True
 
 
 async def _create(
     parallel: ParallelClient, attempt: Attempt, webhook_url: str | None,
     before_create: Callable[[], Awaitable[None]] | None,
+    reseeded_input: str | dict[str, Any] | None = None,
 ) -> RunInfo:
-    """Call Parallel's create within the attempt's time. Raises UpstreamUnavailable (in_doubt
+    """Call Parallel's create within the attempt's time: chained as the attempt began, or,
+    given `reseeded_input`, unchained with that input. Raises UpstreamUnavailable (in_doubt
     only when the request may have reached Parallel) or UpstreamRejected."""
     try:
         if before_create is not None:
@@ -119,11 +156,12 @@ async def _create(
     if timeout_s < MIN_CREATE_S:
         raise UpstreamUnavailable("The attempt's lease has too little time left for a create.")
     turn = attempt.turn
+    chained = reseeded_input is None
     return await parallel.create_run(
-        input=turn.input,
+        input=turn.input if reseeded_input is None else reseeded_input,
         processor=turn.processor,
         output_schema=turn.output_schema,
-        previous_interaction_id=attempt.previous_interaction_id,
+        previous_interaction_id=attempt.previous_interaction_id if chained else None,
         metadata={**turn.metadata, TURN_TAG: turn.id, ATTEMPT_TAG: str(attempt.number)},
         webhook_url=webhook_url,
         timeout_s=timeout_s,
@@ -154,7 +192,7 @@ async def _abandon(
 
 async def _record_run(
     pool: asyncpg.Pool, queue: jobs.Queue | None, settings: Settings, attempt: Attempt,
-    run: RunInfo,
+    run: RunInfo, reseeded: bool,
 ) -> str:
     """Store the new run's ids, retrying while Postgres is away. Past the attempt's record
     deadline the run can no longer be the turn's for sure, but it is still known by id: the
@@ -166,7 +204,8 @@ async def _record_run(
     while True:
         try:
             outcome, follow_ups = await lifecycle.record_run(
-                pool, turn, attempt.number, run.run_id, run.interaction_id, first_check)
+                pool, turn, attempt.number, run.run_id, run.interaction_id, first_check,
+                reseeded=reseeded)
         except DB_UNAVAILABLE as exc:
             if time.monotonic() + delay > attempt.give_up_by:
                 _not_recorded(attempt, run, exc)

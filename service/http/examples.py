@@ -53,6 +53,7 @@ QUEUED_TURN: dict[str, Any] = {
     "basis": None,
     "error": None,
     "upstream_may_continue": False,
+    "context": None,
     "created_at": "2026-02-23T09:16:01.001000Z",
     "started_at": None,
     "completed_at": None,
@@ -63,6 +64,7 @@ COMPLETED_TURN: dict[str, Any] = {
     "run_id": "trun_f43b54cb9e51f619d98816841c4758f3",
     "interaction_id": "intr_0c5e4f8a6b1d42e3a9f7",
     "previous_interaction_id": "intr_7d2a9c1e3f5b48a6c0d1",
+    "context": "chained",
     "output": {"type": "text", "content": "Norway won 41 medals: 18 gold, 12 silver, 11 bronze."},
     "basis": [{
         "field": "output",
@@ -82,10 +84,19 @@ FAILED_TURN: dict[str, Any] = {
     "status": "failed",
     "run_id": "trun_6ab1c9d0e2f34a5b8c7d9e0f1a2b3c4d",
     "interaction_id": "intr_2e4f6a8b0c1d3e5f7a9b",
+    "context": "none",
     "error": {"code": "timeout", "message": "The run was still running after 300 s."},
     "upstream_may_continue": True,
     "started_at": "2026-02-23T09:16:01.210000Z",
     "completed_at": "2026-02-23T09:21:01.400000Z",
+}
+# Parallel refused the parent's interaction (expired): the run was created without it.
+RESEEDED_TURN: dict[str, Any] = {
+    **COMPLETED_TURN,
+    "run_id": "trun_0b7e2d9a4c6f48e1a3d5b7c9e1f3a5b7",
+    "interaction_id": "intr_5a7c9e1b3d5f4a6c8e0b",
+    "previous_interaction_id": None,
+    "context": "reseeded",
 }
 CANCELLED_TURN: dict[str, Any] = {
     **QUEUED_TURN, "status": "cancelled", "completed_at": "2026-02-23T09:16:03.870000Z",

@@ -21,6 +21,7 @@ def ref(name: str) -> dict[str, Any]:
 # Literal types that several schemas share, each one named component (one enum in a client).
 NAMED_ENUMS: dict[str, tuple[str, ...]] = {
     "TurnStatus": get_args(models.TurnStatus),
+    "TurnContext": get_args(models.TurnContext),
     "EventType": get_args(models.EventType),
     "DeliveryStatus": get_args(models.DeliveryStatus),
     "ConversationStatus": get_args(models.ConversationStatus),
@@ -130,3 +131,8 @@ def _name_shared_parts(components: dict[str, Any]) -> None:
     for owner in ("Turn", "TranscriptTurn"):
         components[owner]["properties"]["input"] = {
             "anyOf": [{"type": "string"}, ref("TurnInput")]}
+    # Always sent (null or a value): its default only reads events stored before it existed.
+    turn = components["Turn"]
+    turn["properties"]["context"].pop("default", None)
+    required = turn["required"]
+    required.insert(required.index("upstream_may_continue") + 1, "context")

@@ -68,6 +68,7 @@ class TurnController(Controller):
              ex.example("page", "A completed turn and a queued one",
                         {"data": [{**ex.COMPLETED_TURN, "id": ex.TURN_1, "seq": 1,
                                    "parent_turn_id": None, "previous_interaction_id": None,
+                                   "context": "none",
                                    "input": "Which country won the most medals in 2026?"},
                                   ex.QUEUED_TURN], "next_cursor": None}))})
     async def list(
@@ -85,7 +86,10 @@ class TurnController(Controller):
          responses={**problem_responses(404), **ex.answer(
              200, Turn, "The turn: terminal, or as it is when `wait` runs out",
              ex.example("completed", "Completed, with output and citations", ex.COMPLETED_TURN),
-             ex.example("failed", "Failed: the run outlived its deadline", ex.FAILED_TURN))})
+             ex.example("failed", "Failed: the run outlived its deadline", ex.FAILED_TURN),
+             ex.example("reseeded", "Completed after Parallel refused the parent's "
+                        "interaction: reseeded with the earlier questions and answers",
+                        ex.RESEEDED_TURN))})
     async def get(
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources],
         conversation_id: FromPath[str],

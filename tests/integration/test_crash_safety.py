@@ -145,12 +145,14 @@ async def test_parallel_refusing_a_run_fails_the_turn_with_a_clear_code(
 ):
     conversation = await create_conversation(api)
     first = await wait_turn(api, await post_turn(api, conversation["id"], "Works"))
-    set_faults(sandbox.url, create_status=status, create_status_count=1)
+    # Every create: a follow-up refused once is sent again without its chain (test_reseed.py).
+    set_faults(sandbox.url, create_status=status)
     refused = await wait_turn(api, await post_turn(api, conversation["id"], "Refused"))
     assert refused["status"] == "failed"
     assert refused["error"]["code"] == code
     assert str(status) in refused["error"]["message"]
     assert refused["run_id"] is None
+    set_faults(sandbox.url)  # none
     after = await wait_turn(api, await post_turn(api, conversation["id"], "Still usable?"))
     assert after["status"] == "completed"
     assert after["previous_interaction_id"] == first["interaction_id"]

@@ -141,7 +141,7 @@ def test_the_readme_curl_session_runs_as_pasted(dev: Dev) -> None:
     conversation = re.match(r"conversation (conv_\w+)\n", done.stdout)
     assert conversation, done.stdout
     (posted, last, turns, events, branch, structured, cancelled, sources, transcript, busy,
-     interrupted, instead) = _split(json_values(done.stdout))
+     interrupted, instead, reseeded) = _split(json_values(done.stdout))
     assert [(t["seq"], t["status"]) for t in posted] == [(1, "queued"), (2, "queued"),
                                                          (3, "queued")]
     assert last["status"] == "completed" and last["sources"], last
@@ -176,6 +176,8 @@ def test_the_readme_curl_session_runs_as_pasted(dev: Dev) -> None:
     # Chained past the two cancelled turns to the structured one, the nearest completed.
     assert instead["previous_interaction_id"] is not None
     assert '"Top 3 countries by golds"' in instead["answer"].split("Context:")[1]
+    assert reseeded == {"status": "completed", "context": "reseeded",
+                        "previous_interaction_id": None}
 
     # Push mode out of the box: the 5 completed runs' webhooks reached this API, accepted (its
     # secret is not the default one, so dev passed the sandbox's own secret on).
@@ -188,11 +190,11 @@ def test_the_readme_curl_session_runs_as_pasted(dev: Dev) -> None:
 def _split(values: list[Any]) -> tuple[Any, ...]:
     """The session's outputs: 3 posted turns, the long-polled last one, 3 turns, the events
     (however many were logged by then), the branch, the structured turn, the cancelled one, the
-    sources and the branch's transcript, the busy conversation's 409, the interrupted turn and
-    the one asked instead."""
+    sources and the branch's transcript, the busy conversation's 409, the interrupted turn, the
+    one asked instead and the reseeded one."""
     posted, last, turns = values[:3], values[3], values[4:7]
-    events = values[7:-8]
-    return posted, last, turns, events, *values[-8:]
+    events = values[7:-9]
+    return posted, last, turns, events, *values[-9:]
 
 
 def test_keys_and_chat_find_the_running_stack_without_exports(dev: Dev) -> None:

@@ -59,6 +59,9 @@ async def test_with_a_token_every_control_route_needs_it():
                     assert "What is secret?" not in refused.text
                     assert refused.headers["www-authenticate"] == "Bearer"
             assert (await http.post("/_sandbox/reset")).status_code == 401
+            expire = f"/_sandbox/interactions/{run.interaction_id}/expire"
+            assert (await http.post(expire)).status_code == 401
+            assert not server.store.expired
             assert (await http.post("/_sandbox/faults", json={"error_rate": 1})).status_code == 401
             assert server.store.faults.config.error_rate == 0
             assert (await http.get("/_sandbox/health")).status_code == 200

@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 import httpx
 import msgspec
+import pytest
 
 from tests.helpers import (
     assert_problem,
@@ -28,6 +29,14 @@ TABLES = ("conversation", "turn", "event", "webhook_delivery", "webhook_attempt"
           "deleted_usage", "turn_extra_run")
 # The worker's own schedule of a running turn's checks, which moves while it runs.
 SCHEDULE = ("next_check_at", "check_count")
+
+
+@pytest.fixture
+def settings(settings):
+    """Deadlines far from the tests' waits: ten requests at once queue on one conversation's row
+    lock (and on the pool of 8) for longer than the API's 2 s on a loaded machine, and these
+    tests are about what is written, not about how long a request may wait (test_outages is)."""
+    return msgspec.structs.replace(settings, db_lock_timeout_s=30.0, db_acquire_timeout_s=30.0)
 
 
 async def snapshot(database_url: str) -> dict[str, list[str]]:

@@ -116,6 +116,10 @@ EXTRA_RUNS = Counter(
     ["reason"],
 )
 
+CONVERSATIONS_EXPIRED = Counter(
+    "research_conversations_expired_total",
+    "Conversations the retention sweep deleted, each after its expires_at (ttl_seconds).",
+)
 RATE_LIMIT_FAIL_OPEN = Counter(
     "research_rate_limit_fail_open_total",
     "Requests let through without a rate-limit count because Redis did not answer.",
@@ -143,6 +147,10 @@ def record_webhook_delivery(outcome: str, seconds: float | None = None) -> None:
 
 def create_in_doubt(reason: str) -> None:
     CREATE_IN_DOUBT.labels(reason).inc()
+
+
+def conversation_expired() -> None:
+    CONVERSATIONS_EXPIRED.inc()
 
 
 def rate_limit_fail_open() -> None:

@@ -90,7 +90,9 @@ async def test_an_open_turn_keeps_it_and_its_end_moves_expires_at(api, sweeper, 
         current = await api.get(path)
         assert current.status_code == 200, "deleted while a turn was open"
         body = current.json()
-        turns = (await api.get(f"{path}/turns")).json()["data"]
+        listing = await api.get(f"{path}/turns")
+        assert listing.status_code == 200, "deleted while a turn was open"
+        turns = listing.json()["data"]
         if all(t["status"] == "completed" for t in turns):
             break
         assert body["status"] == "active"

@@ -72,10 +72,12 @@ def _list_sql(status: str | None = None, metadata: bool = False) -> str:
     """A page of the tenant's conversations, newest first, after the cursor ($2, $3), with the
     filters ANDed: the status (`active`: an open turn; `idle`: none) and, with `metadata`,
     `metadata @> $5`. One statement per combination rather than `($5 IS NULL OR …)`, so that
-    each has a plan that uses its index, generic plans included: `active` starts from the
-    tenant's open turns (turn_tenant_open_idx: at most MAX_OPEN_TURNS_PER_TENANT of them),
-    `idle` walks the tenant's conversations newest first probing turn_open_idx, and a metadata
-    filter reads conversation_metadata_idx (GIN)."""
+    each plan can use the filter's index: `active` starts from the tenant's open turns
+    (turn_tenant_open_idx: at most MAX_OPEN_TURNS_PER_TENANT of them), `idle` walks the
+    tenant's conversations newest first probing turn_open_idx, and a metadata filter reads
+    conversation_metadata_idx (GIN). A generic plan, knowing no metadata value, walks the
+    tenant's conversations instead; Postgres keeps it for a prepared statement only when its
+    estimate is no worse than the custom plans' (tests/integration/test_conversation_search)."""
     where = ["c.tenant_id = $1",
              "($2::timestamptz IS NULL OR (c.created_at, c.id) < ($2::timestamptz, $3::text))"]
     if status == "active":

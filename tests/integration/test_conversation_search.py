@@ -220,23 +220,26 @@ async def test_every_filter_is_served_by_an_index(loaded, api):
     tenant = await loaded.fetchval("SELECT id FROM tenant WHERE name = 'acme'")
     user = {"user": "u12345"}
     two = {"user": "u12345", "plan": "p5"}
+    # The index each filter is read by (both serve `active` with metadata: which one the
+    # planner starts from depends on the sampled statistics).
     expected = {
-        (None, None): "conversation_tenant_created_idx",
-        (None, json.dumps(user)): "conversation_metadata_idx",
-        (None, json.dumps(two)): "conversation_metadata_idx",
-        ("active", None): "turn_tenant_open_idx",
-        ("idle", None): "turn_open_idx",
-        ("active", json.dumps(user)): "turn_tenant_open_idx",
-        ("idle", json.dumps(user)): "conversation_metadata_idx",
+        (None, None): {"conversation_tenant_created_idx"},
+        (None, json.dumps(user)): {"conversation_metadata_idx"},
+        (None, json.dumps(two)): {"conversation_metadata_idx"},
+        ("active", None): {"turn_tenant_open_idx"},
+        ("idle", None): {"turn_open_idx"},
+        ("active", json.dumps(user)): {"turn_tenant_open_idx", "conversation_metadata_idx"},
+        ("idle", json.dumps(user)): {"conversation_metadata_idx"},
     }
-    for (status, metadata), index in expected.items():
+    for (status, metadata), indexes in expected.items():
         sql, args = list_conversations_query(
             tenant, None, 21, status, json.loads(metadata) if metadata else None)
         found = await explain(loaded, sql, args)
         # The plan for these values reads the filter's index; neither plan reads a whole table
         # (a generic plan knows no values: it may walk the tenant's index, and Postgres only
         # keeps it when its estimate is no worse than the custom plans').
-        assert any(s.endswith(f" using {index}") for s in found["custom"]), (status, found)
+        assert any(s.rsplit(" using ", 1)[-1] in indexes for s in found["custom"]
+                   if " using " in s), (status, metadata, found["custom"])
         assert not [s for s in found["custom"] + found["generic"] if s.startswith("Seq Scan")
                     ], (status, metadata, found)
     # The API answers the same filters (and one user's conversation is found among 40,000).

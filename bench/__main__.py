@@ -35,7 +35,8 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "api": {"duration_s": 3, "rounds": 3, "connections": 32, "tenants": 100},
         "inflight": {"configs": [("poll", 1000, 30.0), ("push", 1000, 30.0), ("push", 1000, 90.0)]},
         "e2e": {"conversations": 50, "turns": 5, "serial_turns": 10, "modes": ["push", "poll"]},
-        "dbgrowth": {"turns": 100_000, "duration_s": 2, "rounds": 2, "connections": 4},
+        "dbgrowth": {"turns": 100_000, "conversations": 100_000, "duration_s": 2, "rounds": 2,
+                     "connections": 4},
     },
     "full": {
         "api": {"duration_s": 10, "rounds": 3, "connections": 64, "tenants": 200},
@@ -48,7 +49,8 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
             ]
         },
         "e2e": {"conversations": 200, "turns": 5, "serial_turns": 20, "modes": ["push", "poll"]},
-        "dbgrowth": {"turns": 1_000_000, "duration_s": 5, "rounds": 3, "connections": 4},
+        "dbgrowth": {"turns": 1_000_000, "conversations": 1_000_000, "duration_s": 5,
+                     "rounds": 3, "connections": 4},
     },
 }
 

@@ -2,7 +2,10 @@
 almost empty database, and an EXPLAIN of every SQL constant the API and the worker run.
 
 The N turns (K per conversation, each with a `turn.queued` and a `turn.completed` event) are
-generated with INSERT … SELECT generate_series, then ANALYZEd. Latency is measured with light
+generated with INSERT … SELECT generate_series, then ANALYZEd; so are M more conversations
+(`conversations`, no turns) each tagged with its own `customer` metadata, for the list filtered
+by metadata (one customer's conversation among M, against the one in the almost empty
+database). Latency is measured with light
 closed-loop load (a few connections, so it is latency rather than throughput) on random
 conversations and turns. The EXPLAIN uses generic plans (plan_cache_mode = force_generic_plan),
 the plans the API's prepared statements end up with, on the big database.
@@ -76,6 +79,29 @@ WHERE t.conversation_id = ANY(SELECT 'gc_' || c FROM generate_series($1::int, $2
 """
 
 
+# Conversations a backend finds again by its own ids: one per customer, ten regions.
+GEN_TAGGED_SQL = """
+INSERT INTO conversation (id, tenant_id, processor, metadata, created_at, updated_at)
+SELECT 'gm_' || c, ($1::text[])[1 + c % cardinality($1::text[])], 'lite',
+       jsonb_build_object('customer', 'cu_' || c, 'region', 'r' || c % 10),
+       now() - make_interval(secs => c), now()
+FROM generate_series($2::int, $3::int) c
+"""
+
+
+async def generate_tagged(dsn: str, tenant_ids: list[str], conversations: int) -> None:
+    """`conversations` tagged conversations (gm_1 …), in chunks, then ANALYZE."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        step = 50_000
+        for low in range(1, conversations + 1, step):
+            await conn.execute(GEN_TAGGED_SQL, tenant_ids, low,
+                               min(conversations, low + step - 1))
+        await conn.execute("ANALYZE conversation")
+    finally:
+        await conn.close()
+
+
 async def generate(dsn: str, tenant_ids: list[str], conversations: int) -> None:
     """conversations x TURNS_PER_CONVERSATION turns and twice as many events, in chunks."""
     conn = await asyncpg.connect(dsn)
@@ -94,12 +120,20 @@ async def generate(dsn: str, tenant_ids: list[str], conversations: int) -> None:
         await conn.close()
 
 
-def targets(conversations: int, keys: list[str], count: int) -> dict[str, list[tuple[str, str]]]:
-    """Random (path, key) targets for the three reads."""
+FILTERED = "list conversations filtered by metadata"
+READS = ("GET turn", "list turns", "list events", FILTERED)
+
+
+def targets(
+    conversations: int, keys: list[str], count: int, tagged: int = 1
+) -> dict[str, list[tuple[str, str]]]:
+    """Random (path, key) targets for the four reads; `tagged`: how many gm_ conversations."""
     rng = random.Random(conversations)
     picks = [rng.randint(1, conversations) for _ in range(count)]
+    customers = [rng.randint(1, tagged) for _ in range(count)]
     key = lambda c: keys[c % len(keys)]  # noqa: E731
     return {
+        FILTERED: [(f"/v1/conversations?metadata.customer=cu_{c}", key(c)) for c in customers],
         "GET turn": [
             (
                 f"/v1/conversations/gc_{c}/turns/gt_{c}_{rng.randint(1, TURNS_PER_CONVERSATION)}",
@@ -113,9 +147,9 @@ def targets(conversations: int, keys: list[str], count: int) -> dict[str, list[t
 
 
 async def measure(
-    dbs: dict[str, tuple[str, int, list[str]]], size: dict[str, Any]
+    dbs: dict[str, tuple[str, int, list[str], int]], size: dict[str, Any]
 ) -> dict[str, dict[str, list[LoadStats]]]:
-    """p50s of the three reads on each database; the two APIs take turns, `rounds` times."""
+    """p50s of the four reads on each database; the two APIs take turns, `rounds` times."""
     ports = {label: free_port() for label in dbs}
     procs = {
         label: api_proc(
@@ -124,14 +158,15 @@ async def measure(
             RATE_LIMIT_PER_MIN="1000000000",
             WORKER_METRICS_PORT="0",
         )
-        for label, (dsn, _, _) in dbs.items()
+        for label, (dsn, _, _, _) in dbs.items()
     }
     out: dict[str, dict[str, list[LoadStats]]] = {}
     try:
         for label, proc in procs.items():
             proc.start().wait_http(f"http://127.0.0.1:{ports[label]}/healthz")
-        tgts = {label: targets(count, keys, 5000) for label, (_, count, keys) in dbs.items()}
-        for name in ("GET turn", "list turns", "list events"):
+        tgts = {label: targets(count, keys, 5000, tagged)
+                for label, (_, count, keys, tagged) in dbs.items()}
+        for name in READS:
             out[name] = {label: [] for label in dbs}
             for r in range(size["rounds"]):
                 for label in sorted(dbs, reverse=r % 2 == 1):
@@ -229,13 +264,16 @@ def _walk(node: dict[str, Any], scans: list[str]) -> None:
 
 async def run(size: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
     conversations = size["turns"] // TURNS_PER_CONVERSATION
+    tagged = size.get("conversations", 1)
     results: dict[str, Any] = {}
     async with scratch_database("dbempty") as empty, scratch_database("dbbig") as big:
         dbs = {}
-        for label, dsn, count in (("empty", empty, 1), ("big", big, conversations)):
+        for label, dsn, count, tags in (("empty", empty, 1, 1),
+                                        ("big", big, conversations, tagged)):
             tenants = await make_tenants(dsn, 20 if count > 1 else 1)
             await generate(dsn, [t for t, _ in tenants], count)
-            dbs[label] = (dsn, count, [k for _, k in tenants])
+            await generate_tagged(dsn, [t for t, _ in tenants], tags)
+            dbs[label] = (dsn, count, [k for _, k in tenants], tags)
         results["reads"] = await measure(dbs, size)
         results["explain"] = await explain_all(big)
     rows = []
@@ -246,7 +284,8 @@ async def run(size: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
         rows.append(
             Row(
                 bench="dbgrowth",
-                measure=f"{name} p50, {size['turns']:,} turns vs empty",
+                measure=(f"{name} p50, {tagged:,} conversations vs empty" if name == FILTERED
+                         else f"{name} p50, {size['turns']:,} turns vs empty"),
                 value=big_p50,
                 unit="ms",
                 baseline=empty_p50,
@@ -287,8 +326,11 @@ if __name__ == "__main__":
 
     from bench.harness import render_table
 
+    # python -m bench.dbgrowth TURNS [TAGGED_CONVERSATIONS]
+    turns, tagged = [*map(int, sys.argv[1:3]), 1][:2]
     table_rows, raw = asyncio.run(
-        run({"turns": int(sys.argv[1]), "duration_s": 2, "rounds": 2, "connections": 4})
+        run({"turns": turns, "conversations": tagged, "duration_s": 2, "rounds": 2,
+             "connections": 4})
     )
     print(json.dumps({k: raw[k] for k in ("seq_scans", "explain_errors")}, indent=1))
     print(render_table(table_rows))

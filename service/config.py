@@ -126,6 +126,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     db_idle_in_transaction_timeout_s: float = 15.0
     # Server-side TCP keepalives on every pool connection: first probe after this idle time.
     db_tcp_keepalives_idle_s: int = 30
+    # Retention: the worker deletes expired conversations every this many seconds (1 to 60),
+    # so one goes within this long (plus the sweep itself) of its expires_at.
+    retention_sweep_interval_s: int = 30
 
     # --- Test timing knobs: leave them at their defaults; tests shrink them to run fast ---
     # Multiplies every processor's deadline (service.domain.schedule).

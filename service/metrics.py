@@ -124,6 +124,10 @@ CONTEXT_RESEEDED = Counter(
     ["outcome"],
 )
 
+CONVERSATIONS_EXPIRED = Counter(
+    "research_conversations_expired_total",
+    "Conversations the retention sweep deleted, each after its expires_at (ttl_seconds).",
+)
 RATE_LIMIT_FAIL_OPEN = Counter(
     "research_rate_limit_fail_open_total",
     "Requests let through without a rate-limit count because Redis did not answer.",
@@ -155,6 +159,10 @@ def create_in_doubt(reason: str) -> None:
 
 def context_reseeded(outcome: str) -> None:
     CONTEXT_RESEEDED.labels(outcome).inc()
+
+
+def conversation_expired() -> None:
+    CONVERSATIONS_EXPIRED.inc()
 
 
 def rate_limit_fail_open() -> None:

@@ -83,6 +83,8 @@ class Conversation(msgspec.Struct, kw_only=True):
     status: ConversationStatus
     turn_count: int
     last_turn_id: str | None
+    ttl_seconds: int | None
+    expires_at: datetime | None
     created_at: datetime
     updated_at: datetime
 

@@ -10,11 +10,17 @@ from msgspec import Meta
 
 from service.models import Conversation, Event, JsonOutput, TextOutput, Turn
 
-MetadataKey = Annotated[str, Meta(min_length=1, max_length=16, description="At most 16 characters")]
-MetadataValue = Annotated[str, Meta(max_length=512, description="At most 512 characters")]
+MAX_METADATA_KEY, MAX_METADATA_VALUE, MAX_METADATA_PAIRS = 16, 512, 16
+MetadataKey = Annotated[
+    str, Meta(min_length=1, max_length=MAX_METADATA_KEY, description="At most 16 characters")
+]
+MetadataValue = Annotated[
+    str, Meta(max_length=MAX_METADATA_VALUE, description="At most 512 characters")
+]
 Metadata = Annotated[
     dict[MetadataKey, MetadataValue],
-    Meta(max_length=16, description="Up to 16 string pairs; passed to Parallel with the run"),
+    Meta(max_length=MAX_METADATA_PAIRS,
+         description="Up to 16 string pairs; passed to Parallel with the run"),
 ]
 Title = Annotated[str, Meta(max_length=200)]
 Processor = Annotated[
@@ -27,6 +33,13 @@ WebhookUrl = Annotated[
                      "(unless WEBHOOK_ALLOW_PRIVATE)"),
 ]
 Id = Annotated[str, Meta(min_length=1, max_length=64)]
+MAX_TTL_S = 31_536_000  # 365 days
+TtlSeconds = Annotated[
+    int,
+    Meta(ge=1, le=MAX_TTL_S,
+         description="Delete the conversation this many seconds after its last activity "
+                     "(1 to 31,536,000: 365 days); null: keep it"),
+]
 
 
 class Request(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -38,6 +51,7 @@ class ConversationCreate(Request):
     processor: Processor | None = None
     metadata: Metadata = {}
     webhook_url: WebhookUrl | None = None
+    ttl_seconds: TtlSeconds | None = None
 
 
 class ConversationUpdate(Request):
@@ -45,6 +59,7 @@ class ConversationUpdate(Request):
     processor: Processor | msgspec.UnsetType = msgspec.UNSET
     metadata: Metadata | msgspec.UnsetType = msgspec.UNSET
     webhook_url: WebhookUrl | msgspec.UnsetType | None = msgspec.UNSET
+    ttl_seconds: TtlSeconds | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class TextOutputSchema(Request, tag_field="type", tag="text", omit_defaults=True):

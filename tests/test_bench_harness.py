@@ -7,7 +7,7 @@ import math
 import pytest
 
 from bench.__main__ import inflight_configs, parse_args
-from bench.dbgrowth import _seq_table, _walk
+from bench.dbgrowth import FILTERED, READS, _seq_table, _walk, targets
 from bench.harness import Row, fmt, percentile, ratio, render_table, summarize
 from bench.inflight import rows_for, scaling_rows
 
@@ -170,3 +170,14 @@ async def test_load_without_wrk_runs_inside_the_benchmarks_event_loop(monkeypatc
     assert stats["requests"] > 0 and stats["rps"] > 0
     # Connection 0 always sends k1, connection 1 always the wrong key: about half are errors.
     assert 0 < stats["errors"] < stats["requests"]
+
+
+def test_dbgrowth_targets_one_customer_of_the_tagged_conversations_with_its_tenants_key():
+    found = targets(500, ["k0", "k1", "k2"], 200, tagged=1_000_000)
+    assert set(found) == set(READS) and all(len(v) == 200 for v in found.values())
+    for path, key in found[FILTERED]:
+        customer = int(path.rsplit("cu_", 1)[1])
+        assert path == f"/v1/conversations?metadata.customer=cu_{customer}"
+        assert 1 <= customer <= 1_000_000 and key == f"k{customer % 3}"
+    assert {p for p, _ in targets(1, ["k"], 5)[FILTERED]} == {
+        "/v1/conversations?metadata.customer=cu_1"}

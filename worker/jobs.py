@@ -11,7 +11,7 @@ from arq import Retry
 from service import metrics, queue
 from service.db import turns as turn_db
 from service.db.pool import DB_UNAVAILABLE
-from service.domain import lifecycle, runs, starts
+from service.domain import conversations, lifecycle, runs, starts
 from service.errors import UpstreamUnavailable
 from service.resources import Resources
 
@@ -139,3 +139,19 @@ async def reconcile(ctx: dict[str, Any], min_age_s: float = 5.0) -> int:
     if requeued:
         log.info("reconciled", requeued=requeued, checked=len(turn_ids))
     return len(turn_ids)
+
+
+# The longest one sweep deletes for (well within the job's timeout); the next takes the rest.
+SWEEP_BUDGET_S = 20.0
+
+
+async def sweep_expired(ctx: dict[str, Any]) -> int:
+    """Delete the conversations whose TTL ran out (docs/design.md, Retention); a cron job every
+    RETENTION_SWEEP_INTERVAL_S. Several workers may run it at once: each claim skips the rows
+    another holds."""
+    res: Resources = ctx["resources"]
+    try:
+        return await conversations.sweep_expired(res.pool, SWEEP_BUDGET_S)
+    except DB_UNAVAILABLE as exc:
+        log.warning("sweep_expired_db_unavailable", error=repr(exc))
+        return 0

@@ -68,6 +68,7 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
 
 
 def reconcile_seconds(interval_s: int) -> set[int]:
+    """The seconds of each minute a cron job runs at, for an interval of 1 to 60 s."""
     step = max(1, min(60, interval_s))
     return set(range(0, 60, step))
 
@@ -92,6 +93,9 @@ def build_worker(
             cron(jobs.reconcile, name=f"{queue.RECONCILE}:{settings.queue_name}",
                  second=reconcile_seconds(settings.reconcile_interval_s), run_at_startup=True,
                  unique=True, keep_result=0),
+            cron(jobs.sweep_expired, name=f"{queue.SWEEP_EXPIRED}:{settings.queue_name}",
+                 second=reconcile_seconds(settings.retention_sweep_interval_s),
+                 run_at_startup=True, unique=True, keep_result=0),
         ],
         "on_startup": on_startup,
         "on_shutdown": on_shutdown,

@@ -9,13 +9,17 @@ import asyncpg
 
 from service.models import Conversation
 
-CONVERSATION_COLUMNS = """
+# A turn `o` that is open: the conversation is `active` while it has one.
+OPEN_TURN = "o.status IN ('queued', 'running')"
+CONVERSATION_COLUMNS = f"""
     c.id, c.title, c.processor, c.metadata, c.webhook_url,
     CASE WHEN EXISTS (
-        SELECT 1 FROM turn o WHERE o.conversation_id = c.id AND o.status IN ('queued', 'running')
+        SELECT 1 FROM turn o WHERE o.conversation_id = c.id AND {OPEN_TURN}
     ) THEN 'active' ELSE 'idle' END AS status,
-    c.turn_count, c.last_turn_id, c.created_at, c.updated_at
+    c.turn_count, c.last_turn_id, c.ttl_seconds, c.expires_at, c.created_at, c.updated_at
 """
+# When a conversation with a TTL expires, from its last activity (`at`, an SQL expression).
+EXPIRES_AT = "CASE WHEN {ttl} IS NOT NULL THEN {at} + make_interval(secs => {ttl}) END"
 
 
 def to_conversation(row: asyncpg.Record) -> Conversation:
@@ -24,8 +28,10 @@ def to_conversation(row: asyncpg.Record) -> Conversation:
 
 INSERT_CONVERSATION_SQL = f"""
 INSERT INTO conversation AS c (
-    id, tenant_id, title, processor, metadata, webhook_url, webhook_secret
-) VALUES ($1, $2, $3, $4, $5, $6, $7)
+    id, tenant_id, title, processor, metadata, webhook_url, webhook_secret, ttl_seconds,
+    last_activity_at, expires_at
+) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now(),
+          {EXPIRES_AT.format(ttl="$8::int", at="now()")})
 RETURNING {CONVERSATION_COLUMNS}
 """
 
@@ -40,10 +46,11 @@ async def insert_conversation(
     metadata: dict[str, str],
     webhook_url: str | None,
     webhook_secret: str | None,
+    ttl_seconds: int | None,
 ) -> Conversation:
     row = await conn.fetchrow(
         INSERT_CONVERSATION_SQL, id, tenant_id, title, processor, metadata, webhook_url,
-        webhook_secret,
+        webhook_secret, ttl_seconds,
     )
     assert row is not None  # an INSERT … RETURNING returns its row
     return to_conversation(row)
@@ -61,13 +68,56 @@ async def get_conversation(
     return to_conversation(row) if row else None
 
 
-LIST_CONVERSATIONS_SQL = f"""
-SELECT {CONVERSATION_COLUMNS} FROM conversation c
-WHERE c.tenant_id = $1
-  AND ($2::timestamptz IS NULL OR (c.created_at, c.id) < ($2::timestamptz, $3::text))
-ORDER BY c.created_at DESC, c.id DESC
-LIMIT $4
-"""
+def _list_sql(status: str | None = None, metadata: bool = False) -> str:
+    """A page of the tenant's conversations, newest first, after the cursor ($2, $3), with the
+    filters ANDed: the status (`active`: an open turn; `idle`: none) and, with `metadata`,
+    `metadata @> $5`. One statement per combination rather than `($5 IS NULL OR …)`, so that
+    each plan can use the filter's index: `active` starts from the tenant's open turns
+    (turn_tenant_open_idx: at most MAX_OPEN_TURNS_PER_TENANT of them), `idle` walks the
+    tenant's conversations newest first probing turn_open_idx, and a metadata filter reads
+    conversation_metadata_idx (GIN). A generic plan, knowing no metadata value, walks the
+    tenant's conversations instead; Postgres keeps it for a prepared statement only when its
+    estimate is no worse than the custom plans' (tests/integration/test_conversation_search)."""
+    where = ["c.tenant_id = $1",
+             "($2::timestamptz IS NULL OR (c.created_at, c.id) < ($2::timestamptz, $3::text))"]
+    if status == "active":
+        where.append(f"c.id IN (SELECT o.conversation_id FROM turn o WHERE o.tenant_id = $1 "
+                     f"AND {OPEN_TURN})")
+    elif status == "idle":
+        where.append(f"NOT EXISTS (SELECT 1 FROM turn o WHERE o.conversation_id = c.id "
+                     f"AND {OPEN_TURN})")
+    if metadata:
+        where.append("c.metadata @> $5::jsonb")
+    return (f"SELECT {CONVERSATION_COLUMNS} FROM conversation c\nWHERE "
+            + "\n  AND ".join(where) + "\nORDER BY c.created_at DESC, c.id DESC\nLIMIT $4\n")
+
+
+LIST_CONVERSATIONS_SQL = _list_sql()
+LIST_ACTIVE_CONVERSATIONS_SQL = _list_sql("active")
+LIST_IDLE_CONVERSATIONS_SQL = _list_sql("idle")
+LIST_CONVERSATIONS_BY_METADATA_SQL = _list_sql(metadata=True)
+LIST_ACTIVE_CONVERSATIONS_BY_METADATA_SQL = _list_sql("active", metadata=True)
+LIST_IDLE_CONVERSATIONS_BY_METADATA_SQL = _list_sql("idle", metadata=True)
+LIST_SQL = {
+    (None, False): LIST_CONVERSATIONS_SQL,
+    ("active", False): LIST_ACTIVE_CONVERSATIONS_SQL,
+    ("idle", False): LIST_IDLE_CONVERSATIONS_SQL,
+    (None, True): LIST_CONVERSATIONS_BY_METADATA_SQL,
+    ("active", True): LIST_ACTIVE_CONVERSATIONS_BY_METADATA_SQL,
+    ("idle", True): LIST_IDLE_CONVERSATIONS_BY_METADATA_SQL,
+}
+
+
+def list_conversations_query(
+    tenant_id: str, before: tuple[datetime, str] | None, limit: int, status: str | None,
+    metadata: dict[str, str] | None,
+) -> tuple[str, list[Any]]:
+    """The statement and arguments of a filtered page (also what tests EXPLAIN)."""
+    created, cid = before if before else (None, None)
+    args: list[Any] = [tenant_id, created, cid, limit]
+    if metadata:
+        args.append(metadata)
+    return LIST_SQL[(status, bool(metadata))], args
 
 
 async def list_conversations(
@@ -75,10 +125,11 @@ async def list_conversations(
     tenant_id: str,
     before: tuple[datetime, str] | None,
     limit: int,
+    status: str | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> list[Conversation]:
-    created, cid = before if before else (None, None)
-    rows = await conn.fetch(LIST_CONVERSATIONS_SQL, tenant_id, created, cid, limit)
-    return [to_conversation(r) for r in rows]
+    sql, args = list_conversations_query(tenant_id, before, limit, status, metadata)
+    return [to_conversation(r) for r in await conn.fetch(sql, *args)]
 
 
 LOCK_CONVERSATION_SQL = """
@@ -102,6 +153,11 @@ UPDATE conversation AS c SET
     metadata = COALESCE($6, c.metadata),
     webhook_url = CASE WHEN $7 THEN $8 ELSE c.webhook_url END,
     webhook_secret = COALESCE($9, c.webhook_secret),
+    ttl_seconds = CASE WHEN $10 THEN $11 ELSE c.ttl_seconds END,
+    -- A new TTL counts from the last activity (a PATCH is not one).
+    expires_at = CASE WHEN $10 THEN {EXPIRES_AT.format(
+        ttl="$11::int", at="COALESCE(c.last_activity_at, c.updated_at)")}
+        ELSE c.expires_at END,
     updated_at = now()
 WHERE c.id = $1 AND c.tenant_id = $2
 RETURNING {CONVERSATION_COLUMNS}
@@ -123,6 +179,8 @@ async def update_conversation(
         "webhook_url" in changes,
         changes.get("webhook_url"),
         changes.get("webhook_secret"),
+        "ttl_seconds" in changes,
+        changes.get("ttl_seconds"),
     )
     return to_conversation(row) if row else None
 
@@ -190,6 +248,27 @@ async def delete_conversation(
     conn: asyncpg.Connection, tenant_id: str, conversation_id: str
 ) -> bool:
     return await conn.fetchval(DELETE_CONVERSATION_SQL, conversation_id, tenant_id) is not None
+
+
+# The sweeper's next conversation: expired and without an open turn (an open turn keeps it;
+# its next event moves expires_at on). Locked, skipping ones other transactions hold (another
+# worker's sweep, a request on it), so several workers share the sweep; `$1` are the ones this
+# sweep already failed to delete.
+CLAIM_EXPIRED_SQL = f"""
+SELECT c.id, c.tenant_id FROM conversation c
+WHERE c.expires_at <= now() AND c.id <> ALL($1::text[])
+  AND NOT EXISTS (SELECT 1 FROM turn o WHERE o.conversation_id = c.id AND {OPEN_TURN})
+ORDER BY c.expires_at
+LIMIT 1
+FOR UPDATE OF c SKIP LOCKED
+"""
+
+
+async def claim_expired_conversation(
+    conn: asyncpg.Connection, skip: list[str]
+) -> asyncpg.Record | None:
+    """Lock the next expired conversation for this transaction: (id, tenant_id), or None."""
+    return await conn.fetchrow(CLAIM_EXPIRED_SQL, skip)
 
 
 LOCK_CONVERSATION_OF_TURN_SQL = """

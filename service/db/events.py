@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncpg
 import msgspec
 
+from service.db.conversations import EXPIRES_AT
 from service.db.pool import Conn
 from service.db.webhook_deliveries import insert_delivery
 from service.models import Event, Turn
@@ -13,9 +14,11 @@ NOTIFY_CHANNEL = "research_events"
 # Events that conversations with a webhook_url are sent (docs/design.md §3).
 WEBHOOK_EVENT_TYPES = frozenset({"turn.completed", "turn.failed", "turn.cancelled"})
 
-INSERT_EVENT_SQL = """
+# Every event is activity: a conversation with a TTL expires that long after its last one.
+INSERT_EVENT_SQL = f"""
 WITH c AS (
-    UPDATE conversation SET event_count = event_count + 1, updated_at = now()
+    UPDATE conversation SET event_count = event_count + 1, updated_at = now(),
+        last_activity_at = now(), expires_at = {EXPIRES_AT.format(ttl="ttl_seconds", at="now()")}
     WHERE id = $1
     RETURNING event_count
 ), e AS (

@@ -1,15 +1,18 @@
-"""Conversations: create, read, change, rotate the webhook secret, delete."""
+"""Conversations: create, find, read, change, rotate the webhook secret, delete, expire."""
 
 from __future__ import annotations
 
 import base64
 import math
 import secrets
+import time
 from datetime import datetime
 
 import asyncpg
 import msgspec
+import structlog
 
+from service import metrics
 from service.config import Settings
 from service.db import conversations as db
 from service.db import usage as usage_db
@@ -20,6 +23,8 @@ from service.domain.webhook_urls import check_webhook_url
 from service.errors import InvalidInput, NotFound, TooManyRequests
 from service.models import Conversation
 from service.schemas import ConversationCreate, ConversationPage, ConversationUpdate
+
+log = structlog.get_logger(__name__)
 
 SECRET_OVERLAP_S = 24 * 3600
 # Replaced secrets that still sign (within SECRET_OVERLAP_S) at most: a delivery then carries
@@ -54,6 +59,7 @@ async def create_conversation(
         metadata=data.metadata,
         webhook_url=data.webhook_url,
         webhook_secret=secret,
+        ttl_seconds=data.ttl_seconds,
     )
     return conversation, secret
 
@@ -69,10 +75,13 @@ async def get_conversation(
 
 
 async def list_conversations(
-    pool: asyncpg.Pool, tenant_id: str, limit: int, cursor: str | None
+    pool: asyncpg.Pool, tenant_id: str, limit: int, cursor: str | None,
+    status: str | None = None, metadata: dict[str, str] | None = None,
 ) -> ConversationPage:
+    """A page of the tenant's conversations, newest first, with the filters ANDed: `status`
+    and every `metadata` pair."""
     before = decode_cursor(cursor, datetime, str) if cursor else None
-    rows = await db.list_conversations(pool, tenant_id, before, limit + 1)
+    rows = await db.list_conversations(pool, tenant_id, before, limit + 1, status, metadata)
     page, next_cursor = page_of(rows, limit, lambda c: (c.created_at, c.id))
     return ConversationPage(data=page, next_cursor=next_cursor)
 
@@ -137,5 +146,43 @@ async def delete_conversation(
     async with lifecycle.transaction(pool) as conn:
         if await db.lock_conversation(conn, tenant_id, conversation_id) is None:
             raise NotFound(f"Conversation {conversation_id!r} not found.")
-        await usage_db.archive_usage(conn, tenant_id, conversation_id)
-        await db.delete_conversation(conn, tenant_id, conversation_id)
+        await _delete_locked(conn, tenant_id, conversation_id)
+
+
+async def _delete_locked(conn: asyncpg.Connection, tenant_id: str, conversation_id: str) -> None:
+    """Delete a conversation this transaction has locked: its spend is archived, the rest goes
+    with it (ON DELETE CASCADE), and its open event streams end once this commits."""
+    await usage_db.archive_usage(conn, tenant_id, conversation_id)
+    await db.delete_conversation(conn, tenant_id, conversation_id)
+
+
+async def sweep_expired(pool: asyncpg.Pool, budget_s: float) -> int:
+    """Delete expired conversations as DELETE does (they have no open turn to cancel), one
+    transaction each, until none is left or `budget_s` has passed; returns how many.
+
+    Safe on many workers at once (each claim skips rows another holds), and a worker that dies
+    mid-sweep leaves every conversation whole or gone (the transaction rolls back). One that
+    cannot be deleted now (a lock or statement timeout) is left to the next sweep.
+    Raises service.db.pool.DB_UNAVAILABLE errors."""
+    deadline = time.monotonic() + budget_s
+    deleted, failed = 0, list[str]()
+    while time.monotonic() < deadline:
+        claimed = None
+        try:
+            async with lifecycle.transaction(pool) as conn:
+                claimed = await db.claim_expired_conversation(conn, failed)
+                if claimed is None:
+                    break
+                await _delete_locked(conn, claimed["tenant_id"], claimed["id"])
+        except (asyncpg.LockNotAvailableError, asyncpg.QueryCanceledError) as exc:
+            if claimed is None:
+                raise
+            log.warning("expired_conversation_not_deleted", conversation_id=claimed["id"],
+                        error=repr(exc))
+            failed.append(claimed["id"])
+            continue
+        deleted += 1
+        metrics.conversation_expired()
+    if deleted:
+        log.info("expired_conversations_deleted", count=deleted)
+    return deleted

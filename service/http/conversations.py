@@ -2,25 +2,66 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 from litestar import Controller, Request, delete, get, patch, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath
+from litestar.params import FromPath, QueryParameter
 
 from service.domain import conversations
+from service.errors import InvalidInput
 from service.http import examples as ex
 from service.http.deps import Cursor, Limit, tenant_of
 from service.http.problems import problem_responses
-from service.models import Conversation
+from service.models import Conversation, ConversationStatus
 from service.resources import Resources
 from service.schemas import (
+    MAX_METADATA_KEY,
+    MAX_METADATA_PAIRS,
+    MAX_METADATA_VALUE,
     ConversationCreate,
     ConversationPage,
     ConversationUpdate,
     ConversationWithSecret,
     WebhookSecret,
 )
+
+StatusFilter = Annotated[
+    ConversationStatus | None,
+    QueryParameter(description="`active`: a turn is queued or running; `idle`: none is"),
+]
+METADATA_PREFIX = "metadata."
+
+
+def metadata_filter(query: Iterable[tuple[str, str]]) -> dict[str, str] | None:
+    """The `metadata.<key>=<value>` pairs of the query, or None when it has none.
+
+    Raises InvalidInput for a pair no conversation's metadata can hold."""
+    pairs: dict[str, str] = {}
+    errors = []
+    for name, value in query:
+        if not name.startswith(METADATA_PREFIX):
+            continue
+        key = name[len(METADATA_PREFIX):]
+        problem = (
+            f"a metadata key has 1 to {MAX_METADATA_KEY} characters"
+            if not 1 <= len(key) <= MAX_METADATA_KEY
+            else f"a metadata value has at most {MAX_METADATA_VALUE} characters"
+            if len(value) > MAX_METADATA_VALUE
+            else "given more than once" if key in pairs
+            else None
+        )
+        if problem:
+            errors.append({"field": name, "message": problem, "source": "query"})
+        pairs[key] = value
+    if len(pairs) > MAX_METADATA_PAIRS:
+        errors.append({"field": "metadata", "source": "query",
+                       "message": f"a conversation has at most {MAX_METADATA_PAIRS} pairs"})
+    if errors:
+        raise InvalidInput("; ".join(f"{e['field']}: {e['message']}" for e in errors),
+                           errors=errors)
+    return pairs or None
 
 
 def _with_secret(conversation: Conversation, secret: str | None) -> ConversationWithSecret:
@@ -43,7 +84,9 @@ class ConversationController(Controller):
     ) -> ConversationWithSecret:
         """Create a conversation. With `webhook_url` (http(s), resolving to public addresses only
         unless WEBHOOK_ALLOW_PRIVATE), the answer carries the `webhook_secret` that signs its
-        webhooks, this once."""
+        webhooks, this once. With `ttl_seconds`, it is deleted (as DELETE does) that long after
+        its last activity (creation, a new turn, a turn changing status), never while a turn is
+        queued or running; `expires_at` says when."""
         conversation, secret = await conversations.create_conversation(
             resources.pool, resources.settings, tenant_of(request), data
         )
@@ -58,10 +101,18 @@ class ConversationController(Controller):
         self, request: Request[Any, Any, Any], resources: NamedDependency[Resources],
         limit: Limit = 20,
         cursor: Cursor = None,
+        status: StatusFilter = None,
     ) -> ConversationPage:
-        """The tenant's conversations, newest first, a page at a time."""
+        """The tenant's conversations, newest first, a page at a time, with the filters ANDed:
+        `status`, and `metadata.<key>=<value>` for each metadata pair a conversation must hold
+        (several allowed, e.g. `?metadata.customer=c_42&metadata.region=eu`; the key as the
+        metadata has it, percent-encoded like any query value). A filter no conversation can
+        meet (a key that is empty or over 16 characters, a value over 512, more than 16 pairs,
+        a key given twice) answers 422. Each page keeps the filters: pass them again with
+        `cursor`."""
         return await conversations.list_conversations(
-            resources.pool, tenant_of(request), limit, cursor)
+            resources.pool, tenant_of(request), limit, cursor, status,
+            metadata_filter(request.query_params.multi_items()))
 
     @get("/{conversation_id:str}", operation_id="GetConversation", summary="Get a conversation",
          responses={**problem_responses(404), **ex.answer(
@@ -77,7 +128,7 @@ class ConversationController(Controller):
             resources.pool, tenant_of(request), conversation_id)
 
     @patch("/{conversation_id:str}", operation_id="UpdateConversation",
-           summary="Change a conversation's title, processor, metadata or webhook URL",
+           summary="Change a conversation's title, processor, metadata, webhook URL or TTL",
            responses={**problem_responses(404, 413), **ex.answer(
                200, ConversationWithSecret,
                "The conversation; `webhook_secret` once, when a webhook URL is set where none was",
@@ -88,9 +139,10 @@ class ConversationController(Controller):
         conversation_id: FromPath[str],
         data: Annotated[ConversationUpdate, ex.body(*ex.UPDATE_CONVERSATION)],
     ) -> ConversationWithSecret:
-        """Change the title, processor, metadata or webhook URL; `null` clears the title or the
-        webhook URL. Setting a webhook URL where there was none answers its new `webhook_secret`,
-        once."""
+        """Change the title, processor, metadata, webhook URL or TTL; `null` clears the title,
+        the webhook URL or the TTL. Setting a webhook URL where there was none answers its new
+        `webhook_secret`, once. A new `ttl_seconds` counts from the last activity (this PATCH is
+        not one): a TTL shorter than the time since then expires the conversation at once."""
         conversation, secret = await conversations.update_conversation(
             resources.pool, resources.settings, tenant_of(request), conversation_id, data
         )

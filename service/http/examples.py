@@ -28,11 +28,14 @@ CONVERSATION: dict[str, Any] = {
     "status": "idle",
     "turn_count": 2,
     "last_turn_id": TURN_2,
+    "ttl_seconds": 2592000,
+    "expires_at": "2026-03-25T09:16:40.520000Z",
     "created_at": CREATED_AT,
     "updated_at": "2026-02-23T09:16:40.520000Z",
 }
 NEW_CONVERSATION: dict[str, Any] = {
     **CONVERSATION, "turn_count": 0, "last_turn_id": None, "updated_at": CREATED_AT,
+    "expires_at": "2026-03-25T09:15:02.114000Z",
     "webhook_secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
 }
 
@@ -134,15 +137,17 @@ def answer(
 
 CREATE_CONVERSATION = (
     example("minimal", "Defaults only", {}),
-    example("with-webhook", "A title, a processor, metadata and a webhook URL", {
+    example("with-webhook", "A title, a processor, metadata, a webhook URL, a 30-day TTL", {
         "title": "Winter Olympics 2026", "processor": "lite",
         "metadata": {"team": "sports-desk"}, "webhook_url": "https://example.com/webhooks/research",
+        "ttl_seconds": 2592000,
     }),
 )
 UPDATE_CONVERSATION = (
     example("retitle", "Change the title", {"title": "Milano Cortina 2026"}),
     example("move-webhooks", "Send webhooks to a new URL",
             {"webhook_url": "https://example.com/webhooks/research-v2"}),
+    example("keep", "Keep the conversation: no TTL", {"ttl_seconds": None}),
 )
 CREATE_TURN = (
     example("question", "A follow-up question", {"input": "How many medals did they win?"}),

@@ -250,6 +250,8 @@ WEBHOOKS = {
 PARAMETER_MINIMUMS = {"after": 0, "wait": 0}
 # What service.domain.cursors.parse_sequence accepts (within int8 too).
 PARAMETER_PATTERNS = {"Last-Event-ID": "^[0-9]{1,19}$"}
+# Query parameters typed by a shared Literal: its component, so clients get one enum.
+PARAMETER_REFS = {"status": "ConversationStatus"}
 
 
 def _fix_parameter(parameter: dict[str, Any]) -> None:
@@ -266,6 +268,9 @@ def _fix_parameter(parameter: dict[str, Any]) -> None:
         schema["minimum"] = PARAMETER_MINIMUMS[parameter["name"]]
     if parameter["name"] in PARAMETER_PATTERNS:
         schema["pattern"] = PARAMETER_PATTERNS[parameter["name"]]
+    if parameter["in"] == "query" and parameter["name"] in PARAMETER_REFS:
+        parameter["schema"] = ref(PARAMETER_REFS[parameter["name"]])
+        return
     schema.pop("description", None)  # the parameter's own description says it
 
 

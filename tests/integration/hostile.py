@@ -1,6 +1,7 @@
 """Hostile variants of a generated request, for the fuzz test: text Postgres cannot store (NUL),
 text UTF-8 cannot encode (lone surrogates) and bytes that are not UTF-8, put into the body, a
-path id, the query or a header. Each is a Hypothesis strategy, so the seed replays it."""
+path id, the query or a header; and the conversation list's `metadata.<key>` filters with any
+text. Each is a Hypothesis strategy, so the seed replays it."""
 
 from __future__ import annotations
 
@@ -23,7 +24,11 @@ BAD_ESCAPES = ["%00", "x%00", "%FF", "%C3", "%ED%A0%80", "%C0%AF"]
 BAD_HEADER_VALUES = [b"\xff", b"caf\xc3", b"\xed\xa0\x80", "²".encode("latin-1"), b"\xb2\xb3"]
 HEADERS = ["Idempotency-Key", "Last-Event-ID", "Authorization", "X-Request-ID", "Accept",
            "webhook-id", "webhook-timestamp"]
-QUERY_NAMES = ["cursor", "limit", "after", "wait", "month", "status", "turn_id", "x"]
+QUERY_NAMES = ["cursor", "limit", "after", "wait", "month", "status", "turn_id", "x",
+               "metadata.k", "metadata.", "metadata.a.b"]
+# The conversation list's `metadata.<key>=<value>` filters, which the document can only describe
+# (OpenAPI has no parameters named by a pattern): any text as key and value, several at once.
+FILTER_TEXT = st.text(max_size=20) | st.text(min_size=500, max_size=520)
 MARK = "\ue000"  # a private-use character, replaced by raw bytes after encoding
 
 
@@ -89,6 +94,8 @@ def mutations(draw: Any, case: Any) -> Mutation | None:
         kinds.append("path")
     if not isinstance(case.body, NotSet | bytes):
         kinds += ["body"] * 4  # the body carries most of what reaches Postgres
+    if case.method.upper() == "GET" and case.path == "/v1/conversations":
+        kinds += ["filter"] * 2
     if draw(st.booleans()):
         return None
     kind = draw(st.sampled_from(kinds))
@@ -98,6 +105,11 @@ def mutations(draw: Any, case: Any) -> Mutation | None:
         name = draw(st.sampled_from(sorted(case.path_parameters)))
         prefix = draw(st.sampled_from(["", "conv_", "turn_", "whd_"]))
         return Mutation("path", path=(name, prefix + draw(st.sampled_from(BAD_ESCAPES))))
+    if kind == "filter":
+        pairs = draw(st.lists(st.tuples(FILTER_TEXT, FILTER_TEXT), min_size=1, max_size=18))
+        known = urlencode(case.query or {}, doseq=True, quote_via=quote)
+        filters = urlencode([(f"metadata.{k}", v) for k, v in pairs], quote_via=quote)
+        return Mutation("filter", query="&".join(q for q in (known, filters) if q))
     if kind == "query":
         name = draw(st.sampled_from(QUERY_NAMES))
         value = draw(st.sampled_from(BAD_ESCAPES))

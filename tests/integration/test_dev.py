@@ -114,11 +114,17 @@ def dev(tmp_path_factory: pytest.TempPathFactory, pg_admin_url: str,
 
 
 def readme_session() -> str:
+    return readme_blocks()[0]
+
+
+def readme_blocks() -> list[str]:
+    """The ```sh blocks of README.md's curl session, in order."""
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## A session with curl"):]
-    match = re.search(r"```sh\n(.*?)```", section, re.S)
-    assert match, "README.md's curl session has no ```sh block"
-    return match.group(1)
+    section = section[:section.index("\n## ", 1)]
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
+    assert blocks, "README.md's curl session has no ```sh block"
+    return blocks
 
 
 def json_values(text: str) -> list[Any]:
@@ -185,6 +191,24 @@ def test_the_readme_curl_session_runs_as_pasted(dev: Dev) -> None:
     assert len(hooks) >= 5 and {h["status_code"] for h in hooks} == {204}, hooks
     assert {h["url"] for h in hooks} == {f"{dev.state['api_url']}/v1/hooks/parallel"}
     assert "push mode: Parallel's webhooks come to" in dev.output()
+
+
+@pytest.mark.skipif(not (shutil.which("curl") and shutil.which("jq") and shutil.which("bash")),
+                    reason="the README's session needs bash, curl and jq")
+def test_the_readme_filter_and_retention_block_runs_as_pasted(dev: Dev) -> None:
+    first, block = readme_blocks()[:2]
+    # The block runs in the session's terminal: its address and key lines come first.
+    setup = [line for line in first.splitlines() if line.startswith(("API=", "auth=("))]
+    assert len(setup) == 2, first
+    done = subprocess.run(["bash", "-e", "-c", "\n".join([*setup, block])], cwd=dev.folder,
+                          env=dev.env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0 and not done.stderr, done.stdout + done.stderr
+    created, found, active, kept = json_values(done.stdout)
+    assert created["ttl_seconds"] == 2592000 and created["expires_at"], created
+    assert found == [{"title": "Case 4711", "metadata": {"customer": "c_42", "case": "4711"},
+                      "status": "idle"}]
+    assert isinstance(active["ids"], list) and "next_cursor" in active
+    assert kept == {"ttl_seconds": None, "expires_at": None}
 
 
 def _split(values: list[Any]) -> tuple[Any, ...]:

@@ -173,6 +173,12 @@ async def test_another_tenants_key_finds_nothing_of_ours(client, world, database
             else:  # their own collection: fine to use, and none of ours in it
                 assert response.status_code < 300, (method, template, response.text)
                 assert not any(i in response.text for i in owned), (method, template)
+        # Nor when they look for ours by its metadata or its status (it has a queued turn).
+        for query in ("metadata.owner=acme", "status=active", "status=active&metadata.owner=acme",
+                      "status=idle"):
+            response = await send(client, "GET", f"/v1/conversations?{query}", "", other)
+            assert response.status_code == 200, (query, response.text)
+            assert not any(i in response.text for i in owned), query
         # The event stream, as SSE, is refused the same way.
         stream = await send(client, "GET", fill("/v1/conversations/{conversation_id}/events",
                                                 world["ids"]), "", other,
@@ -199,6 +205,9 @@ async def test_the_owner_still_sees_everything(client, world):
     conversation_id = world["ids"]["conversation_id"]
     mine = (await client.get(f"/v1/conversations/{conversation_id}", headers=headers)).json()
     assert mine["title"] is None and mine["metadata"] == {"owner": "acme"}
+    found = await client.get("/v1/conversations", headers=headers,
+                             params={"metadata.owner": "acme", "status": "active"})
+    assert [c["id"] for c in found.json()["data"]] == [conversation_id]
     turn = await client.get(f"/v1/conversations/{conversation_id}/turns/{world['ids']['turn_id']}",
                             headers=headers)
     assert turn.json()["status"] == "queued"

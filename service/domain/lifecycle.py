@@ -32,6 +32,7 @@ from service.db import attempts as attempt_db
 from service.db import conversations as conversation_db
 from service.db import events as event_db
 from service.db import turns as turn_db
+from service.domain import usage
 from service.errors import Conflict, NotFound
 from service.models import Turn
 
@@ -106,12 +107,11 @@ async def enqueue_start(queue: jobs.Queue | None, settings: Settings, turn_id: s
         return False
 
 
-async def _next_head(conn: asyncpg.Connection, conversation_id: str) -> FollowUps:
+def _start_head(inserted: event_db.Inserted) -> FollowUps:
     """Start the conversation's oldest open turn once this commits, if it waits for a worker."""
-    head = await turn_db.head_turn(conn, conversation_id)
-    if head is None or head["status"] != "queued":
+    if inserted.head is None or inserted.head[1] != "queued":
         return NOTHING
-    return FollowUps(start=(head["id"],))
+    return FollowUps(start=(inserted.head[0],))
 
 
 async def _lock_conversation(
@@ -132,29 +132,42 @@ Draft = Callable[[asyncpg.Connection, asyncpg.Record], Awaitable[dict[str, Any]]
 
 
 async def queue_turn(
-    pool: asyncpg.Pool, tenant_id: str, conversation_id: str, idempotency_key: str | None,
-    digest: bytes, draft: Draft,
+    pool: asyncpg.Pool, settings: Settings, tenant_id: str, conversation_id: str,
+    idempotency_key: str | None, digest: bytes, draft: Draft,
 ) -> tuple[Turn, FollowUps]:
     """Append a queued turn with its turn.queued event, or replay the first answer for this
     Idempotency-Key; either way its start is a follow-up when it is the conversation's head (a
     first request may have died between its commit and its enqueue; a queued job dedupes).
-    Raises NotFound, Conflict (the key with another body), and what `draft` raises."""
-    async with transaction(pool) as conn:
-        conversation = await _lock_conversation(conn, tenant_id, conversation_id)
-        if idempotency_key is not None:
-            replayed = await _replay(conn, conversation_id, idempotency_key, digest)
-            if replayed is not None:
-                return replayed
-        turn = await turn_db.insert_turn(
-            conn, id=f"turn_{secrets.token_hex(12)}", conversation_id=conversation_id,
-            tenant_id=tenant_id, idempotency_key=idempotency_key, request_hash=digest,
-            **await draft(conn, conversation),
-        )
-        await event_db.insert_event(conn, "turn.queued", turn)
-        if idempotency_key is not None:
-            await turn_db.set_first_response(conn, turn.id, msgspec.to_builtins(turn))
-        head = await turn_db.head_turn(conn, conversation_id)
-    start = (turn.id,) if head is not None and head["id"] == turn.id else ()
+
+    The open-turn limits and the budget hold exactly: the conversation's open turns are counted
+    under its lock; the tenant's open turns and spend are counted by the commit itself (a
+    trigger, migration 0011), which fails when the turn does not fit, so no lock on the tenant
+    is held across the transaction (docs/design.md §4).
+    Raises NotFound, Conflict (the key with another body), TooManyOpenTurns, PaymentRequired,
+    and what `draft` raises."""
+    try:
+        async with transaction(pool) as conn:
+            conversation = await _lock_conversation(conn, tenant_id, conversation_id)
+            if idempotency_key is not None:
+                replayed = await _replay(conn, conversation_id, idempotency_key, digest)
+                if replayed is not None:
+                    return replayed
+            turn, open_before = await turn_db.insert_turn(
+                conn, id=f"turn_{secrets.token_hex(12)}", conversation_id=conversation_id,
+                tenant_id=tenant_id, idempotency_key=idempotency_key, request_hash=digest,
+                tenant_open_limit=settings.max_open_turns_per_tenant,
+                **await draft(conn, conversation),
+            )
+            usage.check_open_in_conversation(settings, open_before)
+            await event_db.insert_event(conn, "turn.queued", turn,
+                                        first_response=idempotency_key is not None)
+    except asyncpg.PostgresError as exc:
+        refused = usage.quota_refusal(exc)
+        if refused is None:
+            raise
+        raise refused from None
+    # No turn of the conversation was open: this one is its head.
+    start = (turn.id,) if open_before == 0 else ()
     return turn, FollowUps(start=start, counted=(turn,))
 
 
@@ -206,7 +219,8 @@ async def begin_attempt(
     say why not: "gone", "not-queued", "waiting", or "create_in_doubt" (too many creates may
     each have made a run already: the turn failed instead). Raises LeaseHeld."""
     async with transaction(pool) as conn:
-        if await conversation_db.lock_conversation_of_turn(conn, turn_id) is None:
+        conversation = await conversation_db.lock_conversation_of_turn(conn, turn_id)
+        if conversation is None:
             return "gone", NOTHING
         turn = await turn_db.lock_turn(conn, turn_id)
         assert turn is not None  # its conversation is locked, so it cannot be deleted
@@ -222,8 +236,8 @@ async def begin_attempt(
         if 0 < settings.max_doubtful_attempts <= len(state.doubtful) + state.held:
             if state.held:
                 await attempt_db.abandon_start(conn, turn_id, state.attempts, in_doubt=True)
-            return "create_in_doubt", lost + await _fail_in_doubt(conn, settings, turn_id,
-                                                                  state.attempts)
+            return "create_in_doubt", lost + await _fail_in_doubt(
+                conn, settings, turn_id, state.attempts, webhook=conversation["webhook"])
         previous = await turn_db.previous_interaction(conn, turn.parent_turn_id)
         number = await attempt_db.begin_start(conn, turn_id, previous, state.attempts,
                                               settings.start_lease_s)
@@ -268,14 +282,16 @@ async def abandon_attempt(
     "stale" (it no longer owned the lease), or "create_in_doubt" when this made too many
     creates in doubt (the turn failed). `in_doubt`: its create may have made a run."""
     async with transaction(pool) as conn:
-        if await conversation_db.lock_conversation_of_turn(conn, turn_id) is None:
+        conversation = await conversation_db.lock_conversation_of_turn(conn, turn_id)
+        if conversation is None:
             return "stale", NOTHING
         doubtful = await attempt_db.abandon_start(conn, turn_id, attempt, in_doubt=in_doubt)
         if doubtful is None:
             return "stale", NOTHING
         if doubtful < settings.max_doubtful_attempts:
             return "abandoned", NOTHING
-        return "create_in_doubt", await _fail_in_doubt(conn, settings, turn_id, attempt)
+        return "create_in_doubt", await _fail_in_doubt(conn, settings, turn_id, attempt,
+                                                       webhook=conversation["webhook"])
 
 
 async def fail_attempt(
@@ -284,15 +300,15 @@ async def fail_attempt(
     """Fail the queued turn for its attempt (Parallel refused the create); None, changing
     nothing, once a newer attempt owns the turn or it left `queued` (a cancel won)."""
     async with transaction(pool) as conn:
-        conversation_id = await conversation_db.lock_conversation_of_turn(conn, turn_id)
-        if conversation_id is None:
+        conversation = await conversation_db.lock_conversation_of_turn(conn, turn_id)
+        if conversation is None:
             return None, NOTHING
         turn = await attempt_db.fail_start(conn, turn_id, attempt, error)
-        return turn, await _ended(conn, turn_id, "failed", turn)
+        return turn, await _ended(conn, turn_id, "failed", turn, webhook=conversation["webhook"])
 
 
 async def _fail_in_doubt(
-    conn: asyncpg.Connection, settings: Settings, turn_id: str, attempt: int
+    conn: asyncpg.Connection, settings: Settings, turn_id: str, attempt: int, *, webhook: bool
 ) -> FollowUps:
     message = (
         f"Parallel did not answer {settings.max_doubtful_attempts} requests to create this "
@@ -301,7 +317,7 @@ async def _fail_in_doubt(
     )
     turn = await attempt_db.fail_start(conn, turn_id, attempt,
                                        {"code": "create_in_doubt", "message": message})
-    return await _ended(conn, turn_id, "failed", turn)
+    return await _ended(conn, turn_id, "failed", turn, webhook=webhook)
 
 
 # a run's end --------------------------------------------------------------------------------
@@ -324,24 +340,26 @@ async def time_out(pool: asyncpg.Pool, turn_id: str, error: dict[str, str]) -> E
 
 async def _finish(pool: asyncpg.Pool, turn_id: str, status: str, **fields: Any) -> Ended:
     async with transaction(pool) as conn:
-        if await conversation_db.lock_conversation_of_turn(conn, turn_id) is None:
+        conversation = await conversation_db.lock_conversation_of_turn(conn, turn_id)
+        if conversation is None:
             return None, NOTHING
         turn = await turn_db.finish_turn(conn, turn_id, status, from_statuses=("running",),
                                          **fields)
-        return turn, await _ended(conn, turn_id, status, turn)
+        return turn, await _ended(conn, turn_id, status, turn, webhook=conversation["webhook"])
 
 
 async def _ended(
-    conn: asyncpg.Connection, turn_id: str, status: str, turn: Turn | None
+    conn: asyncpg.Connection, turn_id: str, status: str, turn: Turn | None, *, webhook: bool
 ) -> FollowUps:
-    """The terminal event of a turn that just ended (in its transaction), and its follow-ups."""
+    """The terminal event of a turn that just ended (in its transaction), and its follow-ups.
+    `webhook`: the conversation has a webhook URL (read under its lock)."""
     if turn is None:
         return FollowUps(logs=(LogLine("late_result_ignored", {"turn_id": turn_id,
                                                                "status": status}),))
-    await event_db.insert_event(conn, f"turn.{turn.status}", turn)
+    inserted = await event_db.insert_event(conn, f"turn.{turn.status}", turn, webhook=webhook)
     ended = FollowUps(counted=(turn,), logs=(LogLine("turn_finished", {"turn_id": turn_id,
                                                                        "status": turn.status}),))
-    return ended + await _next_head(conn, turn.conversation_id)
+    return ended + _start_head(inserted)
 
 
 # cancel -------------------------------------------------------------------------------------
@@ -353,7 +371,7 @@ async def cancel(
     """Cancel a queued or running turn (idempotent); the next turn starts once it commits.
     Raises NotFound, or Conflict once the turn has completed or failed."""
     async with transaction(pool) as conn:
-        await _lock_conversation(conn, tenant_id, conversation_id)
+        conversation = await _lock_conversation(conn, tenant_id, conversation_id)
         turn = await turn_db.lock_turn(conn, turn_id)
         if turn is None or turn.conversation_id != conversation_id:
             raise NotFound(f"Turn {turn_id!r} not found in conversation {conversation_id!r}.")
@@ -366,8 +384,9 @@ async def cancel(
             upstream_may_continue=turn.status == "running",
         )
         assert cancelled is not None  # locked and open
-        await event_db.insert_event(conn, "turn.cancelled", cancelled)
-        return cancelled, FollowUps(counted=(cancelled,)) + await _next_head(conn, conversation_id)
+        inserted = await event_db.insert_event(
+            conn, "turn.cancelled", cancelled, webhook=conversation["webhook_url"] is not None)
+        return cancelled, FollowUps(counted=(cancelled,)) + _start_head(inserted)
 
 
 async def cancel_open_turns(
@@ -377,13 +396,14 @@ async def cancel_open_turns(
     deleted). Raises NotFound."""
     done: list[Turn] = []
     async with transaction(pool) as conn:
-        await _lock_conversation(conn, tenant_id, conversation_id)
+        conversation = await _lock_conversation(conn, tenant_id, conversation_id)
+        webhook = conversation["webhook_url"] is not None
         for row in reversed(await turn_db.open_turns(conn, conversation_id)):
             cancelled = await turn_db.finish_turn(
                 conn, row["id"], "cancelled", from_statuses=("queued", "running"),
                 upstream_may_continue=row["status"] == "running",
             )
             if cancelled is not None:
-                await event_db.insert_event(conn, "turn.cancelled", cancelled)
+                await event_db.insert_event(conn, "turn.cancelled", cancelled, webhook=webhook)
                 done.append(cancelled)
     return done, FollowUps(counted=tuple(done))

@@ -126,6 +126,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     db_idle_in_transaction_timeout_s: float = 15.0
     # Server-side TCP keepalives on every pool connection: first probe after this idle time.
     db_tcp_keepalives_idle_s: int = 30
+    # The worker recounts quota counters that disagree with the turns this often (minutes; they
+    # drift only when turns are changed outside the service, docs/design.md §2).
+    quota_repair_interval_min: int = 10
 
     # --- Test timing knobs: leave them at their defaults; tests shrink them to run fast ---
     # Multiplies every processor's deadline (service.domain.schedule).

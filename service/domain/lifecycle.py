@@ -142,7 +142,7 @@ async def queue_turn(
     The open-turn limits and the budget hold exactly: the conversation's open turns are counted
     under its lock; the tenant's open turns and spend are counted by the commit itself (a
     trigger, migration 0011), which fails when the turn does not fit, so no lock on the tenant
-    is held across the transaction (docs/design.md §4).
+    is held across the transaction (docs/design.md §2, "Quotas").
     Raises NotFound, Conflict (the key with another body), TooManyOpenTurns, PaymentRequired,
     and what `draft` raises."""
     try:

@@ -69,6 +69,25 @@ def quota_refusal(exc: asyncpg.PostgresError) -> ServiceError | None:
     )
 
 
+async def repair_quota_counters(pool: asyncpg.Pool) -> list[str]:
+    """Recount the quota counters of every tenant whose counters disagree with its turns (this
+    month's spend, and open turns); the tenants whose counters were wrong.
+
+    The counters change only in the commits that change turns, so they drift only when turns
+    change outside the service's transactions (by hand, a restore, an older release during a
+    rolling deploy). Each tenant is recounted in its own short transaction that locks its counter
+    rows first: commits of its new turns wait those few milliseconds, and the limits stay exact
+    while it runs."""
+    month = month_start()
+    repaired = []
+    for tenant_id in await db.drifted_tenants(pool, month):
+        async with pool.acquire() as conn, conn.transaction():
+            before, after = await db.recount(conn, tenant_id, month)
+        if before != after:
+            repaired.append(tenant_id)
+    return repaired
+
+
 async def get_usage(pool: asyncpg.Pool, tenant_id: str, month: str | None) -> Usage:
     """The tenant's estimated spend in a calendar month (UTC), by processor and conversation."""
     first = month_start(month)

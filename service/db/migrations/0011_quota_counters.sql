@@ -1,5 +1,5 @@
 -- Quota counters: each tenant's open turns and each month's spend, kept by the turns' own commits
--- instead of being counted under a lock on the tenant's row (docs/design.md §4, "Quotas").
+-- instead of being counted under a lock on the tenant's row (docs/design.md §2, "Quotas").
 --
 -- Triggers on `turn` keep them. They are DEFERRED: they run inside COMMIT, so a counter row is
 -- locked only while its transaction commits (never across a round trip to a client, a frozen

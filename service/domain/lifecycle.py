@@ -222,14 +222,13 @@ async def begin_attempt(
         conversation = await conversation_db.lock_conversation_of_turn(conn, turn_id)
         if conversation is None:
             return "gone", NOTHING
-        turn = await turn_db.lock_turn(conn, turn_id)
-        assert turn is not None  # its conversation is locked, so it cannot be deleted
+        locked = await attempt_db.lock_for_start(conn, turn_id, settings.start_lease_s)
+        assert locked is not None  # its conversation is locked, so it cannot be deleted
+        turn, state = locked.turn, locked.state
         if turn.status != "queued" or turn.run_id is not None:
             return "not-queued", NOTHING
-        head = await turn_db.head_turn(conn, turn.conversation_id)
-        if head is None or head["id"] != turn_id:
+        if locked.head_id != turn_id:
             return "waiting", NOTHING
-        state = await attempt_db.attempt_state(conn, turn_id, settings.start_lease_s)
         if state.held and state.lease_left_s > 0:
             raise LeaseHeld(state.lease_left_s)
         lost = _lost(turn_id, state.attempts) if state.held else NOTHING

@@ -75,14 +75,7 @@ class Feed:
         else:
             if tail:
                 self._floor = read.events[0].sequence - 1 if len(read.events) == BUFFER else 0
-            new = [e for e in read.events if e.sequence > self.last]
-            self._events.extend(new)
-            if len(self._events) > BUFFER:
-                dropped = self._events[: len(self._events) - BUFFER]
-                self._floor = dropped[-1].sequence
-                del self._events[: len(dropped)]
-            if new:
-                self.last = new[-1].sequence
+            self._append([e for e in read.events if e.sequence > self.last])
             # The state and the events come from one snapshot, so they agree.
             self.running = read.running
         self._wake()
@@ -102,11 +95,7 @@ class Feed:
         if [e.sequence for e in new] != list(range(self.last + 1, self.last + 1 + len(new))):
             return False
         if new:
-            self._events.extend(new)
-            if len(self._events) > BUFFER:
-                self._floor = self._events[len(self._events) - BUFFER - 1].sequence
-                del self._events[: len(self._events) - BUFFER]
-            self.last = new[-1].sequence
+            self._append(new)
             for event in new:  # the running turn, as FEED_STATE_SQL would find it now
                 turn = event.data
                 if turn.status == "running" and turn.run_id is not None:
@@ -115,6 +104,16 @@ class Feed:
                     self.running = None
             self._wake()
         return True
+
+    def _append(self, new: list[Event]) -> None:
+        """Keep these events (each newer than `last`, in order), the newest BUFFER of all."""
+        self._events.extend(new)
+        if len(self._events) > BUFFER:
+            dropped = self._events[: len(self._events) - BUFFER]
+            self._floor = dropped[-1].sequence
+            del self._events[: len(dropped)]
+        if new:
+            self.last = new[-1].sequence
 
     def fail(self) -> None:
         self.broken = True

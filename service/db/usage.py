@@ -90,26 +90,29 @@ async def archive_usage(conn: Conn, tenant_id: str, conversation_id: str) -> Non
 
 # The quota counters' repair. Tenants whose counters disagree with their turns: open turns, and
 # the spend of the month starting $1 (read without locks, so a turn committing meanwhile can make
-# a tenant look wrong: the repair recounts it under the lock and finds it right).
+# a tenant look wrong: the repair recounts it under the lock and finds it right). Each tenant's
+# turns are read through its own indexes (open turns; turns by creation time).
 DRIFTED_SQL = f"""
-SELECT tenant_id FROM (
-    SELECT tenant_id, count(*) AS open_turns FROM turn
-    WHERE status IN ('queued', 'running') GROUP BY tenant_id
-) o FULL JOIN quota_open_turns q USING (tenant_id)
-WHERE COALESCE(o.open_turns, 0) <> COALESCE(q.open_turns, 0)
-UNION
-SELECT tenant_id FROM (
-    SELECT tenant_id, sum(usd) AS usd FROM (
-        SELECT t.tenant_id, t.estimated_cost_usd AS usd FROM turn t
-        WHERE t.created_at >= ($1::date)::timestamp AT TIME ZONE 'UTC'
+SELECT tn.id AS tenant_id
+FROM tenant tn
+LEFT JOIN quota_open_turns q ON q.tenant_id = tn.id
+LEFT JOIN quota_month_spend s ON s.tenant_id = tn.id AND s.month = $1::date
+CROSS JOIN LATERAL (
+    SELECT count(*) AS n FROM turn t
+    WHERE t.tenant_id = tn.id AND t.status IN ('queued', 'running')
+) o
+CROSS JOIN LATERAL (
+    SELECT COALESCE(sum(m.usd), 0) AS usd FROM (
+        SELECT t.estimated_cost_usd AS usd FROM turn t
+        WHERE t.tenant_id = tn.id
+          AND t.created_at >= ($1::date)::timestamp AT TIME ZONE 'UTC'
           AND t.created_at < ($1::date + interval '1 month') AT TIME ZONE 'UTC'
           AND {BILLABLE}
         UNION ALL
-        SELECT d.tenant_id, d.usd FROM deleted_usage d WHERE d.month = $1::date
-    ) m GROUP BY tenant_id
-) s FULL JOIN (SELECT tenant_id, usd FROM quota_month_spend WHERE month = $1::date) c
-    USING (tenant_id)
-WHERE COALESCE(s.usd, 0) <> COALESCE(c.usd, 0)
+        SELECT d.usd FROM deleted_usage d WHERE d.tenant_id = tn.id AND d.month = $1::date
+    ) m
+) spent
+WHERE COALESCE(q.open_turns, 0) <> o.n OR COALESCE(s.usd, 0) <> spent.usd
 """
 
 # Lock the tenant's counter rows first (creating them if missing): a commit that counts a turn

@@ -73,9 +73,10 @@ async def repair_quota_counters(pool: asyncpg.Pool) -> list[str]:
     """Recount the quota counters of every tenant whose counters disagree with its turns (this
     month's spend, and open turns); the tenants whose counters were wrong.
 
-    The counters change only in the commits that change turns, so they drift only when turns
-    change outside the service's transactions (by hand, a restore, an older release during a
-    rolling deploy). Each tenant is recounted in its own short transaction that locks its counter
+    The counters change only in the commits that change turns (triggers: whoever changes a
+    turn counts it), so they drift only when that is bypassed (counters edited by hand, turns
+    deleted without their spend archived, a restore, turns committed while migration 0011
+    ran). Each tenant is recounted in its own short transaction that locks its counter
     rows first: commits of its new turns wait those few milliseconds, and the limits stay exact
     while it runs."""
     month = month_start()

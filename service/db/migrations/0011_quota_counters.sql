@@ -141,8 +141,8 @@ CREATE CONSTRAINT TRIGGER turn_quota_delete AFTER DELETE ON turn
     WHEN (OLD.status IN ('queued', 'running'))
     EXECUTE FUNCTION quota_recount_turn();
 
--- The counters as the turns stand now (the service is stopped for migrations, or its older
--- processes' changes are recounted by the repair).
+-- The counters as the turns stand now (a turn committed while this migration runs, before its
+-- triggers exist for other sessions, is recounted by the repair).
 INSERT INTO quota_open_turns (tenant_id, open_turns)
 SELECT tenant_id, count(*) FROM turn WHERE status IN ('queued', 'running') GROUP BY tenant_id;
 

@@ -127,3 +127,25 @@ async def test_a_long_poll_is_answered_from_the_notifications_without_reading_th
     assert answer.json() == (await api.get(path)).json()
     assert feed.reads == 1, feed.reads
     assert feed.running is None
+
+
+async def test_an_event_too_large_for_a_notification_is_read_instead(api, resources):
+    """A 20,000-character question makes every event of its turn larger than a NOTIFY payload:
+    the notifications carry only the conversation, and the feed reads each event."""
+    pool, settings = resources.pool, resources.settings
+    conversation = await create_conversation(api)
+    turn = await post_turn(api, conversation["id"], "x" * 20_000)
+    path = f"/v1/conversations/{conversation['id']}/turns/{turn['id']}"
+    poll = asyncio.create_task(api.get(path, params={"wait": 30}))
+    await until(lambda: (feed := resources.streams.feeds.get(conversation["id"])) is not None
+                and feed.ready.is_set())
+    feed = resources.streams.feeds.get(conversation["id"])
+    assert feed is not None
+    begun, _ = await lifecycle.begin_attempt(pool, settings, turn["id"])
+    assert isinstance(begun, lifecycle.Begun)
+    await lifecycle.record_run(pool, begun.turn, begun.number, "trun_large", "trun_large", 1.0)
+    await until(lambda: feed.running == (turn["id"], "trun_large"))
+    await lifecycle.complete(pool, turn["id"], {"type": "text", "content": "done"}, [])
+    answer = await poll
+    assert answer.status_code == 200 and answer.json()["status"] == "completed"
+    assert feed.reads >= 3, feed.reads  # the first read, then one per event after it

@@ -62,13 +62,6 @@ async def insert_turn(
     return msgspec.convert(fields, Turn), open_before
 
 
-SET_FIRST_RESPONSE_SQL = "UPDATE turn SET first_response = $2 WHERE id = $1"
-
-
-async def set_first_response(conn: asyncpg.Connection, turn_id: str, body: Any) -> None:
-    await conn.execute(SET_FIRST_RESPONSE_SQL, turn_id, body)
-
-
 TURN_BY_KEY_SQL = """
 SELECT id, status, request_hash, first_response FROM turn
 WHERE conversation_id = $1 AND idempotency_key = $2

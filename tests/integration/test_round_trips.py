@@ -10,11 +10,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
+import httpx
 import msgspec
 import pytest
 
 from service.config import Settings
 from service.domain import lifecycle
+from service.domain.feeds import Feed
 from tests.helpers import create_conversation, post_turn, until
 
 POOL = 3
@@ -103,14 +105,12 @@ async def test_a_conversation_with_a_webhook_still_writes_its_delivery_with_the_
     assert len(delivery) == 1 and kinds(statements)["BEGIN"] == 1, statements
 
 
-async def test_a_long_poll_is_answered_from_the_notifications_without_reading_the_events(
-    api, resources
-):
-    """The feed reads the conversation once as the long-poll joins it; the turn's three events
-    then come in their notifications, and the answer is the turn as GET shows it."""
+async def long_polled(api, resources, question: str) -> tuple[Feed, httpx.Response]:
+    """POST a turn, long-poll it, and run it (begin, its run recorded, complete) while the
+    long-poll waits: the poll's feed and its answer."""
     pool, settings = resources.pool, resources.settings
     conversation = await create_conversation(api)
-    turn = await post_turn(api, conversation["id"], "awaited")
+    turn = await post_turn(api, conversation["id"], question)
     path = f"/v1/conversations/{conversation['id']}/turns/{turn['id']}"
     poll = asyncio.create_task(api.get(path, params={"wait": 30}))
     await until(lambda: (feed := resources.streams.feeds.get(conversation["id"])) is not None
@@ -125,27 +125,21 @@ async def test_a_long_poll_is_answered_from_the_notifications_without_reading_th
     answer = await poll
     assert answer.status_code == 200 and answer.json()["status"] == "completed"
     assert answer.json() == (await api.get(path)).json()
-    assert feed.reads == 1, feed.reads
     assert feed.running is None
+    return feed, answer
+
+
+async def test_a_long_poll_is_answered_from_the_notifications_without_reading_the_events(
+    api, resources
+):
+    """The feed reads the conversation once as the long-poll joins it; the turn's three events
+    then come in their notifications, and the answer is the turn as GET shows it."""
+    feed, _ = await long_polled(api, resources, "awaited")
+    assert feed.reads == 1, feed.reads
 
 
 async def test_an_event_too_large_for_a_notification_is_read_instead(api, resources):
     """A 20,000-character question makes every event of its turn larger than a NOTIFY payload:
     the notifications carry only the conversation, and the feed reads each event."""
-    pool, settings = resources.pool, resources.settings
-    conversation = await create_conversation(api)
-    turn = await post_turn(api, conversation["id"], "x" * 20_000)
-    path = f"/v1/conversations/{conversation['id']}/turns/{turn['id']}"
-    poll = asyncio.create_task(api.get(path, params={"wait": 30}))
-    await until(lambda: (feed := resources.streams.feeds.get(conversation["id"])) is not None
-                and feed.ready.is_set())
-    feed = resources.streams.feeds.get(conversation["id"])
-    assert feed is not None
-    begun, _ = await lifecycle.begin_attempt(pool, settings, turn["id"])
-    assert isinstance(begun, lifecycle.Begun)
-    await lifecycle.record_run(pool, begun.turn, begun.number, "trun_large", "trun_large", 1.0)
-    await until(lambda: feed.running == (turn["id"], "trun_large"))
-    await lifecycle.complete(pool, turn["id"], {"type": "text", "content": "done"}, [])
-    answer = await poll
-    assert answer.status_code == 200 and answer.json()["status"] == "completed"
+    feed, _ = await long_polled(api, resources, "x" * 20_000)
     assert feed.reads >= 3, feed.reads  # the first read, then one per event after it

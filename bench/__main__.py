@@ -24,15 +24,18 @@ from typing import Any
 
 import msgspec
 
-from bench import api, dbgrowth, e2e, inflight
+from bench import api, dbgrowth, e2e, inflight, tenant
 from bench.harness import Row, render_table
 from bench.load import have_wrk
 
-BENCHMARKS = {"api": api, "inflight": inflight, "e2e": e2e, "dbgrowth": dbgrowth}
+BENCHMARKS = {
+    "api": api, "tenant": tenant, "inflight": inflight, "e2e": e2e, "dbgrowth": dbgrowth,
+}
 
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
         "api": {"duration_s": 3, "rounds": 3, "connections": 32, "tenants": 100},
+        "tenant": {"duration_s": 3, "rounds": 3, "connections": 32},
         "inflight": {"configs": [("poll", 1000, 30.0), ("push", 1000, 30.0), ("push", 1000, 90.0)]},
         "e2e": {"conversations": 50, "turns": 5, "serial_turns": 10, "modes": ["push", "poll"]},
         "dbgrowth": {"turns": 100_000, "conversations": 100_000, "duration_s": 2, "rounds": 2,
@@ -40,6 +43,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "full": {
         "api": {"duration_s": 10, "rounds": 3, "connections": 64, "tenants": 200},
+        "tenant": {"duration_s": 10, "rounds": 3, "connections": 64},
         "inflight": {
             "configs": [
                 (mode, n, length)

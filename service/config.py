@@ -129,6 +129,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Retention: the worker deletes expired conversations every this many seconds (1 to 60),
     # so one goes within this long (plus the sweep itself) of its expires_at.
     retention_sweep_interval_s: int = 30
+    # The worker recounts quota counters that disagree with the turns this often (minutes; they
+    # drift only when turns are changed outside the service, docs/design.md §2).
+    quota_repair_interval_min: int = 10
 
     # --- Test timing knobs: leave them at their defaults; tests shrink them to run fast ---
     # Multiplies every processor's deadline (service.domain.schedule).

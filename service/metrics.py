@@ -96,7 +96,8 @@ WEBHOOK_DURATION = Histogram(
 )
 RECONCILER_REPAIRS = Counter(
     "research_reconciler_repairs_total",
-    "Things the reconciler put right, by kind (requeued_start: a turn whose job Redis lost).",
+    "Things the reconciler put right, by kind (requeued_start: a turn whose job Redis lost; "
+    "quota_counter: a tenant whose quota counters disagreed with its turns).",
     ["kind"],
 )
 

@@ -1,9 +1,13 @@
 """Wake-ups from Postgres LISTEN/NOTIFY: one connection per process, many waiters.
 
-Event inserts (and conversation deletes) notify channel `research_events` with the conversation
-id on commit. Waiters always re-read Postgres after a wake-up, and wait with a timeout, so a lost
-notification (the listening connection dropped) costs latency, never correctness; in the API the
-only waiter per conversation is its feed (service.domain.feeds), which reads for all watchers.
+Event inserts (and conversation deletes) notify channel `research_events` on commit: the
+conversation id, then (for an event that fits in a payload) a space and the event as JSON. Waiters
+are keyed by what comes before the first space; one that subscribes with a `payloads` list gets
+the rest of each payload appended to it ("" when there is none, or when the connection was made
+again and anything may have been missed). Waiters wait with a timeout and read Postgres whenever
+a payload does not tell them everything, so a lost notification (the listening connection
+dropped) costs latency, never correctness; in the API the only waiter per conversation is its
+feed (service.domain.feeds), which reads for all watchers.
 The worker's webhook dispatcher uses the same hub on channel `webhook_deliveries`. Other
 channels can be followed on the same connection with `on_channel` (the API's key cache follows
 `api_keys`); `epoch` changes whenever the connection is made or lost, so a cache can tell
@@ -29,7 +33,8 @@ class EventHub:
     def __init__(self, dsn: str, channel: str = NOTIFY_CHANNEL) -> None:
         self._dsn = dsn
         self._channel = channel
-        self._waiters: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
+        # Per key: each waiter's Event, and the list its payloads go to (None: not kept).
+        self._waiters: defaultdict[str, dict[asyncio.Event, list[str] | None]] = defaultdict(dict)
         self._conn: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -87,24 +92,33 @@ class EventHub:
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         # asyncpg's listener protocol types the payload as object; NOTIFY's is always text.
-        for event in self._waiters.get(str(payload), ()):
+        key, _, rest = str(payload).partition(" ")
+        for event, payloads in self._waiters.get(key, {}).items():
+            if payloads is not None:
+                payloads.append(rest)
             event.set()
 
     def _wake_all(self) -> None:
-        for events in self._waiters.values():
-            for event in events:
+        for waiters in self._waiters.values():
+            for event, payloads in waiters.items():
+                if payloads is not None:
+                    payloads.append("")
                 event.set()
 
     @contextlib.contextmanager
-    def subscribe(self, conversation_id: str) -> Iterator[asyncio.Event]:
-        """An Event set whenever the conversation gets a new event. Subscribe before reading."""
+    def subscribe(
+        self, key: str, payloads: list[str] | None = None
+    ) -> Iterator[asyncio.Event]:
+        """An Event set at each notification for `key` (a conversation id: a new event); with
+        `payloads`, the rest of each notification's payload is appended to it. Subscribe before
+        reading."""
         event = asyncio.Event()
-        self._waiters[conversation_id].add(event)
+        self._waiters[key][event] = payloads
         try:
             yield event
         finally:
-            waiters = self._waiters.get(conversation_id)
+            waiters = self._waiters.get(key)
             if waiters is not None:
-                waiters.discard(event)
+                waiters.pop(event, None)
                 if not waiters:
-                    del self._waiters[conversation_id]
+                    del self._waiters[key]

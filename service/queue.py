@@ -20,6 +20,7 @@ START_TURN = "start_turn"
 CHECK_TURN = "check_turn"
 RECONCILE = "reconcile"
 SWEEP_EXPIRED = "sweep_expired"
+REPAIR_QUOTAS = "repair_quotas"
 
 # What redis-py and arq raise when Redis is down, refusing connections or too slow: a caller
 # whose write already committed logs it and lets the reconciler repair the queue later.

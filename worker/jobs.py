@@ -11,7 +11,7 @@ from arq import Retry
 from service import metrics, queue
 from service.db import turns as turn_db
 from service.db.pool import DB_UNAVAILABLE
-from service.domain import conversations, lifecycle, runs, starts
+from service.domain import conversations, lifecycle, runs, starts, usage
 from service.errors import UpstreamUnavailable
 from service.resources import Resources
 
@@ -155,3 +155,17 @@ async def sweep_expired(ctx: dict[str, Any]) -> int:
     except DB_UNAVAILABLE as exc:
         log.warning("sweep_expired_db_unavailable", error=repr(exc))
         return 0
+
+
+async def repair_quotas(ctx: dict[str, Any]) -> int:
+    """Recount the quota counters that disagree with the turns (service.domain.usage)."""
+    res: Resources = ctx["resources"]
+    try:
+        repaired = await usage.repair_quota_counters(res.pool)
+    except DB_UNAVAILABLE as exc:
+        log.warning("quota_repair_db_unavailable", error=repr(exc))
+        return 0
+    metrics.reconciler_repairs("quota_counter", len(repaired))
+    if repaired:
+        log.warning("quota_counters_repaired", tenants=repaired[:20], count=len(repaired))
+    return len(repaired)

@@ -73,6 +73,11 @@ def reconcile_seconds(interval_s: int) -> set[int]:
     return set(range(0, 60, step))
 
 
+def repair_minutes(interval_min: int) -> set[int]:
+    step = max(1, min(60, interval_min))
+    return set(range(0, 60, step))
+
+
 def build_worker(
     settings: Settings, *, handle_signals: bool = True, **overrides: Any
 ) -> SupervisedWorker:
@@ -95,6 +100,9 @@ def build_worker(
                  unique=True, keep_result=0),
             cron(jobs.sweep_expired, name=f"{queue.SWEEP_EXPIRED}:{settings.queue_name}",
                  second=reconcile_seconds(settings.retention_sweep_interval_s),
+                 run_at_startup=True, unique=True, keep_result=0),
+            cron(jobs.repair_quotas, name=f"{queue.REPAIR_QUOTAS}:{settings.queue_name}",
+                 minute=repair_minutes(settings.quota_repair_interval_min), second={0},
                  run_at_startup=True, unique=True, keep_result=0),
         ],
         "on_startup": on_startup,

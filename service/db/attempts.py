@@ -16,11 +16,19 @@ import msgspec
 from service.db.turns import TURN_COLUMNS, to_turn
 from service.models import Turn
 
-ATTEMPT_STATE_SQL = """
-SELECT start_attempts, doubtful_attempts, start_attempt_at IS NOT NULL AS held,
-       GREATEST(0, EXTRACT(epoch FROM start_attempt_at + make_interval(secs => $2) - now()))
-           AS lease_left_s
-FROM turn WHERE id = $1
+# The turn, locked, with its attempts as Postgres's clock sees the lease, and its conversation's
+# head (oldest open turn) in one round trip. Call it with the conversation locked: no turn of it
+# opens or closes meanwhile, so the head read here is the one at commit.
+LOCK_FOR_START_SQL = f"""
+SELECT {TURN_COLUMNS},
+    t.start_attempts, t.doubtful_attempts, t.start_attempt_at IS NOT NULL AS held,
+    GREATEST(0, EXTRACT(epoch FROM t.start_attempt_at + make_interval(secs => $2) - now()))
+        AS lease_left_s,
+    (SELECT h.id FROM turn h
+     WHERE h.conversation_id = t.conversation_id AND h.status IN ('queued', 'running')
+     ORDER BY h.seq LIMIT 1) AS head_id
+FROM turn t WHERE t.id = $1
+FOR UPDATE OF t
 """
 
 
@@ -31,14 +39,21 @@ class AttemptState(msgspec.Struct, frozen=True):
     lease_left_s: float  # > 0: its lease is live, nobody may begin another attempt
 
 
-async def attempt_state(conn: asyncpg.Connection, turn_id: str, lease_s: float) -> AttemptState:
-    """The turn's attempts as Postgres's clock sees the lease (call it with the turn locked)."""
-    row = await conn.fetchrow(ATTEMPT_STATE_SQL, turn_id, lease_s)
-    assert row is not None  # the caller holds the turn's lock, so it exists
-    return AttemptState(
-        row["start_attempts"], list(row["doubtful_attempts"]), row["held"],
-        float(row["lease_left_s"] or 0),
-    )
+class ForStart(msgspec.Struct, frozen=True):
+    turn: Turn
+    state: AttemptState
+    head_id: str | None  # the conversation's oldest open turn
+
+
+async def lock_for_start(conn: asyncpg.Connection, turn_id: str, lease_s: float) -> ForStart | None:
+    """Lock the turn (its conversation locked already) with its attempt state and its
+    conversation's head; None when the turn is gone."""
+    row = await conn.fetchrow(LOCK_FOR_START_SQL, turn_id, lease_s)
+    if row is None:
+        return None
+    state = AttemptState(row["start_attempts"], list(row["doubtful_attempts"]), row["held"],
+                         float(row["lease_left_s"] or 0))
+    return ForStart(to_turn(row), state, row["head_id"])
 
 
 # Begins attempt $3 + 1, only if attempt $3 is still the newest and holds no live lease. An

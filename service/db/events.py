@@ -14,6 +14,12 @@ NOTIFY_CHANNEL = "research_events"
 # Events that conversations with a webhook_url are sent (docs/design.md §3).
 WEBHOOK_EVENT_TYPES = frozenset({"turn.completed", "turn.failed", "turn.cancelled"})
 
+# The notification carries the event itself when it fits in a NOTIFY payload (under 8,000 bytes),
+# as "<conversation id> <event JSON>", so a feed (service.domain.feeds) need not read it back;
+# a bare conversation id means "read what is new". created_at is written as Python writes it.
+# $5: also store the turn as the first answer of its Idempotency-Key (it is the event's data).
+# The conversation's head (its oldest open turn) comes back too: once a turn ends, the next one
+# to start.
 # Every event is activity: a conversation with a TTL expires that long after its last one.
 INSERT_EVENT_SQL = f"""
 WITH c AS (
@@ -25,8 +31,27 @@ WITH c AS (
     INSERT INTO event (conversation_id, sequence, type, turn_id, data)
     SELECT $1, c.event_count, $2, $3, $4 FROM c
     RETURNING sequence, type, conversation_id, turn_id, created_at, data
+), first AS (
+    UPDATE turn SET first_response = $4 WHERE id = $3 AND $5
+), j AS (
+    SELECT e.*, json_build_object(
+        'sequence', e.sequence, 'type', e.type, 'conversation_id', e.conversation_id,
+        'turn_id', e.turn_id,
+        'created_at', to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+        'data', e.data)::text AS payload
+    FROM e
 )
-SELECT e.*, pg_notify('research_events', $1) FROM e
+SELECT j.sequence, j.type, j.conversation_id, j.turn_id, j.created_at, j.data,
+    pg_notify('research_events', CASE WHEN octet_length(j.payload) < 7900
+                                      THEN $1 || ' ' || j.payload ELSE $1 END),
+    h.id AS head_id, h.status AS head_status
+FROM j
+LEFT JOIN LATERAL (
+    SELECT id, status FROM turn
+    WHERE conversation_id = $1 AND status IN ('queued', 'running')
+    ORDER BY seq
+    LIMIT 1
+) h ON true
 """
 
 EVENT_FIELDS = ("sequence", "type", "conversation_id", "turn_id", "created_at", "data")
@@ -39,19 +64,33 @@ def to_event(row: asyncpg.Record) -> Event:
     )
 
 
-async def insert_event(conn: Conn, event_type: str, turn: Turn) -> Event:
-    """Append an event carrying the turn as it is now; returns it with its sequence.
+class Inserted(msgspec.Struct, frozen=True):
+    event: Event
+    # The conversation's oldest open turn once this commits: (id, status), None when none is.
+    head: tuple[str, str] | None
 
-    A terminal event also queues its webhook delivery here, in the caller's transaction (the
-    one recording the turn's status), so no status change commits without its webhook.
+
+async def insert_event(
+    conn: Conn, event_type: str, turn: Turn, *, webhook: bool = True,
+    first_response: bool = False,
+) -> Inserted:
+    """Append an event carrying the turn as it is now; returns it with its sequence, and the
+    conversation's head turn (call with the conversation locked, after the turn's change).
+
+    A terminal event also queues its webhook delivery here when the conversation has a webhook
+    (`webhook`: the caller read its webhook_url under the lock), in the caller's transaction
+    (the one recording the turn's status), so no status change commits without its webhook.
+    `first_response`: the turn is also stored as its Idempotency-Key's first answer.
     """
     data = msgspec.to_builtins(turn)
-    row = await conn.fetchrow(INSERT_EVENT_SQL, turn.conversation_id, event_type, turn.id, data)
+    row = await conn.fetchrow(INSERT_EVENT_SQL, turn.conversation_id, event_type, turn.id, data,
+                              first_response)
     assert row is not None  # the conversation is locked by the caller, so it exists
     event = to_event(row)
-    if event_type in WEBHOOK_EVENT_TYPES:
+    if webhook and event_type in WEBHOOK_EVENT_TYPES:
         await insert_delivery(conn, event)
-    return event
+    head = (row["head_id"], row["head_status"]) if row["head_id"] is not None else None
+    return Inserted(event, head)
 
 
 LIST_EVENTS_SQL = f"""

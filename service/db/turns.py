@@ -22,37 +22,45 @@ def to_turn(row: asyncpg.Record) -> Turn:
     return msgspec.convert(dict(row), Turn)
 
 
-# The new turn, made its conversation's last in the same round trip.
+# The new turn, made its conversation's last in the same round trip, with how many turns of the
+# conversation were open before it (its caller holds the conversation's lock, so that count is
+# exact). The open-turn limit of the tenant goes to the turn_quota_insert trigger (migration
+# 0011) as a setting of the transaction; '' means none.
 INSERT_TURN_SQL = f"""
-WITH conversation AS (
+WITH open AS (
+    SELECT count(*) AS n FROM turn WHERE conversation_id = $2 AND status IN ('queued', 'running')
+), conversation AS (
     UPDATE conversation SET turn_count = $4, last_turn_id = $1, updated_at = now() WHERE id = $2
 )
 INSERT INTO turn AS t (
     id, conversation_id, tenant_id, seq, parent_turn_id, input, processor, output_schema,
     metadata, idempotency_key, request_hash, estimated_cost_usd
-) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-RETURNING {TURN_COLUMNS}
+)
+SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12
+FROM (SELECT set_config('research.max_open_turns_per_tenant', $13, true)) AS limits
+RETURNING {TURN_COLUMNS}, (SELECT n FROM open) AS open_before
 """
 
 
-async def insert_turn(conn: asyncpg.Connection, **values: Any) -> Turn:
-    """Insert a turn; its conversation's turn_count becomes its seq and last_turn_id its id."""
+async def insert_turn(
+    conn: asyncpg.Connection, *, tenant_open_limit: int | None = None, **values: Any
+) -> tuple[Turn, int]:
+    """Insert a turn; its conversation's turn_count becomes its seq and last_turn_id its id.
+    Returns it with how many turns of the conversation were open before it. Its commit fails
+    (service.domain.usage.quota_refusal) if it takes the tenant past `tenant_open_limit` or
+    its monthly budget."""
     row = await conn.fetchrow(
         INSERT_TURN_SQL,
         values["id"], values["conversation_id"], values["tenant_id"], values["seq"],
         values["parent_turn_id"], values["input"], values["processor"], values["output_schema"],
         values["metadata"], values["idempotency_key"], values["request_hash"],
         values.get("estimated_cost_usd", 0),
+        "" if tenant_open_limit is None else str(tenant_open_limit),
     )
     assert row is not None  # an INSERT … RETURNING returns its row
-    return to_turn(row)
-
-
-SET_FIRST_RESPONSE_SQL = "UPDATE turn SET first_response = $2 WHERE id = $1"
-
-
-async def set_first_response(conn: asyncpg.Connection, turn_id: str, body: Any) -> None:
-    await conn.execute(SET_FIRST_RESPONSE_SQL, turn_id, body)
+    fields = dict(row)
+    open_before = int(fields.pop("open_before"))
+    return msgspec.convert(fields, Turn), open_before
 
 
 TURN_BY_KEY_SQL = """

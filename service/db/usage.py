@@ -1,4 +1,6 @@
-"""SQL for quotas: open turns, a tenant's spend in a month, and the usage report."""
+"""SQL for quotas: a tenant's spend in a month, the usage report, and the repair of the quota
+counters (migration 0011: triggers on `turn` keep them and refuse the commit of a turn past a
+limit)."""
 
 from __future__ import annotations
 
@@ -28,31 +30,6 @@ SELECT d.processor, d.conversation_id, d.turns, d.usd
 FROM deleted_usage d
 WHERE d.tenant_id = $1 AND d.month = $2::date
 """
-
-LOCK_TENANT_SQL = "SELECT monthly_budget_usd FROM tenant WHERE id = $1 FOR UPDATE"
-
-
-async def lock_tenant(conn: Conn, tenant_id: str) -> Decimal | None:
-    """Lock the tenant row for the transaction (its turns are counted under it); its budget."""
-    budget: Decimal | None = await conn.fetchval(LOCK_TENANT_SQL, tenant_id)
-    return budget
-
-
-OPEN_TURNS_SQL = """
-SELECT
-    (SELECT count(*) FROM turn WHERE conversation_id = $2 AND status IN ('queued', 'running')),
-    (SELECT count(*) FROM turn WHERE tenant_id = $1 AND status IN ('queued', 'running'))
-"""
-
-
-async def count_open_turns(
-    conn: Conn, tenant_id: str, conversation_id: str
-) -> tuple[int, int]:
-    """Queued plus running turns of the conversation, and of the whole tenant."""
-    row = await conn.fetchrow(OPEN_TURNS_SQL, tenant_id, conversation_id)
-    assert row is not None  # a SELECT without FROM returns its one row
-    return int(row[0]), int(row[1])
-
 
 MONTH_SPEND_SQL = f"SELECT COALESCE(sum(usd), 0) FROM ({MONTH_TURNS_SQL}) m"
 
@@ -109,3 +86,78 @@ DO UPDATE SET turns = d.turns + EXCLUDED.turns, usd = d.usd + EXCLUDED.usd
 async def archive_usage(conn: Conn, tenant_id: str, conversation_id: str) -> None:
     """Keep the spend of a conversation about to be deleted (call in the deleting transaction)."""
     await conn.execute(ARCHIVE_USAGE_SQL, conversation_id, tenant_id)
+
+
+# The quota counters' repair. Tenants whose counters disagree with their turns: open turns, and
+# the spend of the month starting $1 (read without locks, so a turn committing meanwhile can make
+# a tenant look wrong: the repair recounts it under the lock and finds it right). Each tenant's
+# turns are read through its own indexes (open turns; turns by creation time).
+DRIFTED_SQL = f"""
+SELECT tn.id AS tenant_id
+FROM tenant tn
+LEFT JOIN quota_open_turns q ON q.tenant_id = tn.id
+LEFT JOIN quota_month_spend s ON s.tenant_id = tn.id AND s.month = $1::date
+CROSS JOIN LATERAL (
+    SELECT count(*) AS n FROM turn t
+    WHERE t.tenant_id = tn.id AND t.status IN ('queued', 'running')
+) o
+CROSS JOIN LATERAL (
+    SELECT COALESCE(sum(m.usd), 0) AS usd FROM (
+        SELECT t.estimated_cost_usd AS usd FROM turn t
+        WHERE t.tenant_id = tn.id
+          AND t.created_at >= ($1::date)::timestamp AT TIME ZONE 'UTC'
+          AND t.created_at < ($1::date + interval '1 month') AT TIME ZONE 'UTC'
+          AND {BILLABLE}
+        UNION ALL
+        SELECT d.usd FROM deleted_usage d WHERE d.tenant_id = tn.id AND d.month = $1::date
+    ) m
+) spent
+WHERE COALESCE(q.open_turns, 0) <> o.n OR COALESCE(s.usd, 0) <> spent.usd
+"""
+
+# Lock the tenant's counter rows first (creating them if missing): a commit that counts a turn
+# waits for them from here on, and one that counted before has committed. The recount that
+# follows is a new statement, so its snapshot sees every turn those commits counted.
+LOCK_COUNTERS_SQL = """
+WITH o AS (
+    INSERT INTO quota_open_turns AS q (tenant_id, open_turns) VALUES ($1, 0)
+    ON CONFLICT (tenant_id) DO UPDATE SET open_turns = q.open_turns
+    RETURNING open_turns
+), s AS (
+    INSERT INTO quota_month_spend AS s (tenant_id, month, usd) VALUES ($1, $2, 0)
+    ON CONFLICT (tenant_id, month) DO UPDATE SET usd = s.usd
+    RETURNING usd
+)
+SELECT o.open_turns, s.usd FROM o, s
+"""
+
+RECOUNT_SQL = f"""
+WITH o AS (
+    UPDATE quota_open_turns SET open_turns = (
+        SELECT count(*) FROM turn WHERE tenant_id = $1 AND status IN ('queued', 'running')
+    )
+    WHERE tenant_id = $1
+    RETURNING open_turns
+), s AS (
+    UPDATE quota_month_spend SET usd = ({MONTH_SPEND_SQL})
+    WHERE tenant_id = $1 AND month = $2
+    RETURNING usd
+)
+SELECT o.open_turns, s.usd FROM o, s
+"""
+
+
+async def drifted_tenants(conn: Conn | asyncpg.Pool, month: date) -> list[str]:
+    """Tenants whose quota counters may disagree with their turns (this month's spend)."""
+    return [r["tenant_id"] for r in await conn.fetch(DRIFTED_SQL, month)]
+
+
+async def recount(
+    conn: Conn, tenant_id: str, month: date
+) -> tuple[tuple[int, Decimal], tuple[int, Decimal]]:
+    """Set the tenant's counters to what its turns say (call in a transaction of its own);
+    (open turns, spend) before and after."""
+    before = await conn.fetchrow(LOCK_COUNTERS_SQL, tenant_id, month)
+    after = await conn.fetchrow(RECOUNT_SQL, tenant_id, month)
+    assert before is not None and after is not None  # both rows exist: the upserts made them
+    return (before[0], before[1]), (after[0], after[1])

@@ -1,9 +1,12 @@
 """One Postgres read per event per watched conversation per API process, shared by every watcher.
 
 Each conversation that someone watches (an SSE stream, a `?wait=` long-poll) has one `Feed` in
-the process. Its reader task is the only one that reads the conversation's new events: once per
-notification on the event hub (several notifications during a read make one more read), and
-every `refresh_s` in case a notification was lost or the conversation was deleted without one.
+the process. Its reader task is the only one that reads the conversation's new events. Most
+notifications on the event hub carry their event (service.db.events): those the feed takes as
+they are, without a read. It reads when a notification does not say everything (no event in it:
+too large for a payload, a conversation deleted, the hub reconnected; or a gap in the sequence),
+several such notifications during a read making one more read, and every `refresh_s` in case a
+notification was lost or the conversation was deleted without one.
 It keeps the newest events in memory; watchers take theirs from there and wait on `tick`, so
 300 watchers of one conversation cost the reads one watcher costs. A watcher further behind than
 the buffer reaches (a resume from an old Last-Event-ID) catches up with reads of its own first.
@@ -16,6 +19,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import asyncpg
+import msgspec
 import structlog
 
 from service.db.pool import DB_UNAVAILABLE
@@ -71,17 +75,45 @@ class Feed:
         else:
             if tail:
                 self._floor = read.events[0].sequence - 1 if len(read.events) == BUFFER else 0
-            new = [e for e in read.events if e.sequence > self.last]
-            self._events.extend(new)
-            if len(self._events) > BUFFER:
-                dropped = self._events[: len(self._events) - BUFFER]
-                self._floor = dropped[-1].sequence
-                del self._events[: len(dropped)]
-            if new:
-                self.last = new[-1].sequence
+            self._append([e for e in read.events if e.sequence > self.last])
             # The state and the events come from one snapshot, so they agree.
             self.running = read.running
         self._wake()
+
+    def take_notified(self, payloads: list[str]) -> bool:
+        """Take the events these notifications carry; False (taking none) when a read must
+        tell the rest: one carries no event, or they leave a gap after `last`."""
+        events = []
+        for payload in payloads:
+            if not payload:
+                return False
+            try:
+                events.append(_decode_event(payload))
+            except msgspec.DecodeError:
+                return False
+        new = sorted((e for e in events if e.sequence > self.last), key=lambda e: e.sequence)
+        if [e.sequence for e in new] != list(range(self.last + 1, self.last + 1 + len(new))):
+            return False
+        if new:
+            self._append(new)
+            for event in new:  # the running turn, as FEED_STATE_SQL would find it now
+                turn = event.data
+                if turn.status == "running" and turn.run_id is not None:
+                    self.running = (turn.id, turn.run_id)
+                elif self.running is not None and self.running[0] == turn.id:
+                    self.running = None
+            self._wake()
+        return True
+
+    def _append(self, new: list[Event]) -> None:
+        """Keep these events (each newer than `last`, in order), the newest BUFFER of all."""
+        self._events.extend(new)
+        if len(self._events) > BUFFER:
+            dropped = self._events[: len(self._events) - BUFFER]
+            self._floor = dropped[-1].sequence
+            del self._events[: len(dropped)]
+        if new:
+            self.last = new[-1].sequence
 
     def fail(self) -> None:
         self.broken = True
@@ -138,20 +170,30 @@ class Feeds:
 
     async def _follow(self, feed: Feed) -> None:
         """The feed's reader: subscribed before its first read, so no commit goes unseen."""
+        notified: list[str] = [""]  # payloads since the last look; "": read
         try:
-            with self._hub.subscribe(feed.conversation_id) as notified:
+            with self._hub.subscribe(feed.conversation_id, notified) as woken:
                 tail = True
                 while not feed.ended:
-                    notified.clear()  # before reading: a commit after this wakes the next wait
-                    read = await read_feed(
-                        self._pool, feed.conversation_id, None if tail else feed.last, BUFFER
-                    )
-                    feed.apply(read, tail=tail)
+                    woken.clear()  # before looking: a commit after this wakes the next wait
+                    payloads = notified[:]
+                    notified.clear()
+                    more = False
+                    if tail or not feed.take_notified(payloads):
+                        read = await read_feed(
+                            self._pool, feed.conversation_id, None if tail else feed.last, BUFFER
+                        )
+                        feed.apply(read, tail=tail)
+                        more = not tail and len(read.events) == BUFFER
                     feed.ready.set()
-                    if tail or len(read.events) < BUFFER:
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(notified.wait(), self._refresh_s)
                     tail = False
+                    if more:
+                        notified.append("")
+                        continue
+                    try:
+                        await asyncio.wait_for(woken.wait(), self._refresh_s)
+                    except TimeoutError:
+                        notified.append("")
         except DB_UNAVAILABLE as exc:
             log.warning("feed_read_failed", conversation_id=feed.conversation_id, error=repr(exc))
             feed.fail()
@@ -160,6 +202,13 @@ class Feeds:
             feed.fail()
         finally:
             feed.ready.set()
+
+
+_event_decoder = msgspec.json.Decoder(Event)
+
+
+def _decode_event(payload: str) -> Event:
+    return _event_decoder.decode(payload)
 
 
 def terminal_event_of(events: list[Event], turn_id: str) -> Event | None:

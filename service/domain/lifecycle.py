@@ -32,6 +32,7 @@ from service.db import attempts as attempt_db
 from service.db import conversations as conversation_db
 from service.db import events as event_db
 from service.db import turns as turn_db
+from service.domain import usage
 from service.errors import Conflict, ConversationBusy, NotFound
 from service.models import Turn
 from service.schemas import IfBusy
@@ -107,12 +108,11 @@ async def enqueue_start(queue: jobs.Queue | None, settings: Settings, turn_id: s
         return False
 
 
-async def _next_head(conn: asyncpg.Connection, conversation_id: str) -> FollowUps:
+def _start_head(inserted: event_db.Inserted) -> FollowUps:
     """Start the conversation's oldest open turn once this commits, if it waits for a worker."""
-    head = await turn_db.head_turn(conn, conversation_id)
-    if head is None or head["status"] != "queued":
+    if inserted.head is None or inserted.head[1] != "queued":
         return NOTHING
-    return FollowUps(start=(head["id"],))
+    return FollowUps(start=(inserted.head[0],))
 
 
 async def _lock_conversation(
@@ -133,8 +133,8 @@ Draft = Callable[[asyncpg.Connection, asyncpg.Record], Awaitable[dict[str, Any]]
 
 
 async def queue_turn(
-    pool: asyncpg.Pool, tenant_id: str, conversation_id: str, idempotency_key: str | None,
-    digest: bytes, draft: Draft, *, if_busy: IfBusy = "enqueue",
+    pool: asyncpg.Pool, settings: Settings, tenant_id: str, conversation_id: str,
+    idempotency_key: str | None, digest: bytes, draft: Draft, *, if_busy: IfBusy = "enqueue",
 ) -> tuple[Turn, FollowUps]:
     """Append a queued turn with its turn.queued event, or replay the first answer for this
     Idempotency-Key; either way its start is a follow-up when it is the conversation's head (a
@@ -144,29 +144,43 @@ async def queue_turn(
     first: "enqueue" nothing (the new turn waits behind it), "reject" raises ConversationBusy,
     "interrupt" cancels every open turn in this transaction, as `cancel` does. A replay comes
     before either: it answers the first answer whatever the conversation is doing now.
-    Raises NotFound, Conflict (the key with another body), ConversationBusy, and what `draft`
-    raises (after an interrupt's cancels, which then roll back with the rest)."""
+
+    The open-turn limits and the budget hold exactly: the conversation's open turns are counted
+    under its lock; the tenant's open turns and spend are counted by the commit itself (a
+    trigger, migration 0011), which fails when the turn does not fit, so no lock on the tenant
+    is held across the transaction (docs/design.md §2, "Quotas").
+    Raises NotFound, Conflict (the key with another body), ConversationBusy, TooManyOpenTurns,
+    PaymentRequired, and what `draft` raises (after an interrupt's cancels, which then roll back
+    with the rest)."""
     interrupted: list[Turn] = []
-    async with transaction(pool) as conn:
-        conversation = await _lock_conversation(conn, tenant_id, conversation_id)
-        if idempotency_key is not None:
-            replayed = await _replay(conn, conversation_id, idempotency_key, digest)
-            if replayed is not None:
-                return replayed
-        if if_busy == "reject":
-            await _refuse_if_busy(conn, conversation_id)
-        elif if_busy == "interrupt":
-            interrupted = await _cancel_open(conn, conversation_id)
-        turn = await turn_db.insert_turn(
-            conn, id=f"turn_{secrets.token_hex(12)}", conversation_id=conversation_id,
-            tenant_id=tenant_id, idempotency_key=idempotency_key, request_hash=digest,
-            **await draft(conn, conversation),
-        )
-        await event_db.insert_event(conn, "turn.queued", turn)
-        if idempotency_key is not None:
-            await turn_db.set_first_response(conn, turn.id, msgspec.to_builtins(turn))
-        head = await turn_db.head_turn(conn, conversation_id)
-    start = (turn.id,) if head is not None and head["id"] == turn.id else ()
+    try:
+        async with transaction(pool) as conn:
+            conversation = await _lock_conversation(conn, tenant_id, conversation_id)
+            if idempotency_key is not None:
+                replayed = await _replay(conn, conversation_id, idempotency_key, digest)
+                if replayed is not None:
+                    return replayed
+            if if_busy == "reject":
+                await _refuse_if_busy(conn, conversation_id)
+            elif if_busy == "interrupt":
+                interrupted = await _cancel_open(
+                    conn, conversation_id, webhook=conversation["webhook_url"] is not None)
+            turn, open_before = await turn_db.insert_turn(
+                conn, id=f"turn_{secrets.token_hex(12)}", conversation_id=conversation_id,
+                tenant_id=tenant_id, idempotency_key=idempotency_key, request_hash=digest,
+                tenant_open_limit=settings.max_open_turns_per_tenant,
+                **await draft(conn, conversation),
+            )
+            usage.check_open_in_conversation(settings, open_before)
+            await event_db.insert_event(conn, "turn.queued", turn,
+                                        first_response=idempotency_key is not None)
+    except asyncpg.PostgresError as exc:
+        refused = usage.quota_refusal(exc)
+        if refused is None:
+            raise
+        raise refused from None
+    # No turn of the conversation was open (an interrupt's cancels count as ended): its head.
+    start = (turn.id,) if open_before == 0 else ()
     queued = FollowUps(start=start, counted=(*interrupted, turn))
     if not interrupted:
         return turn, queued
@@ -233,24 +247,24 @@ async def begin_attempt(
     say why not: "gone", "not-queued", "waiting", or "create_in_doubt" (too many creates may
     each have made a run already: the turn failed instead). Raises LeaseHeld."""
     async with transaction(pool) as conn:
-        if await conversation_db.lock_conversation_of_turn(conn, turn_id) is None:
+        conversation = await conversation_db.lock_conversation_of_turn(conn, turn_id)
+        if conversation is None:
             return "gone", NOTHING
-        turn = await turn_db.lock_turn(conn, turn_id)
-        assert turn is not None  # its conversation is locked, so it cannot be deleted
+        locked = await attempt_db.lock_for_start(conn, turn_id, settings.start_lease_s)
+        assert locked is not None  # its conversation is locked, so it cannot be deleted
+        turn, state = locked.turn, locked.state
         if turn.status != "queued" or turn.run_id is not None:
             return "not-queued", NOTHING
-        head = await turn_db.head_turn(conn, turn.conversation_id)
-        if head is None or head["id"] != turn_id:
+        if locked.head_id != turn_id:
             return "waiting", NOTHING
-        state = await attempt_db.attempt_state(conn, turn_id, settings.start_lease_s)
         if state.held and state.lease_left_s > 0:
             raise LeaseHeld(state.lease_left_s)
         lost = _lost(turn_id, state.attempts) if state.held else NOTHING
         if 0 < settings.max_doubtful_attempts <= len(state.doubtful) + state.held:
             if state.held:
                 await attempt_db.abandon_start(conn, turn_id, state.attempts, in_doubt=True)
-            return "create_in_doubt", lost + await _fail_in_doubt(conn, settings, turn_id,
-                                                                  state.attempts)
+            return "create_in_doubt", lost + await _fail_in_doubt(
+                conn, settings, turn_id, state.attempts, webhook=conversation["webhook"])
         previous = await turn_db.previous_interaction(conn, turn.parent_turn_id)
         number = await attempt_db.begin_start(conn, turn_id, previous, state.attempts,
                                               settings.start_lease_s)
@@ -297,14 +311,16 @@ async def abandon_attempt(
     "stale" (it no longer owned the lease), or "create_in_doubt" when this made too many
     creates in doubt (the turn failed). `in_doubt`: its create may have made a run."""
     async with transaction(pool) as conn:
-        if await conversation_db.lock_conversation_of_turn(conn, turn_id) is None:
+        conversation = await conversation_db.lock_conversation_of_turn(conn, turn_id)
+        if conversation is None:
             return "stale", NOTHING
         doubtful = await attempt_db.abandon_start(conn, turn_id, attempt, in_doubt=in_doubt)
         if doubtful is None:
             return "stale", NOTHING
         if doubtful < settings.max_doubtful_attempts:
             return "abandoned", NOTHING
-        return "create_in_doubt", await _fail_in_doubt(conn, settings, turn_id, attempt)
+        return "create_in_doubt", await _fail_in_doubt(conn, settings, turn_id, attempt,
+                                                       webhook=conversation["webhook"])
 
 
 async def fail_attempt(
@@ -313,15 +329,15 @@ async def fail_attempt(
     """Fail the queued turn for its attempt (Parallel refused the create); None, changing
     nothing, once a newer attempt owns the turn or it left `queued` (a cancel won)."""
     async with transaction(pool) as conn:
-        conversation_id = await conversation_db.lock_conversation_of_turn(conn, turn_id)
-        if conversation_id is None:
+        conversation = await conversation_db.lock_conversation_of_turn(conn, turn_id)
+        if conversation is None:
             return None, NOTHING
         turn = await attempt_db.fail_start(conn, turn_id, attempt, error)
-        return turn, await _ended(conn, turn_id, "failed", turn)
+        return turn, await _ended(conn, turn_id, "failed", turn, webhook=conversation["webhook"])
 
 
 async def _fail_in_doubt(
-    conn: asyncpg.Connection, settings: Settings, turn_id: str, attempt: int
+    conn: asyncpg.Connection, settings: Settings, turn_id: str, attempt: int, *, webhook: bool
 ) -> FollowUps:
     message = (
         f"Parallel did not answer {settings.max_doubtful_attempts} requests to create this "
@@ -330,7 +346,7 @@ async def _fail_in_doubt(
     )
     turn = await attempt_db.fail_start(conn, turn_id, attempt,
                                        {"code": "create_in_doubt", "message": message})
-    return await _ended(conn, turn_id, "failed", turn)
+    return await _ended(conn, turn_id, "failed", turn, webhook=webhook)
 
 
 # a run's end --------------------------------------------------------------------------------
@@ -353,24 +369,26 @@ async def time_out(pool: asyncpg.Pool, turn_id: str, error: dict[str, str]) -> E
 
 async def _finish(pool: asyncpg.Pool, turn_id: str, status: str, **fields: Any) -> Ended:
     async with transaction(pool) as conn:
-        if await conversation_db.lock_conversation_of_turn(conn, turn_id) is None:
+        conversation = await conversation_db.lock_conversation_of_turn(conn, turn_id)
+        if conversation is None:
             return None, NOTHING
         turn = await turn_db.finish_turn(conn, turn_id, status, from_statuses=("running",),
                                          **fields)
-        return turn, await _ended(conn, turn_id, status, turn)
+        return turn, await _ended(conn, turn_id, status, turn, webhook=conversation["webhook"])
 
 
 async def _ended(
-    conn: asyncpg.Connection, turn_id: str, status: str, turn: Turn | None
+    conn: asyncpg.Connection, turn_id: str, status: str, turn: Turn | None, *, webhook: bool
 ) -> FollowUps:
-    """The terminal event of a turn that just ended (in its transaction), and its follow-ups."""
+    """The terminal event of a turn that just ended (in its transaction), and its follow-ups.
+    `webhook`: the conversation has a webhook URL (read under its lock)."""
     if turn is None:
         return FollowUps(logs=(LogLine("late_result_ignored", {"turn_id": turn_id,
                                                                "status": status}),))
-    await event_db.insert_event(conn, f"turn.{turn.status}", turn)
+    inserted = await event_db.insert_event(conn, f"turn.{turn.status}", turn, webhook=webhook)
     ended = FollowUps(counted=(turn,), logs=(LogLine("turn_finished", {"turn_id": turn_id,
                                                                        "status": turn.status}),))
-    return ended + await _next_head(conn, turn.conversation_id)
+    return ended + _start_head(inserted)
 
 
 # cancel -------------------------------------------------------------------------------------
@@ -382,7 +400,7 @@ async def cancel(
     """Cancel a queued or running turn (idempotent); the next turn starts once it commits.
     Raises NotFound, or Conflict once the turn has completed or failed."""
     async with transaction(pool) as conn:
-        await _lock_conversation(conn, tenant_id, conversation_id)
+        conversation = await _lock_conversation(conn, tenant_id, conversation_id)
         turn = await turn_db.lock_turn(conn, turn_id)
         if turn is None or turn.conversation_id != conversation_id:
             raise NotFound(f"Turn {turn_id!r} not found in conversation {conversation_id!r}.")
@@ -390,9 +408,11 @@ async def cancel(
             return turn, NOTHING
         if turn.status in ("completed", "failed"):
             raise Conflict(f"The turn already ended: it is {turn.status}.")
-        cancelled = await _cancel_locked(conn, turn_id, turn.status)
-        assert cancelled is not None  # locked and open
-        return cancelled, FollowUps(counted=(cancelled,)) + await _next_head(conn, conversation_id)
+        ended = await _cancel_locked(
+            conn, turn_id, turn.status, webhook=conversation["webhook_url"] is not None)
+        assert ended is not None  # locked and open
+        cancelled, inserted = ended
+        return cancelled, FollowUps(counted=(cancelled,)) + _start_head(inserted)
 
 
 async def cancel_open_turns(
@@ -401,29 +421,35 @@ async def cancel_open_turns(
     """Cancel every open turn of the conversation, newest first, starting none (it is being
     deleted). Raises NotFound."""
     async with transaction(pool) as conn:
-        await _lock_conversation(conn, tenant_id, conversation_id)
-        done = await _cancel_open(conn, conversation_id)
+        conversation = await _lock_conversation(conn, tenant_id, conversation_id)
+        done = await _cancel_open(
+            conn, conversation_id, webhook=conversation["webhook_url"] is not None)
     return done, FollowUps(counted=tuple(done))
 
 
-async def _cancel_open(conn: asyncpg.Connection, conversation_id: str) -> list[Turn]:
+async def _cancel_open(
+    conn: asyncpg.Connection, conversation_id: str, *, webhook: bool
+) -> list[Turn]:
     """Cancel every open turn of the locked conversation, newest first."""
     done: list[Turn] = []
     for row in reversed(await turn_db.open_turns(conn, conversation_id)):
-        cancelled = await _cancel_locked(conn, row["id"], row["status"])
+        cancelled = await _cancel_locked(conn, row["id"], row["status"], webhook=webhook)
         if cancelled is not None:
-            done.append(cancelled)
+            done.append(cancelled[0])
     return done
 
 
-async def _cancel_locked(conn: asyncpg.Connection, turn_id: str, status: str) -> Turn | None:
-    """Cancel an open turn of the locked conversation, with its turn.cancelled event (and so its
-    webhook delivery); a running one's run may still finish upstream, which the turn says. None
-    when it had already ended."""
+async def _cancel_locked(
+    conn: asyncpg.Connection, turn_id: str, status: str, *, webhook: bool
+) -> tuple[Turn, event_db.Inserted] | None:
+    """Cancel an open turn of the locked conversation, with its turn.cancelled event (and its
+    webhook delivery when the conversation has a webhook, `webhook`); a running one's run may
+    still finish upstream, which the turn says. None when it had already ended."""
     cancelled = await turn_db.finish_turn(
         conn, turn_id, "cancelled", from_statuses=("queued", "running"),
         upstream_may_continue=status == "running",
     )
-    if cancelled is not None:
-        await event_db.insert_event(conn, "turn.cancelled", cancelled)
-    return cancelled
+    if cancelled is None:
+        return None
+    return cancelled, await event_db.insert_event(conn, "turn.cancelled", cancelled,
+                                                  webhook=webhook)

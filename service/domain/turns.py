@@ -19,7 +19,7 @@ from service.db import turns as db
 from service.domain import lifecycle
 from service.domain.cursors import Seq, decode_cursor, page_of
 from service.domain.feeds import Feeds, terminal_event_of
-from service.domain.usage import check_quotas, estimate_cost
+from service.domain.usage import estimate_cost
 from service.domain.validation import check_turn_request
 from service.errors import InvalidInput, NotFound
 from service.models import TERMINAL_STATUSES, Turn
@@ -62,7 +62,7 @@ async def create_turn(
         return await _draft_turn(conn, settings, tenant_id, conversation, data)
 
     turn, follow_ups = await lifecycle.queue_turn(
-        pool, tenant_id, conversation_id, idempotency_key, request_hash(data), draft,
+        pool, settings, tenant_id, conversation_id, idempotency_key, request_hash(data), draft,
         if_busy=data.if_busy,
     )
     await lifecycle.after_commit(follow_ups, queue, settings)
@@ -73,8 +73,8 @@ async def _draft_turn(
     conn: asyncpg.Connection, settings: Settings, tenant_id: str, conversation: asyncpg.Record,
     data: TurnCreate,
 ) -> dict[str, Any]:
-    """Check the request against the locked conversation and the tenant's quotas; the new
-    turn's values."""
+    """Check the request against the locked conversation; the new turn's values (the quotas are
+    checked as it is inserted and committed: service.domain.lifecycle.queue_turn)."""
     conversation_id = conversation["id"]
     processor = data.processor or conversation["processor"]
     check_turn_request(settings, data, processor)
@@ -86,9 +86,6 @@ async def _draft_turn(
             "parent_turn_id must name a turn of this conversation.",
             errors=[{"field": "parent_turn_id", "message": "no such turn in this conversation"}],
         )
-    cost = estimate_cost(processor)
-    # The conversation is locked, so no turn of it opens or closes before we commit.
-    await check_quotas(conn, settings, tenant_id, conversation_id, cost)
     return {
         "seq": conversation["turn_count"] + 1,
         "parent_turn_id": parent_id,
@@ -96,7 +93,7 @@ async def _draft_turn(
         "processor": processor,
         "output_schema": msgspec.to_builtins(data.output_schema),
         "metadata": data.metadata,
-        "estimated_cost_usd": cost,
+        "estimated_cost_usd": estimate_cost(processor),
     }
 
 

@@ -6,12 +6,12 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 
 import asyncpg
+import msgspec
 
 from service.config import Settings
 from service.db import usage as db
-from service.db.pool import Conn
 from service.domain.schedule import profile
-from service.errors import BadRequest, PaymentRequired, TooManyOpenTurns
+from service.errors import BadRequest, PaymentRequired, ServiceError, TooManyOpenTurns
 from service.schemas import ConversationUsage, ProcessorUsage, Usage
 
 
@@ -32,39 +32,61 @@ def month_start(month: str | None = None) -> date:
         raise BadRequest("month must be YYYY-MM.") from None
 
 
-async def check_quotas(
-    conn: Conn, settings: Settings, tenant_id: str, conversation_id: str,
-    cost: Decimal,
-) -> int:
-    """Refuse a new turn past the open-turn limits or the tenant's monthly budget; return how
-    many turns of the conversation are open (queued or running).
+# The SQLSTATEs the turn_quota_insert trigger (migration 0011) fails a new turn's commit with; its
+# DETAIL is JSON: {"open", "limit"} and {"spent", "budget", "cost"}.
+OPEN_TURNS_REFUSED = "RQ429"
+BUDGET_REFUSED = "RQ402"
 
-    Locks the tenant row until the caller's transaction ends, so that two turns created at
-    once cannot both fit under a limit only one of them fits under.
-    Raises TooManyOpenTurns, PaymentRequired.
-    """
-    budget = await db.lock_tenant(conn, tenant_id)
-    in_conversation, in_tenant = await db.count_open_turns(conn, tenant_id, conversation_id)
-    if in_conversation >= settings.max_open_turns_per_conversation:
+
+def check_open_in_conversation(settings: Settings, open_turns: int) -> None:
+    """Refuse a new turn of a conversation that already has `open_turns` queued or running
+    (counted under the conversation's lock). Raises TooManyOpenTurns."""
+    if open_turns >= settings.max_open_turns_per_conversation:
         raise TooManyOpenTurns(
-            f"This conversation already has {in_conversation} turns queued or running (the "
+            f"This conversation already has {open_turns} turns queued or running (the "
             f"limit is {settings.max_open_turns_per_conversation}); wait for some to finish."
         )
-    if in_tenant >= settings.max_open_turns_per_tenant:
-        raise TooManyOpenTurns(
-            f"This account already has {in_tenant} turns queued or running (the limit is "
-            f"{settings.max_open_turns_per_tenant}); wait for some to finish."
+
+
+def quota_refusal(exc: asyncpg.PostgresError) -> ServiceError | None:
+    """What the API answers when a new turn's commit was refused for the tenant's open-turn
+    limit or monthly budget; None for any other error."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate not in (OPEN_TURNS_REFUSED, BUDGET_REFUSED):
+        return None
+    detail = msgspec.json.decode(getattr(exc, "detail", None) or "{}")
+    if sqlstate == OPEN_TURNS_REFUSED:
+        return TooManyOpenTurns(
+            f"This account already has {detail['open']} turns queued or running (the limit "
+            f"is {detail['limit']}); wait for some to finish."
         )
-    if budget is None:
-        return in_conversation
-    spent = await db.month_spend(conn, tenant_id, month_start())
-    if spent + cost > budget:
-        raise PaymentRequired(
-            f"This turn (estimated ${cost:.4f}) would take this month's spend past the budget: "
-            f"${spent:.4f} of ${budget:.4f} is used. New turns are accepted again next month, "
-            "or after the budget is raised."
-        )
-    return in_conversation
+    spent, budget, cost = (Decimal(detail[k]) for k in ("spent", "budget", "cost"))
+    return PaymentRequired(
+        f"This turn (estimated ${cost:.4f}) would take this month's spend past the budget: "
+        f"${spent:.4f} of "
+        f"${budget:.4f} is used. New turns are accepted again next month, or after the "
+        "budget is raised."
+    )
+
+
+async def repair_quota_counters(pool: asyncpg.Pool) -> list[str]:
+    """Recount the quota counters of every tenant whose counters disagree with its turns (this
+    month's spend, and open turns); the tenants whose counters were wrong.
+
+    The counters change only in the commits that change turns (triggers: whoever changes a
+    turn counts it), so they drift only when that is bypassed (counters edited by hand, turns
+    deleted without their spend archived, a restore, turns committed while migration 0011
+    ran). Each tenant is recounted in its own short transaction that locks its counter
+    rows first: commits of its new turns wait those few milliseconds, and the limits stay exact
+    while it runs."""
+    month = month_start()
+    repaired = []
+    for tenant_id in await db.drifted_tenants(pool, month):
+        async with pool.acquire() as conn, conn.transaction():
+            before, after = await db.recount(conn, tenant_id, month)
+        if before != after:
+            repaired.append(tenant_id)
+    return repaired
 
 
 async def get_usage(pool: asyncpg.Pool, tenant_id: str, month: str | None) -> Usage:

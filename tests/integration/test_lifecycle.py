@@ -60,8 +60,9 @@ def draft(question: str) -> lifecycle.Draft:
 
 async def queued(resources: Resources, conversation: dict[str, Any], question: str = "Why?",
                  key: str | None = None) -> tuple[Any, FollowUps]:
-    return await lifecycle.queue_turn(resources.pool, conversation["tenant_id"],
-                                      conversation["id"], key, b"digest", draft(question))
+    return await lifecycle.queue_turn(resources.pool, resources.settings,
+                                      conversation["tenant_id"], conversation["id"], key,
+                                      b"digest", draft(question))
 
 
 async def running(resources: Resources, turn_id: str) -> None:
@@ -128,8 +129,8 @@ async def test_queue_turn_replays_a_key_and_starts_the_replayed_head_again(
     assert again.id == turn.id
     assert follow == FollowUps(start=(turn.id,))  # its first enqueue may have been lost
     with pytest.raises(Conflict):
-        await lifecycle.queue_turn(resources.pool, conversation["tenant_id"], conversation["id"],
-                                   "k1", b"another body", draft("Why?"))
+        await lifecycle.queue_turn(resources.pool, resources.settings, conversation["tenant_id"],
+                                   conversation["id"], "k1", b"another body", draft("Why?"))
     assert await events(resources, conversation) == [("turn.queued", turn.id)]
 
 
@@ -138,11 +139,11 @@ async def test_queue_turn_writes_nothing_when_the_draft_refuses(resources, conve
         raise NotFound("no")
 
     with pytest.raises(NotFound):
-        await lifecycle.queue_turn(resources.pool, conversation["tenant_id"], conversation["id"],
-                                   None, b"d", refuse)
+        await lifecycle.queue_turn(resources.pool, resources.settings, conversation["tenant_id"],
+                                   conversation["id"], None, b"d", refuse)
     with pytest.raises(NotFound):
-        await lifecycle.queue_turn(resources.pool, "ten_other", conversation["id"], None, b"d",
-                                   draft("Not yours"))
+        await lifecycle.queue_turn(resources.pool, resources.settings, "ten_other",
+                                   conversation["id"], None, b"d", draft("Not yours"))
     assert await events(resources, conversation) == []
 
 

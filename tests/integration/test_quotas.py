@@ -12,8 +12,10 @@ import pytest
 from redis.asyncio import Redis
 
 from service.app import create_app
+from service.db import usage as usage_db
 from service.db.keys import create_key
 from service.domain.ratelimits import RateLimiter, check_rate, lease_size, retry_after_s
+from service.domain.usage import month_start
 from service.errors import RateLimited
 from service.resources import Resources
 from tests.helpers import (
@@ -24,7 +26,9 @@ from tests.helpers import (
     set_faults,
     settings_of,
     wait_turn,
+    wait_until,
 )
+from worker.jobs import repair_quotas
 
 
 async def key_for(resources: Resources, tenant: str, **options) -> dict[str, str]:
@@ -219,7 +223,7 @@ async def test_an_idempotent_replay_is_answered_even_at_the_budget(client, resou
     assert first.json() == again.json()
 
 
-async def test_usage_adds_up_to_the_turns_estimated_costs(api, worker, sandbox):
+async def test_usage_adds_up_to_the_turns_estimated_costs(api, worker, sandbox, resources):
     first = await create_conversation(api)
     second = await create_conversation(api, processor="core")
     done = await wait_turn(api, await post_turn(api, first["id"], "ran"))  # lite, has a run
@@ -250,6 +254,9 @@ async def test_usage_adds_up_to_the_turns_estimated_costs(api, worker, sandbox):
     }
     for part in ("by_processor", "by_conversation"):
         assert sum(p["usd"] for p in usage[part]) == pytest.approx(usage["total_usd"])
+    # Every transition above (start, complete, a refused create, a delete) kept the quota
+    # counters equal to what the turns say.
+    assert await usage_db.drifted_tenants(resources.pool, month_start()) == []
 
 
 async def test_usage_is_per_calendar_month(api, database_url):
@@ -296,3 +303,173 @@ async def test_keys_create_sets_a_rate_limit_and_a_monthly_budget(client, databa
     for bad in (["--rate-limit", "fast"], ["--monthly-budget", "-1"], ["--monthly-budget", "NaN"]):
         with pytest.raises(SystemExit):
             cli.main(["keys", "create", "--tenant", "acme", *bad])
+
+
+# Exact under concurrency, without a lock on the tenant (docs/design.md §2, "Quotas")
+
+RACE = 25
+
+
+# Every new turn's commit waits for this advisory lock (a deferred trigger that runs before the
+# quota trigger, triggers of one event running in the order of their names), which `race` holds
+# until all the requests the pool has room for are waiting: their quota checks then run
+# together, not one after the other.
+GATE_KEY = 0x51554F54
+GATE_SQL = f"""
+CREATE FUNCTION gate() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared({GATE_KEY});
+    RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER a_gate AFTER INSERT ON turn DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION gate();
+"""
+
+
+async def race(client, resources: Resources, headers: dict[str, str]) -> list[int]:
+    """One POST of a lite turn ($0.005) to each of RACE new conversations at once, their
+    commits released together."""
+    ids = [(await client.post("/v1/conversations", json={}, headers=headers)).json()["id"]
+           for _ in range(RACE)]
+    gate = await asyncpg.connect(resources.settings.database_url)
+    try:
+        await gate.execute(GATE_SQL)
+        await gate.execute("SELECT pg_advisory_lock($1)", GATE_KEY)
+        posts = asyncio.gather(*(
+            client.post(f"/v1/conversations/{c}/turns", json={"input": "q"}, headers=headers)
+            for c in ids
+        ))
+        waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        room = resources.settings.db_pool_max - 1  # the pool's connections but one
+        await wait_until(lambda: _at_least(gate, waiting, room), what="the commits to wait")
+        await gate.execute("SELECT pg_advisory_unlock($1)", GATE_KEY)
+        responses = await posts
+        await gate.execute("DROP TRIGGER a_gate ON turn; DROP FUNCTION gate()")
+    finally:
+        await gate.close()
+    for response in responses:
+        if response.status_code != 202:
+            assert_problem(response, response.status_code)
+    return sorted(r.status_code for r in responses)
+
+
+async def _at_least(conn: asyncpg.Connection, query: str, count: int) -> bool:
+    return bool(await conn.fetchval(query) >= count)
+
+
+async def counters(database_url: str, tenant: str) -> tuple[int, Decimal]:
+    """The tenant's quota counters: open turns, and this month's spend."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT (SELECT q.open_turns FROM quota_open_turns q JOIN tenant t"
+            "        ON t.id = q.tenant_id WHERE t.name = $1),"
+            " (SELECT s.usd FROM quota_month_spend s JOIN tenant t ON t.id = s.tenant_id"
+            "  WHERE t.name = $1 AND s.month = date_trunc('month', now() AT TIME ZONE 'UTC'))",
+            tenant)
+        assert row is not None
+        return row[0], row[1]
+    finally:
+        await conn.close()
+
+
+async def test_25_concurrent_turns_with_a_budget_for_5_admit_exactly_5(
+    client, resources, database_url
+):
+    acme = await key_for(resources, "acme", monthly_budget_usd=Decimal("0.025"))
+    assert await race(client, resources, acme) == [202] * 5 + [402] * (RACE - 5)
+    assert (await client.get("/v1/usage", headers=acme)).json()["total_usd"] == pytest.approx(0.025)
+    assert await counters(database_url, "acme") == (5, Decimal("0.025"))
+
+
+async def test_25_concurrent_turns_with_room_for_5_open_admit_exactly_5(
+    client, resources, database_url
+):
+    settings_of(resources, max_open_turns_per_tenant=5)
+    acme = await key_for(resources, "acme")
+    assert await race(client, resources, acme) == [202] * 5 + [429] * (RACE - 5)
+    assert await counters(database_url, "acme") == (5, Decimal("0.025"))
+
+
+# Holds a turn's creation inside its INSERT (server-side) while the rest of the test runs.
+HOLD_MARKER = "[hold-here]"
+HOLD_SQL = f"""
+CREATE FUNCTION hold_point() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.input::text LIKE '%{HOLD_MARKER}%' THEN PERFORM pg_sleep(4); END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER hold_point BEFORE INSERT ON turn FOR EACH ROW EXECUTE FUNCTION hold_point();
+"""
+
+
+async def test_a_held_turn_creation_does_not_hold_up_its_tenants_other_conversations(
+    client, resources, database_url
+):
+    """One POST's transaction is held open (4 s, past the 2 s lock timeout) inside its INSERT:
+    the same tenant's POSTs to other conversations, each under its open-turn limit and budget,
+    are accepted meanwhile, and the held one is accepted when it ends."""
+    settings_of(resources, max_open_turns_per_tenant=50)
+    acme = await key_for(resources, "acme", monthly_budget_usd=Decimal("1"))
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(HOLD_SQL)
+    finally:
+        await conn.close()
+    ids = [(await client.post("/v1/conversations", json={}, headers=acme)).json()["id"]
+           for _ in range(7)]
+    held = asyncio.create_task(client.post(
+        f"/v1/conversations/{ids[0]}/turns", json={"input": f"{HOLD_MARKER} held"},
+        headers=acme))
+
+    async def holding() -> bool:
+        count = await resources.pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'")
+        return bool(count)
+
+    await wait_until(holding, what="the held INSERT to be sleeping")
+    for _ in range(2):  # two rounds: each conversation's second turn too
+        responses = await asyncio.gather(*(
+            client.post(f"/v1/conversations/{c}/turns", json={"input": "q"}, headers=acme)
+            for c in ids[1:]))
+        assert [r.status_code for r in responses] == [202] * 6, [r.text for r in responses]
+    assert not held.done(), "the other turns waited for the held one"
+    assert (await held).status_code == 202
+    assert await counters(database_url, "acme") == (13, Decimal("0.065"))
+
+
+async def test_the_repair_recounts_drifted_counters_and_the_limits_hold_again(
+    client, resources, database_url
+):
+    acme = await key_for(resources, "acme", monthly_budget_usd=Decimal("0.025"))
+    conversation = (await client.post("/v1/conversations", json={}, headers=acme)).json()
+    path = f"/v1/conversations/{conversation['id']}/turns"
+    first = (await client.post(path, json={"input": "q"}, headers=acme)).json()
+    await client.post(path, json={"input": "q"}, headers=acme)
+    await client.post(f"{path}/{first['id']}/cancel", headers=acme)  # never ran: refunded
+    assert await counters(database_url, "acme") == (1, Decimal("0.005"))
+    assert await repair_quotas({"resources": resources}) == 0  # nothing drifted
+    # Changed by hand, outside the service: the counters no longer match the turns.
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("UPDATE quota_open_turns SET open_turns = 1000")
+        await conn.execute("UPDATE quota_month_spend SET usd = 0")
+    finally:
+        await conn.close()
+    refused = await client.post(path, json={"input": "q"}, headers=acme)
+    assert_problem(refused, 429)
+    assert await repair_quotas({"resources": resources}) == 1
+    assert await counters(database_url, "acme") == (1, Decimal("0.005"))
+    assert await race(client, resources, acme) == [202] * 4 + [402] * (RACE - 4)
+
+
+async def test_the_repair_running_during_a_race_keeps_the_limits_exact(
+    client, resources, database_url
+):
+    settings_of(resources, max_open_turns_per_tenant=5)
+    acme = await key_for(resources, "acme")
+    await client.post("/v1/conversations", json={}, headers=acme)
+    repairs = asyncio.gather(*(repair_quotas({"resources": resources}) for _ in range(10)))
+    assert await race(client, resources, acme) == [202] * 5 + [429] * (RACE - 5)
+    await repairs
+    assert await counters(database_url, "acme") == (5, Decimal("0.025"))

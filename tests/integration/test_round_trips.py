@@ -1,0 +1,145 @@
+"""What a turn costs in statements, counted on the pools' own connections: creating one is one
+transaction of five statements, each transition of the worker one transaction, and a
+conversation without a webhook writes no outbox row (issue 16: fewer round trips per turn)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+import httpx
+import msgspec
+import pytest
+
+from service.config import Settings
+from service.domain import lifecycle
+from service.domain.feeds import Feed
+from tests.helpers import create_conversation, post_turn, until
+
+POOL = 3
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    # Every connection opened up front, so the logger below is on all of them.
+    return msgspec.structs.replace(settings, db_pool_min=POOL, db_pool_max=POOL)
+
+
+@asynccontextmanager
+async def logged(*pools: asyncpg.Pool) -> AsyncIterator[list[str]]:
+    """Every statement the pools' connections send while the block runs (BEGIN and COMMIT
+    included), each as its first line."""
+    statements: list[str] = []
+
+    def log(query: asyncpg.connection.LoggedQuery) -> None:
+        text = " ".join(query.query.split())
+        if "typeinfo_tree" not in text and "set_config('jit'" not in text:  # asyncpg's own,
+            statements.append(text[:80])  # once per connection and type
+
+    held = [(pool, await pool.acquire()) for pool in pools for _ in range(POOL)]
+    # The connections themselves, not the pool's proxies (which refuse calls once released).
+    connections = [proxy._con for _, proxy in held]
+    for pool, proxy in held:
+        await pool.release(proxy)
+    for conn in connections:
+        conn.add_query_logger(log)
+    try:
+        yield statements
+    finally:
+        for conn in connections:
+            conn.remove_query_logger(log)
+
+
+def kinds(statements: list[str]) -> Counter[str]:
+    return Counter("BEGIN" if s.startswith("BEGIN") else s.split(" ")[0] for s in statements)
+
+
+async def test_creating_a_turn_is_one_transaction_of_five_statements(api, resources):
+    conversation = await create_conversation(api)
+    await post_turn(api, conversation["id"], "warm up")  # the key's lookup is cached from here
+    async with logged(resources.pool) as statements:
+        await post_turn(api, conversation["id"], "counted")
+    print("POST turn:", len(statements), statements)
+    assert len(statements) == 5, statements
+    assert kinds(statements)["BEGIN"] == 1
+    assert not any("tenant" in s and "FOR UPDATE" in s for s in statements)
+
+
+async def test_each_transition_of_a_turn_is_one_transaction_and_no_webhook_writes_no_outbox_row(
+    api, resources
+):
+    pool, settings = resources.pool, resources.settings
+    conversation = await create_conversation(api)
+    turn = await post_turn(api, conversation["id"], "counted")
+    async with logged(pool) as begun_statements:
+        begun, _ = await lifecycle.begin_attempt(pool, settings, turn["id"])
+    assert isinstance(begun, lifecycle.Begun)
+    async with logged(pool) as recorded_statements:
+        outcome, _ = await lifecycle.record_run(pool, begun.turn, begun.number, "trun_counted",
+                                                "trun_counted", 1.0)
+    assert outcome == "started"
+    async with logged(pool) as completed_statements:
+        completed, _ = await lifecycle.complete(pool, turn["id"],
+                                                {"type": "text", "content": "done"}, [])
+    assert completed is not None and completed.status == "completed"
+    counts = {"begin_attempt": begun_statements, "record_run": recorded_statements,
+              "complete": completed_statements}
+    print({name: len(statements) for name, statements in counts.items()})
+    for name, statements in counts.items():
+        assert kinds(statements)["BEGIN"] == 1, (name, statements)
+    assert all(len(statements) <= 5 for statements in counts.values()), counts
+    assert not any("webhook_delivery" in s for s in completed_statements)
+
+
+async def test_a_conversation_with_a_webhook_still_writes_its_delivery_with_the_status(
+    api, resources, receiver
+):
+    conversation = await create_conversation(api, webhook_url=receiver.url)
+    turn = await post_turn(api, conversation["id"], "with a webhook")
+    async with logged(resources.pool) as statements:
+        await api.post(f"/v1/conversations/{conversation['id']}/turns/{turn['id']}/cancel")
+    delivery = [s for s in statements if "INSERT INTO webhook_delivery" in s]
+    assert len(delivery) == 1 and kinds(statements)["BEGIN"] == 1, statements
+
+
+async def long_polled(api, resources, question: str) -> tuple[Feed, httpx.Response]:
+    """POST a turn, long-poll it, and run it (begin, its run recorded, complete) while the
+    long-poll waits: the poll's feed and its answer."""
+    pool, settings = resources.pool, resources.settings
+    conversation = await create_conversation(api)
+    turn = await post_turn(api, conversation["id"], question)
+    path = f"/v1/conversations/{conversation['id']}/turns/{turn['id']}"
+    poll = asyncio.create_task(api.get(path, params={"wait": 30}))
+    await until(lambda: (feed := resources.streams.feeds.get(conversation["id"])) is not None
+                and feed.ready.is_set())
+    feed = resources.streams.feeds.get(conversation["id"])
+    assert feed is not None
+    begun, _ = await lifecycle.begin_attempt(pool, settings, turn["id"])
+    assert isinstance(begun, lifecycle.Begun)
+    await lifecycle.record_run(pool, begun.turn, begun.number, "trun_polled", "trun_polled", 1.0)
+    await until(lambda: feed.running == (turn["id"], "trun_polled"))
+    await lifecycle.complete(pool, turn["id"], {"type": "text", "content": "done"}, [])
+    answer = await poll
+    assert answer.status_code == 200 and answer.json()["status"] == "completed"
+    assert answer.json() == (await api.get(path)).json()
+    assert feed.running is None
+    return feed, answer
+
+
+async def test_a_long_poll_is_answered_from_the_notifications_without_reading_the_events(
+    api, resources
+):
+    """The feed reads the conversation once as the long-poll joins it; the turn's three events
+    then come in their notifications, and the answer is the turn as GET shows it."""
+    feed, _ = await long_polled(api, resources, "awaited")
+    assert feed.reads == 1, feed.reads
+
+
+async def test_an_event_too_large_for_a_notification_is_read_instead(api, resources):
+    """A 20,000-character question makes every event of its turn larger than a NOTIFY payload:
+    the notifications carry only the conversation, and the feed reads each event."""
+    feed, _ = await long_polled(api, resources, "x" * 20_000)
+    assert feed.reads >= 3, feed.reads  # the first read, then one per event after it

@@ -2,7 +2,8 @@
 
 Both are read from the completed turns alone: a failed or cancelled turn has no answer, and a
 queued or running one none yet. Neither is paged: a conversation's bibliography and a lineage
-are each one document (docs/design.md, "Sources and transcripts", says why that is bounded).
+are each one document (docs/design.md, "Sources and transcripts", says why, and what a
+conversation of 1,000 or 10,000 turns costs).
 """
 
 from __future__ import annotations

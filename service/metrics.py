@@ -116,6 +116,14 @@ EXTRA_RUNS = Counter(
     ["reason"],
 )
 
+TASK_GROUPS_FALLBACK = Counter(
+    "research_task_groups_fallback_total",
+    "Times this worker stopped using Parallel task groups (PARALLEL_TASK_GROUPS=auto) and went "
+    "back to one-by-one runs, by reason: unsupported (a group route answered 404, 405 or 501), "
+    "refused (another 4xx) or failing (group calls kept failing); it tries groups again later.",
+    ["reason"],
+)
+
 RATE_LIMIT_FAIL_OPEN = Counter(
     "research_rate_limit_fail_open_total",
     "Requests let through without a rate-limit count because Redis did not answer.",
@@ -143,6 +151,10 @@ def record_webhook_delivery(outcome: str, seconds: float | None = None) -> None:
 
 def create_in_doubt(reason: str) -> None:
     CREATE_IN_DOUBT.labels(reason).inc()
+
+
+def task_groups_fallback(reason: str) -> None:
+    TASK_GROUPS_FALLBACK.labels(reason).inc()
 
 
 def rate_limit_fail_open() -> None:

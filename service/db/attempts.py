@@ -16,8 +16,15 @@ import msgspec
 from service.db.turns import TURN_COLUMNS, to_turn
 from service.models import Turn
 
+# An attempt that added its run to a task group (attempt_groups) is not in doubt for good: the
+# next attempt lists the group and adopts the run if it exists (service.domain.groups), so only
+# the others count towards max_doubtful_attempts.
 ATTEMPT_STATE_SQL = """
-SELECT start_attempts, doubtful_attempts, start_attempt_at IS NOT NULL AS held,
+SELECT start_attempts,
+       ARRAY(SELECT a FROM unnest(doubtful_attempts) AS a WHERE NOT attempt_groups ? a::text)
+           AS doubtful,
+       start_attempt_at IS NOT NULL AS held,
+       attempt_groups ? start_attempts::text AS held_grouped,
        GREATEST(0, EXTRACT(epoch FROM start_attempt_at + make_interval(secs => $2) - now()))
            AS lease_left_s
 FROM turn WHERE id = $1
@@ -26,9 +33,15 @@ FROM turn WHERE id = $1
 
 class AttemptState(msgspec.Struct, frozen=True):
     attempts: int  # begun so far; the newest one owns the lease when `held`
-    doubtful: list[int]
+    doubtful: list[int]  # attempts in doubt whose run no group listing can find
     held: bool  # the newest attempt has not ended (no run recorded, not abandoned)
     lease_left_s: float  # > 0: its lease is live, nobody may begin another attempt
+    held_grouped: bool = False  # the newest attempt added its run to a task group
+
+    @property
+    def unresolved(self) -> int:
+        """Attempts that may each have made a run nothing can find (held: the newest, if lost)."""
+        return len(self.doubtful) + (self.held and not self.held_grouped)
 
 
 async def attempt_state(conn: asyncpg.Connection, turn_id: str, lease_s: float) -> AttemptState:
@@ -36,8 +49,8 @@ async def attempt_state(conn: asyncpg.Connection, turn_id: str, lease_s: float) 
     row = await conn.fetchrow(ATTEMPT_STATE_SQL, turn_id, lease_s)
     assert row is not None  # the caller holds the turn's lock, so it exists
     return AttemptState(
-        row["start_attempts"], list(row["doubtful_attempts"]), row["held"],
-        float(row["lease_left_s"] or 0),
+        row["start_attempts"], list(row["doubtful"]), row["held"],
+        float(row["lease_left_s"] or 0), row["held_grouped"],
     )
 
 
@@ -71,7 +84,8 @@ ABANDON_START_SQL = """
 UPDATE turn SET start_attempt_at = NULL,
     doubtful_attempts = CASE WHEN $3 THEN doubtful_attempts || $2 ELSE doubtful_attempts END
 WHERE id = $1 AND start_attempts = $2 AND start_attempt_at IS NOT NULL AND run_id IS NULL
-RETURNING cardinality(doubtful_attempts)
+RETURNING cardinality(ARRAY(
+    SELECT a FROM unnest(doubtful_attempts) AS a WHERE NOT attempt_groups ? a::text))
 """
 
 
@@ -81,7 +95,8 @@ async def abandon_start(
     """End attempt `attempt` without a run, so the next one need not wait out the lease.
 
     `in_doubt`: its create may have made a run (it joins doubtful_attempts). Returns how many
-    attempts are in doubt now, or None when the attempt no longer owned the lease."""
+    attempts are in doubt now (an attempt that added to a task group is not: its run can be
+    listed), or None when the attempt no longer owned the lease."""
     doubtful: int | None = await conn.fetchval(ABANDON_START_SQL, turn_id, attempt, in_doubt)
     return doubtful
 
@@ -96,7 +111,8 @@ WITH recorded AS (
         status = CASE WHEN t.status = 'queued' THEN 'running' ELSE t.status END,
         started_at = CASE WHEN t.status = 'queued' THEN now() ELSE t.started_at END,
         next_check_at = CASE WHEN t.status = 'queued' THEN now() + make_interval(secs => $4) END,
-        upstream_may_continue = t.upstream_may_continue OR t.status = 'cancelled'
+        upstream_may_continue = t.upstream_may_continue OR t.status = 'cancelled',
+        taskgroup_id = $6
     WHERE t.id = $1 AND t.start_attempts = $5 AND t.start_attempt_at IS NOT NULL
       AND t.run_id IS NULL
     RETURNING {TURN_COLUMNS}
@@ -118,12 +134,13 @@ class Recorded(msgspec.Struct, frozen=True):
 
 async def record_run(
     conn: asyncpg.Connection, turn_id: str, attempt: int, run_id: str, interaction_id: str,
-    first_check_s: float,
+    first_check_s: float, taskgroup_id: str | None = None,
 ) -> Recorded:
     """Store attempt `attempt`'s run: as the turn's run if that attempt still owns the lease,
-    else in turn_extra_run. Call it with the turn's conversation locked (the turn exists)."""
+    else in turn_extra_run. Call it with the turn's conversation locked (the turn exists).
+    `taskgroup_id`: the task group the run is in (its polling is then a slow safety net)."""
     row = await conn.fetchrow(
-        RECORD_RUN_SQL, turn_id, run_id, interaction_id, first_check_s, attempt
+        RECORD_RUN_SQL, turn_id, run_id, interaction_id, first_check_s, attempt, taskgroup_id
     )
     assert row is not None  # one row always: the LEFT JOIN on (SELECT 1)
     if row["id"] is None:

@@ -218,8 +218,9 @@ async def begin_attempt(
         state = await attempt_db.attempt_state(conn, turn_id, settings.start_lease_s)
         if state.held and state.lease_left_s > 0:
             raise LeaseHeld(state.lease_left_s)
-        lost = _lost(turn_id, state.attempts) if state.held else NOTHING
-        if 0 < settings.max_doubtful_attempts <= len(state.doubtful) + state.held:
+        # A lost attempt that added its run to a task group is not in doubt: this one lists it.
+        lost = _lost(turn_id, state.attempts) if state.held and not state.held_grouped else NOTHING
+        if 0 < settings.max_doubtful_attempts <= state.unresolved:
             if state.held:
                 await attempt_db.abandon_start(conn, turn_id, state.attempts, in_doubt=True)
             return "create_in_doubt", lost + await _fail_in_doubt(conn, settings, turn_id,
@@ -234,7 +235,7 @@ async def begin_attempt(
 
 async def record_run(
     pool: asyncpg.Pool, turn: Turn, attempt: int, run_id: str, interaction_id: str,
-    first_check_s: float,
+    first_check_s: float, taskgroup_id: str | None = None,
 ) -> tuple[str, FollowUps]:
     """Store the attempt's run: the queued turn becomes running ("started"; a cancelled one
     keeps it as a run that may go on), or, once a newer attempt owns the lease or the turn is
@@ -244,7 +245,7 @@ async def record_run(
             recorded = None
         else:
             recorded = await attempt_db.record_run(conn, turn.id, attempt, run_id,
-                                                   interaction_id, first_check_s)
+                                                   interaction_id, first_check_s, taskgroup_id)
             if recorded.turn is not None and recorded.turn.status == "running":
                 await event_db.insert_event(conn, "turn.running", recorded.turn)
     if recorded is None or recorded.turn is None:

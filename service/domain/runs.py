@@ -50,6 +50,7 @@ async def check_turn(
     what Parallel's webhook said: "completed" asks for the result at once (one call, not two).
     """
     turn_id, run_id, processor = due["id"], due["run_id"], due["processor"]
+    grouped = due["taskgroup_id"] is not None
     try:
         result = None
         if reported_status == "completed":
@@ -61,8 +62,10 @@ async def check_turn(
             if run.status == "completed":
                 result = await parallel.result(run_id)
     except UpstreamUnavailable as exc:
-        delay = exc.retry_after or check_delay(processor, due["check_count"], poll_start(settings),
-                                               poll_cap(settings))
+        # A run reported ended is looked at again soon, not on its group's slow safety net.
+        slow = grouped and reported_status is None
+        delay = exc.retry_after or check_delay(processor, due["check_count"],
+                                               poll_start(settings, slow), poll_cap(settings, slow))
         await _reschedule(pool, turn_id, delay, later)
         return "retry"
     except UpstreamRejected as exc:
@@ -86,7 +89,8 @@ async def check_turn(
                      error={"code": "timeout",
                             "message": f"The run was still {run.status} after {elapsed:.0f} s."})
         return "timeout"
-    delay = check_delay(processor, due["check_count"], poll_start(settings), poll_cap(settings))
+    delay = check_delay(processor, due["check_count"], poll_start(settings, grouped),
+                        poll_cap(settings, grouped))
     await _reschedule(pool, turn_id, delay, later)
     return "active"
 

@@ -28,6 +28,7 @@ from service.clients.parallel import ParallelClient, RunInfo
 from service.config import Settings
 from service.db.pool import DB_UNAVAILABLE
 from service.domain import lifecycle
+from service.domain.groups import GroupStarts, adopt
 from service.domain.schedule import check_delay, poll_cap, poll_start
 from service.errors import UpstreamRejected, UpstreamUnavailable
 from service.models import Turn
@@ -74,10 +75,13 @@ async def start_turn(
     pool: asyncpg.Pool, parallel: ParallelClient, queue: jobs.Queue | None, settings: Settings,
     turn_id: str, webhook_url: str | None = None,
     before_create: Callable[[], Awaitable[None]] | None = None,
+    groups: GroupStarts | None = None,
 ) -> str:
     """Create the turn's Parallel run if it is next in its conversation; returns what happened.
 
     `before_create` may raise UpstreamUnavailable to defer (the global creation rate limit).
+    With `groups` (group mode), the run is added to a task group, and an attempt after the
+    first adopts the run an earlier one added to its group, if there is one, instead.
     Raises UpstreamUnavailable (retry later), LeaseHeld (another attempt is live), or what
     asyncpg raises while Postgres is away.
     """
@@ -93,7 +97,9 @@ async def start_turn(
                       record_by=record_by, give_up_by=give_up_by)
     # No connection is held while Parallel answers.
     try:
-        run = await _create(parallel, attempt, webhook_url, before_create)
+        run = await _adopted(pool, parallel, attempt, groups)
+        if run is None:
+            run = await _create(parallel, attempt, webhook_url, before_create, groups)
     except UpstreamUnavailable as exc:
         return await _abandon(pool, queue, settings, attempt, exc)
     except UpstreamRejected as exc:
@@ -104,9 +110,25 @@ async def start_turn(
     return await _record_run(pool, queue, settings, attempt, run)
 
 
+async def _adopted(
+    pool: asyncpg.Pool, parallel: ParallelClient, attempt: Attempt, groups: GroupStarts | None
+) -> RunInfo | None:
+    """In group mode, the run an earlier attempt of the turn may have made (its worker died, or
+    its answer was lost), listed by its group; None when there is none. Raises
+    UpstreamUnavailable (no listing now: look again later, create nothing meanwhile)."""
+    if groups is None or attempt.number == 1:
+        return None
+    try:
+        return await adopt(pool, parallel, attempt.turn.id, attempt.number)
+    except UpstreamUnavailable:
+        if groups.active:
+            raise
+        return None  # groups are given up on here: one by one, as without them
+
+
 async def _create(
     parallel: ParallelClient, attempt: Attempt, webhook_url: str | None,
-    before_create: Callable[[], Awaitable[None]] | None,
+    before_create: Callable[[], Awaitable[None]] | None, groups: GroupStarts | None = None,
 ) -> RunInfo:
     """Call Parallel's create within the attempt's time. Raises UpstreamUnavailable (in_doubt
     only when the request may have reached Parallel) or UpstreamRejected."""
@@ -119,7 +141,8 @@ async def _create(
     if timeout_s < MIN_CREATE_S:
         raise UpstreamUnavailable("The attempt's lease has too little time left for a create.")
     turn = attempt.turn
-    return await parallel.create_run(
+    create_run = groups.create_run if groups is not None else parallel.create_run
+    return await create_run(
         input=turn.input,
         processor=turn.processor,
         output_schema=turn.output_schema,
@@ -161,12 +184,17 @@ async def _record_run(
     fenced write keeps it (as the turn's run while no newer attempt took over, else as an extra
     run), so retries go on until give_up_by, and only then is the log line its only record."""
     turn = attempt.turn
-    first_check = check_delay(turn.processor, 0, poll_start(settings), poll_cap(settings))
+    grouped = run.task_group_id is not None
+    first_check = check_delay(turn.processor, 0, poll_start(settings, grouped),
+                              poll_cap(settings, grouped))
+    if not run.is_active:  # adopted after it ended: its group's stream has told it already
+        first_check = 0.0
     delay = 0.2
     while True:
         try:
             outcome, follow_ups = await lifecycle.record_run(
-                pool, turn, attempt.number, run.run_id, run.interaction_id, first_check)
+                pool, turn, attempt.number, run.run_id, run.interaction_id, first_check,
+                run.task_group_id)
         except DB_UNAVAILABLE as exc:
             if time.monotonic() + delay > attempt.give_up_by:
                 _not_recorded(attempt, run, exc)

@@ -56,10 +56,15 @@ async def attempt_state(conn: asyncpg.Connection, turn_id: str, lease_s: float) 
 
 # Begins attempt $3 + 1, only if attempt $3 is still the newest and holds no live lease. An
 # attempt still holding a lease that ran out never came back (its worker died or froze, maybe
-# after Parallel had made its run): it joins doubtful_attempts.
+# after Parallel had made its run): it joins doubtful_attempts. In group mode ($5) the attempt
+# is marked as one that makes its run only by adding it to a group (attempt_groups: "" until
+# the group is known), so dying before the add leaves no doubt.
 BEGIN_START_SQL = """
 UPDATE turn AS t SET start_attempts = t.start_attempts + 1, start_attempt_at = now(),
     previous_interaction_id = $2,
+    attempt_groups = CASE WHEN $5 THEN t.attempt_groups
+                                       || jsonb_build_object((t.start_attempts + 1)::text, '')
+                          ELSE t.attempt_groups END,
     doubtful_attempts = CASE WHEN t.start_attempt_at IS NOT NULL
                              THEN t.doubtful_attempts || t.start_attempts
                              ELSE t.doubtful_attempts END
@@ -70,11 +75,14 @@ RETURNING t.start_attempts
 
 
 async def begin_start(
-    conn: asyncpg.Connection, turn_id: str, previous: str | None, after: int, lease_s: float
+    conn: asyncpg.Connection, turn_id: str, previous: str | None, after: int, lease_s: float,
+    grouped: bool = False,
 ) -> int | None:
     """Begin the attempt after attempt `after`, before calling Parallel; its number, or None
-    when another attempt began first or still holds a live lease."""
-    number: int | None = await conn.fetchval(BEGIN_START_SQL, turn_id, previous, after, lease_s)
+    when another attempt began first or still holds a live lease. `grouped`: it will make its
+    run by adding it to a task group (service.domain.groups), or not at all."""
+    number: int | None = await conn.fetchval(BEGIN_START_SQL, turn_id, previous, after, lease_s,
+                                             grouped)
     return number
 
 

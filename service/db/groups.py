@@ -47,11 +47,26 @@ async def assign_attempts(
     return {r["id"] for r in rows}
 
 
+# The attempt goes one by one after all: its create may make a run no group lists.
+UNMARK_SQL = """
+UPDATE turn SET attempt_groups = attempt_groups - $2::text
+WHERE id = $1 AND start_attempts = $2::int AND attempt_groups ->> $2::text = ''
+"""
+
+
+async def unmark_attempt(
+    conn: asyncpg.Connection | asyncpg.Pool, turn_id: str, attempt: int
+) -> None:
+    """Before an attempt begun in group mode creates its run one by one."""
+    await conn.execute(UNMARK_SQL, turn_id, str(attempt))
+
+
 ATTEMPT_GROUPS_SQL = "SELECT attempt_groups FROM turn WHERE id = $1"
 
 
 async def attempt_groups(conn: asyncpg.Connection | asyncpg.Pool, turn_id: str) -> dict[str, str]:
-    """{attempt number: taskgroup_id} of the turn's attempts that added their run to a group."""
+    """{attempt number: taskgroup_id} of the turn's attempts begun in group mode ("" for one
+    that had not sent its add yet)."""
     groups: dict[str, Any] | None = await conn.fetchval(ATTEMPT_GROUPS_SQL, turn_id)
     return {str(k): str(v) for k, v in (groups or {}).items()}
 

@@ -36,6 +36,8 @@ log = structlog.get_logger(__name__)
 
 MAX_ADD = 1000  # Parallel's limit of inputs per add
 UNSUPPORTED = frozenset({404, 405, 501})
+# Refusals of the account or the processor, not of the group route's shape: the turn's answer.
+REFUSED_ANYWAY = frozenset({401, 402, 403})
 FAILURES_BEFORE_FALLBACK = 5  # group calls failing in a row (auto mode) before going one by one
 RETRY_GROUPS_S = 600.0  # after a fallback, groups are tried again this much later
 TURN_TAG, ATTEMPT_TAG = "rs_turn", "rs_attempt"  # the tags service.domain.starts puts on runs
@@ -87,7 +89,8 @@ class GroupStarts:
     ) -> RunInfo:
         """Create the attempt's run in this worker's group (ParallelClient.create_run's
         arguments and errors; the attempt is named by its metadata tags)."""
-        if not self.active:
+        if not self.active:  # given up on since the attempt began
+            await db.unmark_attempt(self._pool, metadata[TURN_TAG], int(metadata[ATTEMPT_TAG]))
             return await self._parallel.create_run(
                 input=input, processor=processor, output_schema=output_schema,
                 previous_interaction_id=previous_interaction_id, metadata=metadata,
@@ -144,6 +147,7 @@ class GroupStarts:
     async def _one_by_one(self, item: _Pending) -> None:
         body = item.body
         try:
+            await db.unmark_attempt(self._pool, item.turn_id, item.attempt)
             run = await self._parallel.create_run(
                 input=body["input"], processor=body["processor"],
                 output_schema=body["task_spec"]["output_schema"],
@@ -175,6 +179,10 @@ class GroupStarts:
                 # One input may be what is refused: each goes alone, so only it is refused.
                 for item in batch:
                     await self._add(group, [item])
+                return
+            if exc.status_code in REFUSED_ANYWAY:
+                for item in batch:
+                    _settle(item, exc=exc)
                 return
             self._group_failed("add_runs", exc)
             if self._settings.parallel_task_groups == "on":
@@ -323,7 +331,7 @@ async def adopt(
     when the groups those attempts used list none (or cannot be listed: Parallel refused).
     Raises UpstreamUnavailable (list again later)."""
     groups = await db.attempt_groups(pool, turn_id)
-    earlier = sorted({gid for number, gid in groups.items() if int(number) < attempt})
+    earlier = sorted({gid for number, gid in groups.items() if gid and int(number) < attempt})
     for taskgroup_id in earlier:
         try:
             runs = await parallel.group_runs(taskgroup_id)

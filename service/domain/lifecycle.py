@@ -200,11 +200,12 @@ def _lost(turn_id: str, attempt: int) -> FollowUps:
 
 
 async def begin_attempt(
-    pool: asyncpg.Pool, settings: Settings, turn_id: str
+    pool: asyncpg.Pool, settings: Settings, turn_id: str, grouped: bool = False
 ) -> tuple[Begun | str, FollowUps]:
     """Begin a start attempt (its lease) if the turn is queued and its conversation's head, or
     say why not: "gone", "not-queued", "waiting", or "create_in_doubt" (too many creates may
-    each have made a run already: the turn failed instead). Raises LeaseHeld."""
+    each have made a run already: the turn failed instead). Raises LeaseHeld. `grouped`: the
+    attempt adds its run to a task group (attempts.begin_start)."""
     async with transaction(pool) as conn:
         if await conversation_db.lock_conversation_of_turn(conn, turn_id) is None:
             return "gone", NOTHING
@@ -227,7 +228,7 @@ async def begin_attempt(
                                                                   state.attempts)
         previous = await turn_db.previous_interaction(conn, turn.parent_turn_id)
         number = await attempt_db.begin_start(conn, turn_id, previous, state.attempts,
-                                              settings.start_lease_s)
+                                              settings.start_lease_s, grouped)
         assert number is not None  # the turn is locked and its lease was free
     return Begun(turn=turn, number=number, previous_interaction_id=previous,
                  previous_lost=state.held), lost

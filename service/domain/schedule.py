@@ -34,6 +34,11 @@ def profile(processor: str) -> ProcessorProfile:
     return PROFILES.get(processor.removesuffix("-fast"), DEFAULT_PROFILE)
 
 
+def run_deadline_s(settings: Settings, processor: str) -> float:
+    """Seconds after its start by which a run still active has failed us (the turn times out)."""
+    return profile(processor).deadline_s * settings.run_deadline_scale
+
+
 def check_delay(processor: str, checks_done: int, initial_s: float, max_s: float) -> float:
     """Seconds until the next check: doubling from the first (1, 2, 4, … times the first),
     capped at max_s."""

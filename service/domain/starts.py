@@ -29,7 +29,7 @@ from service.config import Settings
 from service.db.pool import DB_UNAVAILABLE
 from service.domain import lifecycle
 from service.domain.groups import GroupStarts, adopt
-from service.domain.schedule import check_delay, poll_cap, poll_start
+from service.domain.schedule import check_delay, poll_cap, poll_start, run_deadline_s
 from service.errors import UpstreamRejected, UpstreamUnavailable
 from service.models import Turn
 
@@ -86,7 +86,8 @@ async def start_turn(
     asyncpg raises while Postgres is away.
     """
     began = time.monotonic()
-    begun, follow_ups = await lifecycle.begin_attempt(pool, settings, turn_id)
+    grouped = groups is not None and groups.active
+    begun, follow_ups = await lifecycle.begin_attempt(pool, settings, turn_id, grouped)
     await lifecycle.after_commit(follow_ups, queue, settings)
     if isinstance(begun, str):
         return begun
@@ -187,6 +188,7 @@ async def _record_run(
     grouped = run.task_group_id is not None
     first_check = check_delay(turn.processor, 0, poll_start(settings, grouped),
                               poll_cap(settings, grouped))
+    first_check = min(first_check, run_deadline_s(settings, turn.processor) + 0.5)
     if not run.is_active:  # adopted after it ended: its group's stream has told it already
         first_check = 0.0
     delay = 0.2

@@ -33,8 +33,10 @@ BENCHMARKS = {"api": api, "inflight": inflight, "e2e": e2e, "dbgrowth": dbgrowth
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
         "api": {"duration_s": 3, "rounds": 3, "connections": 32, "tenants": 100},
-        "inflight": {"configs": [("poll", 1000, 30.0), ("push", 1000, 30.0), ("push", 1000, 90.0)]},
-        "e2e": {"conversations": 50, "turns": 5, "serial_turns": 10, "modes": ["push", "poll"]},
+        "inflight": {"configs": [("poll", 1000, 30.0), ("push", 1000, 30.0), ("push", 1000, 90.0),
+                                 ("group", 1000, 30.0), ("group", 1000, 90.0)]},
+        "e2e": {"conversations": 50, "turns": 5, "serial_turns": 10,
+                "modes": ["group", "push", "poll"]},
         "dbgrowth": {"turns": 100_000, "duration_s": 2, "rounds": 2, "connections": 4},
     },
     "full": {
@@ -44,10 +46,11 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
                 (mode, n, length)
                 for length in (120.0, 1200.0)
                 for n in (1000, 10_000)
-                for mode in ("push", "poll")
+                for mode in ("group", "push", "poll")
             ]
         },
-        "e2e": {"conversations": 200, "turns": 5, "serial_turns": 20, "modes": ["push", "poll"]},
+        "e2e": {"conversations": 200, "turns": 5, "serial_turns": 20,
+                "modes": ["group", "push", "poll"]},
         "dbgrowth": {"turns": 1_000_000, "duration_s": 5, "rounds": 3, "connections": 4},
     },
 }

@@ -100,7 +100,8 @@ async def start_turn(
     try:
         run = await _adopted(pool, parallel, attempt, groups)
         if run is None:
-            run = await _create(parallel, attempt, webhook_url, before_create, groups)
+            run = await _create(parallel, attempt, webhook_url, before_create,
+                                groups if grouped else None)
     except UpstreamUnavailable as exc:
         return await _abandon(pool, queue, settings, attempt, exc)
     except UpstreamRejected as exc:

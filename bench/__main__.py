@@ -87,8 +87,8 @@ def inflight_configs(spec: str) -> list[tuple[str, int, float]]:
     configs = []
     for item in spec.split(","):
         mode, n, length = item.split(":")
-        if mode not in ("push", "poll"):
-            raise ValueError(f"mode must be push or poll, not {mode!r}")
+        if mode not in ("group", "push", "poll"):
+            raise ValueError(f"mode must be group, push or poll, not {mode!r}")
         configs.append((mode, int(n), float(length)))
     return configs
 

@@ -38,7 +38,9 @@ log = structlog.get_logger(__name__)
 UNRECORDED_TRIES = 5
 CHECKS_AT_ONCE = 200  # checks in flight per worker
 SAVE_EVERY_S = 1.0  # how often a stream's cursor is stored while events come
-IDLE_RECONNECT_S = 1.0  # a stream that ended with nothing active is opened again after this
+# A stream that ended with nothing active is opened again after 1 s, then 2, 4, 5, 5 … s while
+# it stays quiet (at once when this worker adds runs to the group).
+IDLE_RECONNECT_S = (1.0, 5.0)
 TAKE_OVER_PER_ROUND = 2  # groups taken over from dead followers per lease round
 
 
@@ -119,7 +121,7 @@ class GroupFollower:
     async def _follow(self, taskgroup_id: str, cursor: str | None) -> None:
         """Follow one group's stream until it is finished (or the task is cancelled)."""
         settings = self._res.settings
-        failures = 0
+        failures = quiet = 0
         structlog.contextvars.bind_contextvars(taskgroup_id=taskgroup_id)
         while True:
             news = self._news.get(taskgroup_id)
@@ -127,8 +129,9 @@ class GroupFollower:
                 news.clear()
             opened = time.monotonic()
             try:
-                cursor = await self._read(taskgroup_id, cursor)
+                before, cursor = cursor, await self._read(taskgroup_id, cursor)
                 failures = 0
+                quiet = quiet + 1 if cursor == before else 0
             except (UpstreamUnavailable, UpstreamRejected) as exc:
                 failures += 1
                 delay = min(30.0, 0.5 * 2 ** min(failures, 6))
@@ -145,7 +148,8 @@ class GroupFollower:
                     await group_db.finish_group(self._res.pool, taskgroup_id, self.follower)
                     log.info("task_group_finished")
                     return
-                await self._idle(taskgroup_id, IDLE_RECONNECT_S)
+                first, most = IDLE_RECONNECT_S
+                await self._idle(taskgroup_id, min(most, first * 2 ** max(0, quiet - 1)))
 
     async def _idle(self, taskgroup_id: str, seconds: float) -> None:
         news = self._news.get(taskgroup_id)
@@ -218,6 +222,8 @@ class GroupFollower:
 
     async def _check(self, run_id: str, status: str) -> None:
         res = self._res
+        # Each check runs in its own task, so these ids stay on its log lines only.
+        structlog.contextvars.bind_contextvars(run_id=run_id)
         async with self._checks:
             try:
                 async with asyncio.timeout(res.settings.follower_check_timeout_s):
@@ -231,6 +237,8 @@ class GroupFollower:
                             if claimed is None:
                                 return
                         if claimed is not None:
+                            structlog.contextvars.bind_contextvars(
+                                turn_id=claimed["id"], conversation_id=claimed["conversation_id"])
                             await runs.check_turn(res.pool, res.parallel, res.queue,
                                                   res.settings, claimed, reported_status=status)
                             return

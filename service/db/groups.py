@@ -50,7 +50,7 @@ async def assign_attempts(
 # The attempt goes one by one after all: its create may make a run no group lists.
 UNMARK_SQL = """
 UPDATE turn SET attempt_groups = attempt_groups - $2::text
-WHERE id = $1 AND start_attempts = $2::int AND attempt_groups ->> $2::text = ''
+WHERE id = $1 AND start_attempts = $3 AND attempt_groups ->> $2::text = ''
 """
 
 
@@ -58,7 +58,7 @@ async def unmark_attempt(
     conn: asyncpg.Connection | asyncpg.Pool, turn_id: str, attempt: int
 ) -> None:
     """Before an attempt begun in group mode creates its run one by one."""
-    await conn.execute(UNMARK_SQL, turn_id, str(attempt))
+    await conn.execute(UNMARK_SQL, turn_id, str(attempt), attempt)
 
 
 ATTEMPT_GROUPS_SQL = "SELECT attempt_groups FROM turn WHERE id = $1"

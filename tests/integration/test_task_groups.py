@@ -1,6 +1,7 @@
 """Group mode (PARALLEL_TASK_GROUPS): runs added to the service's task groups, several per POST,
 followed over the groups' event streams; a lost attempt's run adopted from its group's listing;
-the fallback to one-by-one runs where the group routes answer 404."""
+the fallback to one-by-one runs where the group routes answer 404. The tests that need the
+session sandbox's group routes are skipped with TEST_TASK_GROUPS=off."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import statistics
 from collections.abc import Iterator
 
 import asyncpg
+import httpx
 import msgspec
 import pytest
 from parallel import AsyncParallel
@@ -16,7 +18,10 @@ from parallel import AsyncParallel
 from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
 from service import metrics
+from service.app import create_app
+from service.resources import Resources
 from tests.helpers import (
+    TASK_GROUPS,
     create_conversation,
     post_turn,
     running_worker,
@@ -26,6 +31,12 @@ from tests.helpers import (
     wait_turn,
     wait_until,
 )
+from tests.receivers import serve
+
+SANDBOX_SECRET = "sandbox_webhook_secret"  # SandboxConfig.webhook_secret's default
+
+
+needs_groups = pytest.mark.skipif(not TASK_GROUPS, reason="TEST_TASK_GROUPS=off")
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +57,13 @@ async def calls_since(sandbox_url: str, before: int) -> list[dict]:
     return list(calls["data"])[-fresh:] if fresh > 0 else []
 
 
+@needs_groups
 async def test_due_turns_are_added_to_one_group_several_per_post(api, settings, sandbox):
     before = (await sandbox_record(sandbox.url, "calls"))["total"]
     conversations = [await create_conversation(api) for _ in range(12)]
+    # Posted before the worker starts: their start jobs are all due at once.
+    turns = [await post_turn(api, c["id"], f"question {n}") for n, c in enumerate(conversations)]
     async with running_worker(settings):
-        turns = await asyncio.gather(*(post_turn(api, c["id"], f"question {n}")
-                                       for n, c in enumerate(conversations)))
         done = [await wait_turn(api, t) for t in turns]
     assert {d["status"] for d in done} == {"completed"}
     runs = [r for t in turns for r in sandbox_runs(sandbox.url, t["id"])]
@@ -66,6 +78,7 @@ async def test_due_turns_are_added_to_one_group_several_per_post(api, settings, 
     assert creates == []
 
 
+@needs_groups
 async def test_a_run_that_ends_is_seen_on_the_group_stream_without_polling(
     api, settings, sandbox, database_url
 ):
@@ -100,6 +113,7 @@ async def test_a_run_that_ends_is_seen_on_the_group_stream_without_polling(
     assert len(statuses) <= len(turns)
 
 
+@needs_groups
 async def test_an_attempt_whose_run_exists_in_its_group_adopts_it(
     api, settings, sandbox, database_url
 ):
@@ -130,6 +144,7 @@ async def test_an_attempt_whose_run_exists_in_its_group_adopts_it(
     assert len(sandbox_runs(sandbox.url, turn["id"])) == 1
 
 
+@needs_groups
 async def test_a_lost_add_answer_is_resolved_from_the_group_listing(api, settings, sandbox):
     """Every answer is dropped after the sandbox acted, until the turn's run exists: the
     attempt (or the next) finds it in its group rather than paying for another."""
@@ -192,3 +207,28 @@ async def test_with_groups_off_no_group_route_is_called(api, settings, sandbox):
     assert group_calls(await calls_since(sandbox.url, before)) == []
     (run,) = sandbox_runs(sandbox.url, done["id"])
     assert run["taskgroup_id"] is None
+
+
+@needs_groups
+async def test_push_mode_beside_group_mode_both_report_the_run(settings, api_key, sandbox):
+    """With PUBLIC_BASE_URL set too, runs are added to a group and carry Parallel's webhook:
+    the webhook is delivered and answered, and the turn completes once, with one run."""
+    api_settings = msgspec.structs.replace(settings, parallel_webhook_secret=SANDBOX_SECRET)
+    resources = await Resources.open(api_settings, listen=True)
+    try:
+        async with serve(create_app(api_settings, resources=resources)) as url:
+            worker_settings = msgspec.structs.replace(api_settings, public_base_url=url)
+            async with running_worker(worker_settings), httpx.AsyncClient(
+                base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30
+            ) as push:
+                conversation = await create_conversation(push)
+                done = await wait_turn(push, await post_turn(push, conversation["id"], "both"))
+                await wait_until(lambda: [h for h in httpx.get(
+                    f"{sandbox.url}/_sandbox/webhooks").json()["data"]
+                    if h["run_id"] == done["run_id"] and h["status_code"] == 204], 10,
+                    what="Parallel's webhook, answered")
+    finally:
+        await resources.close()
+    assert done["status"] == "completed"
+    (run,) = sandbox_runs(sandbox.url, done["id"])
+    assert run["taskgroup_id"] and run["webhook"]["url"] == f"{url}/v1/hooks/parallel"

@@ -36,8 +36,10 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
         "api": {"duration_s": 3, "rounds": 3, "connections": 32, "tenants": 100},
         "tenant": {"duration_s": 3, "rounds": 3, "connections": 32},
-        "inflight": {"configs": [("poll", 1000, 30.0), ("push", 1000, 30.0), ("push", 1000, 90.0)]},
-        "e2e": {"conversations": 50, "turns": 5, "serial_turns": 10, "modes": ["push", "poll"]},
+        "inflight": {"configs": [("poll", 1000, 30.0), ("push", 1000, 30.0), ("push", 1000, 90.0),
+                                 ("group", 1000, 30.0), ("group", 1000, 90.0)]},
+        "e2e": {"conversations": 50, "turns": 5, "serial_turns": 10,
+                "modes": ["group", "push", "poll"]},
         "dbgrowth": {"turns": 100_000, "conversations": 100_000, "duration_s": 2, "rounds": 2,
                      "connections": 4},
     },
@@ -49,10 +51,11 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
                 (mode, n, length)
                 for length in (120.0, 1200.0)
                 for n in (1000, 10_000)
-                for mode in ("push", "poll")
+                for mode in ("group", "push", "poll")
             ]
         },
-        "e2e": {"conversations": 200, "turns": 5, "serial_turns": 20, "modes": ["push", "poll"]},
+        "e2e": {"conversations": 200, "turns": 5, "serial_turns": 20,
+                "modes": ["group", "push", "poll"]},
         "dbgrowth": {"turns": 1_000_000, "conversations": 1_000_000, "duration_s": 5,
                      "rounds": 3, "connections": 4},
     },
@@ -90,8 +93,8 @@ def inflight_configs(spec: str) -> list[tuple[str, int, float]]:
     configs = []
     for item in spec.split(","):
         mode, n, length = item.split(":")
-        if mode not in ("push", "poll"):
-            raise ValueError(f"mode must be push or poll, not {mode!r}")
+        if mode not in ("group", "push", "poll"):
+            raise ValueError(f"mode must be group, push or poll, not {mode!r}")
         configs.append((mode, int(n), float(length)))
     return configs
 

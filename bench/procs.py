@@ -228,7 +228,9 @@ def service_stack(
     **env: str,
 ) -> Iterator[tuple[Proc, Proc, Proc]]:
     """The sandbox, the API and one worker, each its own process, stopped on exit; in push mode
-    Parallel's webhooks (the sandbox's) point at the API."""
+    Parallel's webhooks (the sandbox's) point at the API; in group mode runs are added to task
+    groups and followed over their event streams (push and poll create runs one by one)."""
+    env |= {"PARALLEL_TASK_GROUPS": "on" if mode == "group" else "off"}
     if mode == "push":
         env |= {
             "PUBLIC_BASE_URL": f"http://127.0.0.1:{api_port}",

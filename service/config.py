@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Literal
 
 import msgspec
 
@@ -29,6 +30,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     parallel_webhook_secret: str | None = None
     # This API's public URL: when set, push mode (Parallel's webhooks trigger checks).
     public_base_url: str | None = None
+    # Task groups (README, "Modes"): `auto` adds runs to Parallel task groups the service owns
+    # and follows them over the groups' event streams, falling back to one-by-one runs when
+    # Parallel refuses the group routes; `on` requires them; `off` never uses them.
+    parallel_task_groups: Literal["auto", "on", "off"] = "auto"
     queue_name: str = "research:queue"
     db_pool_min: int = 2
     db_pool_max: int = 10
@@ -82,6 +87,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # costs 4 Parallel calls, a 20-minute one 7 (docs/benchmarks.md).
     push_poll_initial_s: float = 60.0
     push_poll_max_s: float = 600.0
+    # Group mode: a group takes runs until it holds group_max_runs or is group_max_age_s old,
+    # so listing it (to find a run whose create answer was lost) stays short. Its event stream
+    # is asked to end after group_stream_timeout_s and resumed from its cursor; the worker
+    # following it holds a lease of group_lease_s. Runs in a group are polled only as a safety
+    # net: first group_poll_initial_s after the start (times the processor's scale), backing off
+    # to group_poll_max_s.
+    group_max_runs: int = 1000
+    group_max_age_s: float = 600.0
+    group_stream_timeout_s: float = 60.0
+    group_lease_s: float = 20.0
+    group_poll_initial_s: float = 60.0
+    group_poll_max_s: float = 600.0
     follower_batch: int = 200
     # One follower check (Parallel calls and the SQL recording them) ends after this, so a slow
     # check cannot hold the follower's tick; its claim's lease makes the turn due again.

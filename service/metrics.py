@@ -129,6 +129,15 @@ CONVERSATIONS_EXPIRED = Counter(
     "research_conversations_expired_total",
     "Conversations the retention sweep deleted, each after its expires_at (ttl_seconds).",
 )
+
+TASK_GROUPS_FALLBACK = Counter(
+    "research_task_groups_fallback_total",
+    "Times this worker stopped using Parallel task groups (PARALLEL_TASK_GROUPS=auto) and went "
+    "back to one-by-one runs, by reason: unsupported (a group route answered 404, 405 or 501), "
+    "refused (another 4xx) or failing (group calls kept failing); it tries groups again later.",
+    ["reason"],
+)
+
 RATE_LIMIT_FAIL_OPEN = Counter(
     "research_rate_limit_fail_open_total",
     "Requests let through without a rate-limit count because Redis did not answer.",
@@ -164,6 +173,10 @@ def context_reseeded(outcome: str) -> None:
 
 def conversation_expired() -> None:
     CONVERSATIONS_EXPIRED.inc()
+
+
+def task_groups_fallback(reason: str) -> None:
+    TASK_GROUPS_FALLBACK.labels(reason).inc()
 
 
 def rate_limit_fail_open() -> None:

@@ -15,7 +15,7 @@ from sandbox.server import SandboxServer
 from service.app import create_app
 from service.config import Settings
 from service.resources import Resources
-from tests.helpers import guarded_client, new_key, running_worker
+from tests.helpers import TASK_GROUPS, guarded_client, new_key, running_worker
 from tests.receivers import Receiver, receiving
 from tests.servers import (
     TEMPLATE_DB,
@@ -51,7 +51,8 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def sandbox_server() -> Iterator[SandboxServer]:
-    with SandboxServer(SandboxConfig(default_latency_s=0.3, queued_s=0.05)) as server:
+    config = SandboxConfig(default_latency_s=0.3, queued_s=0.05, task_groups=TASK_GROUPS)
+    with SandboxServer(config) as server:
         yield server
 
 

@@ -113,6 +113,18 @@ def test_inflight_goals_depend_on_the_mode():
     assert long["Parallel calls per turn"].ok is None and long["lag p95"].ok
 
 
+def test_group_mode_goals_are_the_issues():
+    ok = {r.measure.split(": ")[1]: r for r in rows_for(_inflight("group", 120, 5, 2.1, 0.9))}
+    assert ok["Parallel calls per turn"].ok and ok["lag p95"].ok
+    off = {r.measure.split(": ")[1]: r for r in rows_for(_inflight("group", 120, 5, 2.5, 1.5))}
+    assert not off["Parallel calls per turn"].ok and not off["lag p95"].ok
+    # Net CPU per turn of 1,200 s runs within 1.1 times that of 120 s runs.
+    assert not scaling_rows([_inflight("group", 120, 5.0, 2, 0.5),
+                             _inflight("group", 1200, 5.75, 2, 0.5)])[0].ok
+    assert scaling_rows([_inflight("group", 120, 5.0, 2, 0.5),
+                         _inflight("group", 1200, 5.25, 2, 0.5)])[0].ok
+
+
 def test_cpu_per_turn_must_not_grow_with_run_length():
     flat = scaling_rows([_inflight("push", 120, 5.0, 3, 0.5), _inflight("push", 1200, 5.5, 4, 0.5)])
     assert len(flat) == 2 and flat[0].ok and flat[0].ratio == pytest.approx(1.1)

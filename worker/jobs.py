@@ -56,7 +56,7 @@ async def start_turn(ctx: dict[str, Any], turn_id: str) -> str:
     try:
         return await starts.start_turn(
             res.pool, res.parallel, res.queue, res.settings, turn_id, webhook_url=push_url(res),
-            before_create=ctx["creation_limiter"].acquire,
+            before_create=ctx["creation_limiter"].acquire, groups=ctx.get("group_starts"),
         )
     except lifecycle.LeaseHeld as exc:
         # A duplicate of this job (or one whose worker froze) holds the lease: look again when

@@ -14,10 +14,12 @@ from arq.worker import func
 from service import metrics, queue
 from service.config import Settings
 from service.domain import starts
+from service.domain.groups import GroupStarts
 from service.resources import Resources
 from worker import jobs
 from worker.dispatcher import Dispatcher
 from worker.follower import Follower
+from worker.group_follower import GroupFollower, follower_id
 from worker.limits import CreationLimiter
 from worker.recovery import DbDeferredJobs
 from worker.supervised import REDIS_DOWN, SupervisedWorker
@@ -39,6 +41,13 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     ctx["follower"].on_recovered = ctx["dispatcher"].on_recovered = functools.partial(
         ctx["db_deferred"].release, resources.queue, settings.queue_name)
     await ctx["dispatcher"].start()
+    if settings.parallel_task_groups != "off":
+        # Group mode: runs go to this worker's task groups, their streams followed here.
+        me = follower_id()
+        ctx["group_follower"] = GroupFollower(resources, me)
+        ctx["group_follower"].start()
+        ctx["group_starts"] = GroupStarts(resources.pool, resources.parallel, settings, me,
+                                          on_added=ctx["group_follower"].added)
     ctx["metrics_server"] = metrics.start_worker_server(
         settings.worker_metrics_port, settings.worker_metrics_host
     )
@@ -58,6 +67,8 @@ async def _open_resources(settings: Settings) -> Resources:
 async def on_shutdown(ctx: dict[str, Any]) -> None:
     if "follower" in ctx:
         await ctx["follower"].stop()
+    if "group_follower" in ctx:
+        await ctx["group_follower"].stop()
     if "dispatcher" in ctx:
         await ctx["dispatcher"].stop(grace_s=ctx["settings"].shutdown_grace_s)
     if "resources" in ctx:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import httpx
 import msgspec
@@ -53,6 +53,7 @@ class RunInfo(msgspec.Struct, kw_only=True):
     processor: str
     error: RunError | None = None
     metadata: dict[str, Any] | None = None
+    task_group_id: str | None = None  # the task group the run was added to, if any
 
 
 class RunOutput(msgspec.Struct, kw_only=True):
@@ -277,3 +278,112 @@ class ParallelClient:
                     yield event.model_dump(mode="json")
         except Exception as exc:
             raise translate(exc) from exc
+
+    # task groups (docs/parallel.md §1.6) ------------------------------------------------------
+
+    async def create_group(self, metadata: dict[str, str]) -> str:
+        """Make a task group; its taskgroup_id. Raises UpstreamUnavailable or UpstreamRejected
+        (404: this deployment has no task groups)."""
+        try:
+            with metrics.parallel_call("create_group"):
+                group = await self._sdk.task_group.create(metadata=dict(metadata))
+        except Exception as exc:
+            raise translate(exc) from exc
+        taskgroup_id = group.task_group_id
+        if not isinstance(taskgroup_id, str) or not taskgroup_id:
+            raise UpstreamUnavailable("Parallel answered a group without a taskgroup_id")
+        return taskgroup_id
+
+    async def add_runs(
+        self, taskgroup_id: str, inputs: list[dict[str, Any]], *, timeout_s: float = 30.0
+    ) -> tuple[list[str], str | None]:
+        """Add runs to a group in one POST (never retried here): their run ids in input order,
+        and the listing's cursor just before them. Each input is a create body (`run_input`).
+        Raises what create_run raises, with the same meaning of `in_doubt` (here: for every
+        input of the call)."""
+        betas = [WEBHOOK_BETA] if any("webhook" in item for item in inputs) else None
+        try:
+            with metrics.parallel_call("add_runs"):
+                async with asyncio.timeout(timeout_s):
+                    answer = await self._sdk.task_group.add_runs(
+                        taskgroup_id, inputs=cast(Any, inputs),
+                        **cast(dict[str, Any], {"betas": betas} if betas else {}),
+                        timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
+                    )
+            run_ids = list(answer.run_ids)
+            run_cursor = answer.run_cursor
+        except Exception as exc:
+            raise _create_error(exc) from exc
+        if len(run_ids) != len(inputs) or not all(isinstance(r, str) and r for r in run_ids):
+            error = UpstreamUnavailable("Parallel answered an add of runs without their ids")
+            error.in_doubt = True
+            raise error
+        return run_ids, run_cursor if isinstance(run_cursor, str) and run_cursor else None
+
+    async def group_runs(self, taskgroup_id: str, after: str | None = None) -> list[RunInfo]:
+        """The group's runs (added after the cursor `after`, else all) with their metadata: the
+        only listing Parallel has. Raises UpstreamUnavailable or UpstreamRejected."""
+        found: list[RunInfo] = []
+        kwargs: dict[str, Any] = {"last_event_id": after} if after else {}
+        try:
+            with metrics.parallel_call("group_runs"):
+                stream = await self._sdk.task_group.get_runs(taskgroup_id, **kwargs)
+            async with stream:
+                async for event in stream:
+                    data = event.model_dump(mode="json")
+                    if data.get("type") == "task_run.state" and data.get("run"):
+                        found.append(_convert(data["run"], RunInfo))
+                    elif data.get("type") == "error":
+                        raise UpstreamUnavailable(f"Parallel's run listing failed: {data}")
+        except UpstreamUnavailable:
+            raise
+        except Exception as exc:
+            raise translate(exc) from exc
+        return found
+
+    async def group_active(self, taskgroup_id: str) -> bool:
+        """Whether any run of the group is still active. Raises UpstreamUnavailable or
+        UpstreamRejected."""
+        try:
+            with metrics.parallel_call("retrieve_group"):
+                group = await self._sdk.task_group.retrieve(taskgroup_id)
+        except Exception as exc:
+            raise translate(exc) from exc
+        return bool(group.status.is_active)
+
+    async def group_events(
+        self, taskgroup_id: str, last_event_id: str | None, *, timeout_s: float
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """Yield the group's events after `last_event_id` as plain dicts, until Parallel ends
+        the stream (after `timeout_s` at most, asked of the server). The stream sends no
+        keep-alives, so the read timeout is the stream's own plus a margin."""
+        kwargs: dict[str, Any] = {"api_timeout": timeout_s,
+                                  "timeout": httpx.Timeout(timeout_s + 30.0, connect=5.0)}
+        if last_event_id:
+            kwargs["last_event_id"] = last_event_id
+        try:
+            with metrics.parallel_call("group_events"):
+                stream = await self._sdk.task_group.events(taskgroup_id, **kwargs)
+            async with stream:
+                async for event in stream:
+                    yield event.model_dump(mode="json")
+        except Exception as exc:
+            raise translate(exc) from exc
+
+
+def run_input(
+    *, input: str | dict[str, Any], processor: str, output_schema: dict[str, Any],
+    previous_interaction_id: str | None, metadata: dict[str, str], webhook_url: str | None,
+) -> dict[str, Any]:
+    """The body of a create (a group's add takes a list of these)."""
+    body: dict[str, Any] = {
+        "input": input,
+        "processor": processor,
+        "task_spec": {"output_schema": output_schema},
+        "metadata": metadata,
+    }
+    if previous_interaction_id:
+        body["previous_interaction_id"] = previous_interaction_id
+    if webhook_url:
+        body["webhook"] = {"url": webhook_url, "event_types": ["task_run.status"]}
+    return body

@@ -19,9 +19,16 @@ from service.models import Turn
 # The turn, locked, with its attempts as Postgres's clock sees the lease, and its conversation's
 # head (oldest open turn) in one round trip. Call it with the conversation locked: no turn of it
 # opens or closes meanwhile, so the head read here is the one at commit.
+# An attempt that added its run to a task group (attempt_groups) is not in doubt for good: the
+# next attempt lists the group and adopts the run if it exists (service.domain.groups), so only
+# the others count towards max_doubtful_attempts.
 LOCK_FOR_START_SQL = f"""
 SELECT {TURN_COLUMNS},
-    t.start_attempts, t.doubtful_attempts, t.start_attempt_at IS NOT NULL AS held,
+    t.start_attempts,
+    ARRAY(SELECT a FROM unnest(t.doubtful_attempts) AS a WHERE NOT t.attempt_groups ? a::text)
+        AS doubtful,
+    t.start_attempt_at IS NOT NULL AS held,
+    t.attempt_groups ? t.start_attempts::text AS held_grouped,
     GREATEST(0, EXTRACT(epoch FROM t.start_attempt_at + make_interval(secs => $2) - now()))
         AS lease_left_s,
     (SELECT h.id FROM turn h
@@ -34,9 +41,15 @@ FOR UPDATE OF t
 
 class AttemptState(msgspec.Struct, frozen=True):
     attempts: int  # begun so far; the newest one owns the lease when `held`
-    doubtful: list[int]
+    doubtful: list[int]  # attempts in doubt whose run no group listing can find
     held: bool  # the newest attempt has not ended (no run recorded, not abandoned)
     lease_left_s: float  # > 0: its lease is live, nobody may begin another attempt
+    held_grouped: bool = False  # the newest attempt added its run to a task group
+
+    @property
+    def unresolved(self) -> int:
+        """Attempts that may each have made a run nothing can find (held: the newest, if lost)."""
+        return len(self.doubtful) + (self.held and not self.held_grouped)
 
 
 class ForStart(msgspec.Struct, frozen=True):
@@ -51,17 +64,22 @@ async def lock_for_start(conn: asyncpg.Connection, turn_id: str, lease_s: float)
     row = await conn.fetchrow(LOCK_FOR_START_SQL, turn_id, lease_s)
     if row is None:
         return None
-    state = AttemptState(row["start_attempts"], list(row["doubtful_attempts"]), row["held"],
-                         float(row["lease_left_s"] or 0))
+    state = AttemptState(row["start_attempts"], list(row["doubtful"]), row["held"],
+                         float(row["lease_left_s"] or 0), row["held_grouped"])
     return ForStart(to_turn(row), state, row["head_id"])
 
 
 # Begins attempt $3 + 1, only if attempt $3 is still the newest and holds no live lease. An
 # attempt still holding a lease that ran out never came back (its worker died or froze, maybe
-# after Parallel had made its run): it joins doubtful_attempts.
+# after Parallel had made its run): it joins doubtful_attempts. In group mode ($5) the attempt
+# is marked as one that makes its run only by adding it to a group (attempt_groups: "" until
+# the group is known), so dying before the add leaves no doubt.
 BEGIN_START_SQL = """
 UPDATE turn AS t SET start_attempts = t.start_attempts + 1, start_attempt_at = now(),
     previous_interaction_id = $2,
+    attempt_groups = CASE WHEN $5 THEN t.attempt_groups
+                                       || jsonb_build_object((t.start_attempts + 1)::text, '')
+                          ELSE t.attempt_groups END,
     doubtful_attempts = CASE WHEN t.start_attempt_at IS NOT NULL
                              THEN t.doubtful_attempts || t.start_attempts
                              ELSE t.doubtful_attempts END
@@ -72,11 +90,14 @@ RETURNING t.start_attempts
 
 
 async def begin_start(
-    conn: asyncpg.Connection, turn_id: str, previous: str | None, after: int, lease_s: float
+    conn: asyncpg.Connection, turn_id: str, previous: str | None, after: int, lease_s: float,
+    grouped: bool = False,
 ) -> int | None:
     """Begin the attempt after attempt `after`, before calling Parallel; its number, or None
-    when another attempt began first or still holds a live lease."""
-    number: int | None = await conn.fetchval(BEGIN_START_SQL, turn_id, previous, after, lease_s)
+    when another attempt began first or still holds a live lease. `grouped`: it will make its
+    run by adding it to a task group (service.domain.groups), or not at all."""
+    number: int | None = await conn.fetchval(BEGIN_START_SQL, turn_id, previous, after, lease_s,
+                                             grouped)
     return number
 
 
@@ -86,7 +107,8 @@ ABANDON_START_SQL = """
 UPDATE turn SET start_attempt_at = NULL,
     doubtful_attempts = CASE WHEN $3 THEN doubtful_attempts || $2 ELSE doubtful_attempts END
 WHERE id = $1 AND start_attempts = $2 AND start_attempt_at IS NOT NULL AND run_id IS NULL
-RETURNING cardinality(doubtful_attempts)
+RETURNING cardinality(ARRAY(
+    SELECT a FROM unnest(doubtful_attempts) AS a WHERE NOT attempt_groups ? a::text))
 """
 
 
@@ -96,7 +118,8 @@ async def abandon_start(
     """End attempt `attempt` without a run, so the next one need not wait out the lease.
 
     `in_doubt`: its create may have made a run (it joins doubtful_attempts). Returns how many
-    attempts are in doubt now, or None when the attempt no longer owned the lease."""
+    attempts are in doubt now (an attempt that added to a task group is not: its run can be
+    listed), or None when the attempt no longer owned the lease."""
     doubtful: int | None = await conn.fetchval(ABANDON_START_SQL, turn_id, attempt, in_doubt)
     return doubtful
 
@@ -116,7 +139,8 @@ WITH recorded AS (
         status = CASE WHEN t.status = 'queued' THEN 'running' ELSE t.status END,
         started_at = CASE WHEN t.status = 'queued' THEN now() ELSE t.started_at END,
         next_check_at = CASE WHEN t.status = 'queued' THEN now() + make_interval(secs => $4) END,
-        upstream_may_continue = t.upstream_may_continue OR t.status = 'cancelled'
+        upstream_may_continue = t.upstream_may_continue OR t.status = 'cancelled',
+        taskgroup_id = $7
     WHERE t.id = $1 AND t.start_attempts = $5 AND t.start_attempt_at IS NOT NULL
       AND t.run_id IS NULL
     RETURNING {TURN_COLUMNS}
@@ -138,13 +162,15 @@ class Recorded(msgspec.Struct, frozen=True):
 
 async def record_run(
     conn: asyncpg.Connection, turn_id: str, attempt: int, run_id: str, interaction_id: str,
-    first_check_s: float, *, reseeded: bool = False,
+    first_check_s: float, taskgroup_id: str | None = None, *, reseeded: bool = False,
 ) -> Recorded:
     """Store attempt `attempt`'s run (`reseeded`: created without the attempt's
     previous_interaction_id): as the turn's run if that attempt still owns the lease, else in
-    turn_extra_run. Call it with the turn's conversation locked (the turn exists)."""
+    turn_extra_run. Call it with the turn's conversation locked (the turn exists).
+    `taskgroup_id`: the task group the run is in (its polling is then a slow safety net)."""
     row = await conn.fetchrow(
-        RECORD_RUN_SQL, turn_id, run_id, interaction_id, first_check_s, attempt, reseeded
+        RECORD_RUN_SQL, turn_id, run_id, interaction_id, first_check_s, attempt, reseeded,
+        taskgroup_id,
     )
     assert row is not None  # one row always: the LEFT JOIN on (SELECT 1)
     if row["id"] is None:

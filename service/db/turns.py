@@ -262,7 +262,8 @@ FROM (
     FOR UPDATE SKIP LOCKED
 ) due
 WHERE t.id = due.id
-RETURNING t.id, t.conversation_id, t.run_id, t.processor, t.started_at, t.check_count
+RETURNING t.id, t.conversation_id, t.run_id, t.processor, t.started_at, t.check_count,
+    t.taskgroup_id
 """
 
 
@@ -316,7 +317,8 @@ CLAIM_RUN_SQL = """
 UPDATE turn AS t SET next_check_at = now() + make_interval(secs => $2),
     check_count = t.check_count + 1
 WHERE t.run_id = $1 AND t.status = 'running'
-RETURNING t.id, t.conversation_id, t.run_id, t.processor, t.started_at, t.check_count
+RETURNING t.id, t.conversation_id, t.run_id, t.processor, t.started_at, t.check_count,
+    t.taskgroup_id
 """
 
 

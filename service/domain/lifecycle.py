@@ -241,11 +241,12 @@ def _lost(turn_id: str, attempt: int) -> FollowUps:
 
 
 async def begin_attempt(
-    pool: asyncpg.Pool, settings: Settings, turn_id: str
+    pool: asyncpg.Pool, settings: Settings, turn_id: str, grouped: bool = False
 ) -> tuple[Begun | str, FollowUps]:
     """Begin a start attempt (its lease) if the turn is queued and its conversation's head, or
     say why not: "gone", "not-queued", "waiting", or "create_in_doubt" (too many creates may
-    each have made a run already: the turn failed instead). Raises LeaseHeld."""
+    each have made a run already: the turn failed instead). Raises LeaseHeld. `grouped`: the
+    attempt adds its run to a task group (attempts.begin_start)."""
     async with transaction(pool) as conn:
         conversation = await conversation_db.lock_conversation_of_turn(conn, turn_id)
         if conversation is None:
@@ -259,15 +260,16 @@ async def begin_attempt(
             return "waiting", NOTHING
         if state.held and state.lease_left_s > 0:
             raise LeaseHeld(state.lease_left_s)
-        lost = _lost(turn_id, state.attempts) if state.held else NOTHING
-        if 0 < settings.max_doubtful_attempts <= len(state.doubtful) + state.held:
+        # A lost attempt that added its run to a task group is not in doubt: this one lists it.
+        lost = _lost(turn_id, state.attempts) if state.held and not state.held_grouped else NOTHING
+        if 0 < settings.max_doubtful_attempts <= state.unresolved:
             if state.held:
                 await attempt_db.abandon_start(conn, turn_id, state.attempts, in_doubt=True)
             return "create_in_doubt", lost + await _fail_in_doubt(
                 conn, settings, turn_id, state.attempts, webhook=conversation["webhook"])
         previous = await turn_db.previous_interaction(conn, turn.parent_turn_id)
         number = await attempt_db.begin_start(conn, turn_id, previous, state.attempts,
-                                              settings.start_lease_s)
+                                              settings.start_lease_s, grouped)
         assert number is not None  # the turn is locked and its lease was free
     return Begun(turn=turn, number=number, previous_interaction_id=previous,
                  previous_lost=state.held), lost
@@ -275,7 +277,7 @@ async def begin_attempt(
 
 async def record_run(
     pool: asyncpg.Pool, turn: Turn, attempt: int, run_id: str, interaction_id: str,
-    first_check_s: float, *, reseeded: bool = False,
+    first_check_s: float, taskgroup_id: str | None = None, *, reseeded: bool = False,
 ) -> tuple[str, FollowUps]:
     """Store the attempt's run (`reseeded`: created without its previous_interaction_id): the
     queued turn becomes running ("started"; a cancelled one keeps it as a run that may go on),
@@ -286,7 +288,7 @@ async def record_run(
             recorded = None
         else:
             recorded = await attempt_db.record_run(conn, turn.id, attempt, run_id,
-                                                   interaction_id, first_check_s,
+                                                   interaction_id, first_check_s, taskgroup_id,
                                                    reseeded=reseeded)
             if recorded.turn is not None and recorded.turn.status == "running":
                 await event_db.insert_event(conn, "turn.running", recorded.turn)

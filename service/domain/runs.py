@@ -15,7 +15,7 @@ from service.clients.parallel import ParallelClient, RunResult
 from service.config import Settings
 from service.db import turns as db
 from service.domain import lifecycle
-from service.domain.schedule import check_delay, poll_cap, poll_start, profile
+from service.domain.schedule import check_delay, poll_cap, poll_start, run_deadline_s
 from service.errors import UpstreamRejected, UpstreamUnavailable
 from service.models import Turn
 from service.queue import Queue
@@ -50,6 +50,7 @@ async def check_turn(
     what Parallel's webhook said: "completed" asks for the result at once (one call, not two).
     """
     turn_id, run_id, processor = due["id"], due["run_id"], due["processor"]
+    grouped = due["taskgroup_id"] is not None
     try:
         result = None
         if reported_status == "completed":
@@ -61,8 +62,10 @@ async def check_turn(
             if run.status == "completed":
                 result = await parallel.result(run_id)
     except UpstreamUnavailable as exc:
-        delay = exc.retry_after or check_delay(processor, due["check_count"], poll_start(settings),
-                                               poll_cap(settings))
+        # Parallel failed to answer: looked at again soon, not on a group's slow safety net
+        # (its stream may have reported the run ended already).
+        delay = exc.retry_after or check_delay(processor, due["check_count"],
+                                               poll_start(settings), poll_cap(settings))
         await _reschedule(pool, turn_id, delay, later)
         return "retry"
     except UpstreamRejected as exc:
@@ -81,12 +84,16 @@ async def check_turn(
                      error={"code": f"run_{run.status}", "message": message})
         return "failed"
     elapsed = (datetime.now(UTC) - due["started_at"]).total_seconds()
-    if elapsed > profile(processor).deadline_s * settings.run_deadline_scale:
+    deadline_s = run_deadline_s(settings, processor)
+    if elapsed > deadline_s:
         await finish(pool, queue, settings, turn_id, "timeout",
                      error={"code": "timeout",
                             "message": f"The run was still {run.status} after {elapsed:.0f} s."})
         return "timeout"
-    delay = check_delay(processor, due["check_count"], poll_start(settings), poll_cap(settings))
+    delay = check_delay(processor, due["check_count"], poll_start(settings, grouped),
+                        poll_cap(settings, grouped))
+    # Checked again by its deadline at the latest, however slow the safety net (group mode).
+    delay = min(delay, max(0.5, deadline_s - elapsed + 0.5))
     await _reschedule(pool, turn_id, delay, later)
     return "active"
 

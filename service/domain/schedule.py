@@ -34,6 +34,11 @@ def profile(processor: str) -> ProcessorProfile:
     return PROFILES.get(processor.removesuffix("-fast"), DEFAULT_PROFILE)
 
 
+def run_deadline_s(settings: Settings, processor: str) -> float:
+    """Seconds after its start by which a run still active has failed us (the turn times out)."""
+    return profile(processor).deadline_s * settings.run_deadline_scale
+
+
 def check_delay(processor: str, checks_done: int, initial_s: float, max_s: float) -> float:
     """Seconds until the next check: doubling from the first (1, 2, 4, … times the first),
     capped at max_s."""
@@ -41,18 +46,26 @@ def check_delay(processor: str, checks_done: int, initial_s: float, max_s: float
     return min(max_s, first * 2.0 ** min(checks_done, 30))
 
 
-def poll_start(settings: Settings) -> float:
+def poll_start(settings: Settings, grouped: bool = False) -> float:
     """Seconds to the first check of a run (before the processor's scale). In push mode the
-    webhook reports the run's end, so the safety net starts late: no check for a run shorter
-    than that, one for a run of two minutes, a handful for one of twenty (with poll_cap)."""
+    webhook reports the run's end, and for a run in a task group its group's event stream does,
+    so the safety net starts late: no check for a run shorter than that, one for a run of two
+    minutes, a handful for one of twenty (with poll_cap)."""
+    start = settings.poll_initial_s
     if settings.public_base_url:
-        return max(settings.poll_initial_s, settings.push_poll_initial_s)
-    return settings.poll_initial_s
+        start = max(start, settings.push_poll_initial_s)
+    if grouped:
+        start = max(start, settings.group_poll_initial_s)
+    return start
 
 
-def poll_cap(settings: Settings) -> float:
+def poll_cap(settings: Settings, grouped: bool = False) -> float:
     """The longest wait between two checks of a run. In push mode Parallel's webhook triggers
-    a check as soon as the run ends, so polling is only a safety net and backs off further."""
+    a check as soon as the run ends (a group's stream does for a run in a group), so polling is
+    only a safety net and backs off further."""
+    cap = settings.poll_max_s
     if settings.public_base_url:
-        return max(settings.poll_max_s, settings.push_poll_max_s)
-    return settings.poll_max_s
+        cap = max(cap, settings.push_poll_max_s)
+    if grouped:
+        cap = max(cap, settings.group_poll_max_s)
+    return cap

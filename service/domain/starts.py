@@ -33,7 +33,8 @@ from service.clients.parallel import ParallelClient, RunInfo
 from service.config import Settings
 from service.db.pool import DB_UNAVAILABLE
 from service.domain import lifecycle, reseed
-from service.domain.schedule import check_delay, poll_cap, poll_start
+from service.domain.groups import GroupStarts, adopt
+from service.domain.schedule import check_delay, poll_cap, poll_start, run_deadline_s
 from service.errors import UpstreamRejected, UpstreamUnavailable
 from service.models import Turn
 
@@ -79,15 +80,19 @@ async def start_turn(
     pool: asyncpg.Pool, parallel: ParallelClient, queue: jobs.Queue | None, settings: Settings,
     turn_id: str, webhook_url: str | None = None,
     before_create: Callable[[], Awaitable[None]] | None = None,
+    groups: GroupStarts | None = None,
 ) -> str:
     """Create the turn's Parallel run if it is next in its conversation; returns what happened.
 
     `before_create` may raise UpstreamUnavailable to defer (the global creation rate limit).
+    With `groups` (group mode), the run is added to a task group, and an attempt after the
+    first adopts the run an earlier one added to its group, if there is one, instead.
     Raises UpstreamUnavailable (retry later), LeaseHeld (another attempt is live), or what
     asyncpg raises while Postgres is away.
     """
     began = time.monotonic()
-    begun, follow_ups = await lifecycle.begin_attempt(pool, settings, turn_id)
+    grouped = groups is not None and groups.active
+    begun, follow_ups = await lifecycle.begin_attempt(pool, settings, turn_id, grouped)
     await lifecycle.after_commit(follow_ups, queue, settings)
     if isinstance(begun, str):
         return begun
@@ -98,8 +103,12 @@ async def start_turn(
                       record_by=record_by, give_up_by=give_up_by)
     # No connection is held while Parallel answers.
     try:
-        run, reseeded = await _create_or_reseed(pool, parallel, attempt, webhook_url,
-                                                before_create)
+        adopted = await _adopted(pool, parallel, attempt, groups)
+        if adopted is not None:
+            run, reseeded = adopted, False  # made by an earlier attempt, chained as it began
+        else:
+            run, reseeded = await _create_or_reseed(pool, parallel, attempt, webhook_url,
+                                                    before_create, groups if grouped else None)
     except UpstreamUnavailable as exc:
         return await _abandon(pool, queue, settings, attempt, exc)
     except UpstreamRejected as exc:
@@ -112,14 +121,15 @@ async def start_turn(
 
 async def _create_or_reseed(
     pool: asyncpg.Pool, parallel: ParallelClient, attempt: Attempt, webhook_url: str | None,
-    before_create: Callable[[], Awaitable[None]] | None,
+    before_create: Callable[[], Awaitable[None]] | None, groups: GroupStarts | None = None,
 ) -> tuple[RunInfo, bool]:
     """Create the attempt's run; when Parallel refuses a create that carried a
     previous_interaction_id (a 4xx it does not ask to retry: expired or unknown, Parallel
     documents no code), create it once more without it, reseeded. A refused create made no run,
     so the attempt still makes at most one. Returns (run, reseeded). Raises as _create."""
     try:
-        return await _create(parallel, attempt, webhook_url, before_create), False
+        return await _create(parallel, attempt, webhook_url, before_create,
+                             groups=groups), False
     except UpstreamRejected as exc:
         if attempt.previous_interaction_id is None:
             raise
@@ -131,7 +141,7 @@ async def _create_or_reseed(
     except DB_UNAVAILABLE as exc:  # no run was made: end the attempt, retry later
         raise UpstreamUnavailable(f"No lineage to reseed with (Postgres): {exc!r}") from exc
     try:
-        run = await _create(parallel, attempt, webhook_url, before_create, seeded)
+        run = await _create(parallel, attempt, webhook_url, before_create, seeded, groups)
     except UpstreamRejected:
         metrics.context_reseeded("refused")
         raise
@@ -139,10 +149,26 @@ async def _create_or_reseed(
     return run, True
 
 
+async def _adopted(
+    pool: asyncpg.Pool, parallel: ParallelClient, attempt: Attempt, groups: GroupStarts | None
+) -> RunInfo | None:
+    """In group mode, the run an earlier attempt of the turn may have made (its worker died, or
+    its answer was lost), listed by its group; None when there is none. Raises
+    UpstreamUnavailable (no listing now: look again later, create nothing meanwhile)."""
+    if groups is None or attempt.number == 1:
+        return None
+    try:
+        return await adopt(pool, parallel, attempt.turn.id, attempt.number)
+    except UpstreamUnavailable:
+        if groups.active:
+            raise
+        return None  # groups are given up on here: one by one, as without them
+
+
 async def _create(
     parallel: ParallelClient, attempt: Attempt, webhook_url: str | None,
     before_create: Callable[[], Awaitable[None]] | None,
-    reseeded_input: str | dict[str, Any] | None = None,
+    reseeded_input: str | dict[str, Any] | None = None, groups: GroupStarts | None = None,
 ) -> RunInfo:
     """Call Parallel's create within the attempt's time: chained as the attempt began, or,
     given `reseeded_input`, unchained with that input. Raises UpstreamUnavailable (in_doubt
@@ -157,7 +183,8 @@ async def _create(
         raise UpstreamUnavailable("The attempt's lease has too little time left for a create.")
     turn = attempt.turn
     chained = reseeded_input is None
-    return await parallel.create_run(
+    create_run = groups.create_run if groups is not None else parallel.create_run
+    return await create_run(
         input=turn.input if reseeded_input is None else reseeded_input,
         processor=turn.processor,
         output_schema=turn.output_schema,
@@ -199,13 +226,18 @@ async def _record_run(
     fenced write keeps it (as the turn's run while no newer attempt took over, else as an extra
     run), so retries go on until give_up_by, and only then is the log line its only record."""
     turn = attempt.turn
-    first_check = check_delay(turn.processor, 0, poll_start(settings), poll_cap(settings))
+    grouped = run.task_group_id is not None
+    first_check = check_delay(turn.processor, 0, poll_start(settings, grouped),
+                              poll_cap(settings, grouped))
+    first_check = min(first_check, run_deadline_s(settings, turn.processor) + 0.5)
+    if not run.is_active:  # adopted after it ended: its group's stream has told it already
+        first_check = 0.0
     delay = 0.2
     while True:
         try:
             outcome, follow_ups = await lifecycle.record_run(
                 pool, turn, attempt.number, run.run_id, run.interaction_id, first_check,
-                reseeded=reseeded)
+                run.task_group_id, reseeded=reseeded)
         except DB_UNAVAILABLE as exc:
             if time.monotonic() + delay > attempt.give_up_by:
                 _not_recorded(attempt, run, exc)

@@ -28,6 +28,13 @@ pytestmark = pytest.mark.slow
 ANSWER_DELAY_S = 5.0  # well inside the create timeout: the answer does come back
 
 
+@pytest.fixture
+def settings(settings):
+    """One by one (PARALLEL_TASK_GROUPS=off): the window these tests measure only exists there;
+    in group mode a lost create's run is adopted (tests/integration/test_task_groups.py)."""
+    return msgspec.structs.replace(settings, parallel_task_groups="off")
+
+
 def through(database_url: str, port: int) -> str:
     parts = urlsplit(database_url)
     return urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}"))

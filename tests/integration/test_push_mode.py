@@ -31,8 +31,10 @@ SANDBOX_SECRET = "sandbox_webhook_secret"  # SandboxConfig.webhook_secret's defa
 
 @pytest.fixture
 async def push(settings, api_key):
-    """The API under uvicorn with push mode on, and a worker whose polls are 30 s apart."""
-    api_settings = msgspec.structs.replace(settings, parallel_webhook_secret=SANDBOX_SECRET)
+    """The API under uvicorn with push mode on, and a worker whose polls are 30 s apart; runs are
+    created one by one (push beside group mode: tests/integration/test_task_groups.py)."""
+    api_settings = msgspec.structs.replace(settings, parallel_webhook_secret=SANDBOX_SECRET,
+                                           parallel_task_groups="off")
     resources = await Resources.open(api_settings, listen=True)
     try:
         async with serve(create_app(api_settings, resources=resources)) as url:

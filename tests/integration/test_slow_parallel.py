@@ -11,12 +11,20 @@ from collections import Counter
 
 import asyncpg
 import msgspec
+import pytest
 
 from service import metrics
 from service.db import attempts
 from tests.helpers import create_conversation, post_turn, running_worker, sandbox_runs, set_faults
 
 ANSWER_DELAY_S = 20.0
+
+
+@pytest.fixture
+def settings(settings):
+    """One by one (PARALLEL_TASK_GROUPS=off): the window these tests measure only exists there;
+    in group mode a lost create's run is adopted (tests/integration/test_task_groups.py)."""
+    return msgspec.structs.replace(settings, parallel_task_groups="off")
 
 
 def counted() -> dict[str, float]:

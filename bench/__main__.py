@@ -24,11 +24,13 @@ from typing import Any
 
 import msgspec
 
-from bench import api, dbgrowth, e2e, inflight
+from bench import api, dbgrowth, e2e, idle, inflight
 from bench.harness import Row, render_table
 from bench.load import have_wrk
 
-BENCHMARKS = {"api": api, "inflight": inflight, "e2e": e2e, "dbgrowth": dbgrowth}
+BENCHMARKS = {
+    "api": api, "inflight": inflight, "e2e": e2e, "dbgrowth": dbgrowth, "idle": idle,
+}
 
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
@@ -36,6 +38,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "inflight": {"configs": [("poll", 1000, 30.0), ("push", 1000, 30.0), ("push", 1000, 90.0)]},
         "e2e": {"conversations": 50, "turns": 5, "serial_turns": 10, "modes": ["push", "poll"]},
         "dbgrowth": {"turns": 100_000, "duration_s": 2, "rounds": 2, "connections": 4},
+        "idle": {"duration_s": 60},
     },
     "full": {
         "api": {"duration_s": 10, "rounds": 3, "connections": 64, "tenants": 200},
@@ -49,6 +52,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         },
         "e2e": {"conversations": 200, "turns": 5, "serial_turns": 20, "modes": ["push", "poll"]},
         "dbgrowth": {"turns": 1_000_000, "duration_s": 5, "rounds": 3, "connections": 4},
+        "idle": {"duration_s": 60},
     },
 }
 

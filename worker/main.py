@@ -125,5 +125,11 @@ def build_worker(
     return SupervisedWorker(**options)
 
 
-def run(settings: Settings) -> None:
+def run(settings: Settings, *, loop: str = "uvloop") -> None:
+    """The worker in this process until SIGTERM/SIGINT, on uvloop unless `loop` is "asyncio"
+    (less CPU per job: docs/benchmarks.md)."""
+    if loop == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop(uvloop.new_event_loop())
     build_worker(settings).run()

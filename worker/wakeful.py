@@ -54,7 +54,6 @@ class WakefulWorker(Worker):
         self._wake = asyncio.Event()
         self._busy = False  # the last poll started jobs: there may be more right behind them
         self._saturated = False  # the last poll left due jobs for want of a free slot
-        self._retried_seen = 0
         self._next_at: float | None = None  # unix time of the next deferred job
 
     def wake(self) -> None:
@@ -106,7 +105,6 @@ class WakefulWorker(Worker):
         of the next job not due yet; the heartbeat (health key, cron) first, so that a cron job
         it enqueues is seen."""
         self.polls += 1
-        self._retried_seen = self.jobs_retried
         await self.heart_beat()
         self._busy = self._saturated = False
         self._next_at = None
@@ -136,10 +134,15 @@ class WakefulWorker(Worker):
                 del self.tasks[job_id]
                 task.result()  # as arq: an error in run_job propagates
 
+    async def run_job(self, job_id: str, score: int) -> None:
+        retried = self.jobs_retried
+        await super().run_job(job_id, score)
+        if self.jobs_retried != retried:  # its new score is written: read it
+            self._wake.set()
+
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
-        # A free slot for a waiting job, or a retry's new score to read.
-        if self._saturated or self.jobs_retried != self._retried_seen:
+        if self._saturated:  # a free slot for a job waiting for one
             self._wake.set()
 
     async def _listen(self) -> None:

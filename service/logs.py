@@ -203,3 +203,6 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # httpx logs every request at INFO ("HTTP Request: GET …"): one line per Parallel call and
+    # per webhook attempt, which the service's own lines already describe. Warnings still show.
+    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))

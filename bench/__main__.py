@@ -24,12 +24,13 @@ from typing import Any
 
 import msgspec
 
-from bench import api, dbgrowth, e2e, inflight, tenant
+from bench import api, dbgrowth, e2e, idle, inflight, tenant
 from bench.harness import Row, render_table
 from bench.load import have_wrk
 
 BENCHMARKS = {
     "api": api, "tenant": tenant, "inflight": inflight, "e2e": e2e, "dbgrowth": dbgrowth,
+    "idle": idle,
 }
 
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
@@ -42,6 +43,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
                 "modes": ["group", "push", "poll"]},
         "dbgrowth": {"turns": 100_000, "conversations": 100_000, "duration_s": 2, "rounds": 2,
                      "connections": 4},
+        "idle": {"duration_s": 60},
     },
     "full": {
         "api": {"duration_s": 10, "rounds": 3, "connections": 64, "tenants": 200},
@@ -58,6 +60,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
                 "modes": ["group", "push", "poll"]},
         "dbgrowth": {"turns": 1_000_000, "conversations": 1_000_000, "duration_s": 5,
                      "rounds": 3, "connections": 4},
+        "idle": {"duration_s": 60},
     },
 }
 

@@ -54,6 +54,15 @@ async def run(size: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
                 for c, _ in await make_conversations(dsn, [floor_tenant], per_app, "conv_f")
             ],
         }
+        # Conversations for the event-loop comparison (cpu_per_request), made now so that
+        # neither of its two servers pays for the other's rows.
+        loop_posts = {
+            name: [
+                (f"/v1/conversations/{c}/turns", keys[t])
+                for c, t in await make_conversations(dsn, ids, per_app // rounds, f"conv_{name}")
+            ]
+            for name in LOOP_CONFIGS
+        }
         ports = {"service": free_port(), "floor": free_port()}
         # The per-key rate limit stays on (its Redis round trips are part of the cost) at a
         # limit a busy backend key might have, ten times what one key sends here: 6,000 a
@@ -98,6 +107,7 @@ async def run(size: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
         finally:
             for proc in procs.values():
                 proc.stop()
+        loops = cpu_per_request(settings, loop_posts, gets, duration, connections)
         await _clear_jobs(dsn, settings.queue_name)
     rows: list[Row] = []
     goals = {"POST": 0.6, "GET": 0.7}
@@ -131,7 +141,55 @@ async def run(size: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
         errors = sum(s["errors"] for s in by_app["service"] + by_app["floor"])
         if errors:
             rows.append(Row(bench="api", measure=f"{label} errors", value=errors, ok=False))
-    return rows, {"rounds": results, "duration_s": duration, "connections": connections}
+    rows += loop_rows(loops)
+    return rows, {"rounds": results, "duration_s": duration, "connections": connections,
+                  "cpu_per_request_ms": loops}
+
+
+# `research-service api` on uvloop and httptools (its defaults) against asyncio's loop and h11.
+LOOP_CONFIGS = {
+    "uvloop": ["--loop", "uvloop", "--http", "httptools"],
+    "asyncio": ["--loop", "asyncio", "--http", "h11"],
+}
+
+
+def cpu_per_request(
+    settings: Any, posts: dict[str, list[tuple[str, str]]], gets: list[tuple[str, str]],
+    duration: float, connections: int,
+) -> dict[str, dict[str, float]]:
+    """The API process's CPU milliseconds per request, POST and GET, for each LOOP_CONFIGS
+    entry: each its own process, one after the other, under the same load."""
+    figures: dict[str, dict[str, float]] = {}
+    for name, cli in LOOP_CONFIGS.items():
+        port = free_port()
+        proc = api_proc(settings, port, cli=cli, RATE_LIMIT_PER_MIN=str(API_RATE_LIMIT))
+        with proc:
+            proc.wait_http(f"http://127.0.0.1:{port}/healthz")
+            figures[name] = {}
+            for method, targets in (("POST", posts[name]), ("GET", gets)):
+                before = proc.cpu_seconds()
+                stats = run_load(f"http://127.0.0.1:{port}", method, targets,
+                                 body=BODY if method == "POST" else b"",
+                                 duration_s=duration, connections=connections)
+                spent = proc.cpu_seconds() - before
+                figures[name][method] = 1000 * spent / max(1.0, stats["requests"])
+    return figures
+
+
+def loop_rows(figures: dict[str, dict[str, float]]) -> list[Row]:
+    return [
+        Row(
+            bench="api",
+            measure=f"{method} turn: API CPU per request, uvloop + httptools vs asyncio + h11",
+            value=figures["uvloop"][method],
+            unit="ms",
+            baseline=figures["asyncio"][method],
+            ratio=ratio(figures["uvloop"][method], figures["asyncio"][method]),
+            goal="ratio < 1 (they help)",
+            ok=figures["uvloop"][method] < figures["asyncio"][method],
+        )
+        for method in ("POST", "GET")
+    ]
 
 
 async def _turn_targets(dsn: str, keys: dict[str, str], limit: int) -> list[tuple[str, str]]:

@@ -2,8 +2,9 @@
 
 POST inserts one turn row and enqueues its start job; GET selects one turn by primary key. Same
 pool sizes, same serializer, same uvicorn settings as `research-service api`; no auth, no
-conversation lock, no event, no logging. `python -m bench.floor --port N` serves it with the
-settings in the environment (BENCH_TENANT_ID names the tenant the rows belong to).
+conversation lock, no event, no logging (neither uvicorn's access log nor Litestar's).
+`python -m bench.floor --port N` serves it with the settings in the environment
+(BENCH_TENANT_ID names the tenant the rows belong to).
 """
 
 from __future__ import annotations
@@ -80,7 +81,9 @@ def create_floor_app(settings: Settings, tenant_id: str) -> Litestar:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    return Litestar([create, read, healthz], lifespan=[lifespan], openapi_config=None)
+    # No logging at all (the service logs a line per request; the floor does the least).
+    return Litestar([create, read, healthz], lifespan=[lifespan], openapi_config=None,
+                    logging_config=None)
 
 
 def main() -> None:
@@ -95,6 +98,7 @@ def main() -> None:
         host="127.0.0.1",
         port=args.port,
         log_config=None,
+        access_log=False,
         timeout_graceful_shutdown=30,
         proxy_headers=True,
     )

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -84,7 +84,7 @@ class Proc:
     def cpu_since_mark(self) -> float:
         return self.cpu_seconds() - self._cpu_at_mark
 
-    def wait_http(self, url: str, timeout: float = 30.0) -> None:
+    def wait_http(self, url: str, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.popen is not None
@@ -125,7 +125,7 @@ class Proc:
         self.stop()
 
 
-async def wait_worker(worker: Proc, timeout_s: float = 30.0) -> None:
+async def wait_worker(worker: Proc, timeout_s: float = 120.0) -> None:
     """Until the arq worker says it has started."""
     deadline = time.monotonic() + timeout_s
     while "Starting worker" not in worker.output():
@@ -149,8 +149,15 @@ def _profiled(name: str, argv: list[str]) -> list[str]:
     return argv
 
 
-def api_proc(settings: Settings, port: int, **env: str) -> Proc:
-    argv = [sys.executable, "-m", "service.cli", "api", "--port", str(port)]
+def _extra_args(name: str) -> list[str]:
+    """BENCH_API_ARGS / BENCH_WORKER_ARGS: more arguments for that command, e.g. `--loop
+    asyncio --http h11` to compare with the defaults."""
+    return os.environ.get(f"BENCH_{name.upper()}_ARGS", "").split()
+
+
+def api_proc(settings: Settings, port: int, *, cli: Sequence[str] = (), **env: str) -> Proc:
+    argv = [sys.executable, "-m", "service.cli", "api", "--port", str(port), *cli,
+            *_extra_args("api")]
     return Proc("api", _profiled("api", argv), settings_env(settings, **env))
 
 
@@ -162,8 +169,8 @@ def floor_proc(settings: Settings, port: int, tenant_id: str) -> Proc:
     )
 
 
-def worker_proc(settings: Settings, **env: str) -> Proc:
-    argv = [sys.executable, "-m", "service.cli", "worker"]
+def worker_proc(settings: Settings, *, cli: Sequence[str] = (), **env: str) -> Proc:
+    argv = [sys.executable, "-m", "service.cli", "worker", *cli, *_extra_args("worker")]
     return Proc("worker", _profiled("worker", argv), settings_env(settings, **env))
 
 

@@ -79,20 +79,21 @@ def cmd_api(args: argparse.Namespace) -> None:
     import uvicorn
 
     common = {"host": args.host, "port": args.port, "log_config": None, "access_log": False,
-              "timeout_graceful_shutdown": 30, "proxy_headers": True}
+              "timeout_graceful_shutdown": 30, "proxy_headers": True,
+              "loop": args.loop, "http": args.http}
     if args.workers > 1:
         uvicorn.run("service.cli:app_from_env", factory=True, workers=args.workers, **common)
     else:
         uvicorn.run(app_from_env(), **common)
 
 
-def cmd_worker(_: argparse.Namespace) -> None:
+def cmd_worker(args: argparse.Namespace) -> None:
     _prepare_metrics_dir(1)
     from worker.main import run
 
     settings = Settings.from_env()
     _configure_logging(settings)
-    run(settings)
+    run(settings, loop=args.loop)
 
 
 async def _with_conn(fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
@@ -187,8 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int, default=8000)
     api.add_argument("--workers", type=int, default=1,
                      help="server processes; above 1, metrics go through PROMETHEUS_MULTIPROC_DIR")
+    # uvloop and httptools cost less CPU per request than asyncio's loop and h11
+    # (docs/benchmarks.md); the others stay for comparison.
+    api.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
+                     help="the event loop (default: uvloop)")
+    api.add_argument("--http", choices=["httptools", "h11"], default="httptools",
+                     help="the HTTP/1.1 parser (default: httptools)")
     api.set_defaults(fn=cmd_api)
-    sub.add_parser("worker", help="run the arq worker").set_defaults(fn=cmd_worker)
+    worker = sub.add_parser("worker", help="run the arq worker")
+    worker.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
+                        help="the event loop (default: uvloop)")
+    worker.set_defaults(fn=cmd_worker)
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="create a key (and the tenant if new)")

@@ -153,8 +153,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # --- Test timing knobs: leave them at their defaults; tests shrink them to run fast ---
     # Multiplies every processor's deadline (service.domain.schedule).
     run_deadline_scale: float = 1.0
-    # The follower's sleep when no check is due.
-    follower_idle_s: float = 1.0
+    # The follower's and the webhook dispatcher's longest sleep: they wake when work is due or
+    # announced, and look this often for what nobody announced (another worker's runs).
+    follower_idle_s: float = 10.0
     # How often the reconciler re-enqueues turns whose job Redis lost.
     reconcile_interval_s: int = 30
     # While Redis is away the worker probes it this often, and wakes its loops when it answers.

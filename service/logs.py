@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any, TextIO
 
+import msgspec
 import structlog
 
 REDACTED = "[redacted]"
@@ -57,7 +58,10 @@ class Redactor:
         # alternatives): literals also as JSON escapes them, secret field names as keys.
         self._line_markers = ("rsk_", "whsec_", "://", "bearer",
                               *(f'"{name}":' for name in sorted(SECRET_FIELDS)))
-        self._line_literals = tuple({*found, *(json.dumps(s)[1:-1] for s in found)})
+        self._line_literals = tuple({
+            *found, *(json.dumps(s)[1:-1] for s in found),
+            *(msgspec.json.encode(s).decode()[1:-1] for s in found),  # as lines are written
+        })
 
     def might_hold_secret(self, line: str) -> bool:
         """False when the JSON line rendered from an event cannot hold anything to redact."""
@@ -105,7 +109,9 @@ class RedactedJSON:
 
     def __init__(self, redact: Redactor) -> None:
         self._redact = redact
-        self._render = structlog.processors.JSONRenderer()
+        # msgspec writes the line in a third of json.dumps's time (UTF-8, no spaces); anything
+        # it cannot encode is written as its str().
+        self._render = structlog.processors.JSONRenderer(serializer=_encode_line)
 
     def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
         line = self._json(logger, name, event)
@@ -117,6 +123,43 @@ class RedactedJSON:
         # bytes only with a serializer that writes them (orjson); the default writes str.
         line = self._render(logger, name, event)
         return line.decode() if isinstance(line, bytes) else line
+
+
+_line_encoder = msgspec.json.Encoder(enc_hook=str)
+
+
+def _encode_line(event: Any, **_: Any) -> str:
+    return _line_encoder.encode(event).decode()
+
+
+# LogRecord attributes that are not extras (what logging.LogRecord sets itself).
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message", "asctime",
+}
+
+
+class JSONLineHandler(logging.StreamHandler[TextIO]):
+    """The JSON path for the standard library's records (arq's job lines, uvicorn's, asyncpg's):
+    the same fields as structlog's own lines (bound context, level, timestamp, extras), without
+    ProcessorFormatter's copy of every record and its processor chain."""
+
+    def __init__(self, stream: TextIO, render: RedactedJSON) -> None:
+        super().__init__(stream)
+        self._render = render
+        self._stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
+        self._exc = structlog.processors.format_exc_info
+
+    def format(self, record: logging.LogRecord) -> str:
+        event: dict[str, Any] = structlog.contextvars.get_contextvars()
+        for key, value in record.__dict__.items():
+            if key not in _RECORD_FIELDS:
+                event[key] = value
+        event["event"] = record.getMessage()
+        event["level"] = record.levelname.lower()
+        if record.exc_info:
+            event["exc_info"] = record.exc_info
+        event = dict(self._exc(None, "", self._stamp(None, "", event)))
+        return self._render(None, event["level"], event)
 
 
 def configure_logging(
@@ -145,14 +188,21 @@ def configure_logging(
         wrapper_class=structlog.make_filtering_bound_logger(level),
         cache_logger_on_first_use=cache,
     )
-    handler = logging.StreamHandler(out)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                        structlog.processors.format_exc_info, *output],
-            foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+    handler: logging.Handler
+    if fmt == "console":
+        handler = logging.StreamHandler(out)
+        handler.setFormatter(
+            structlog.stdlib.ProcessorFormatter(
+                processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                            structlog.processors.format_exc_info, *output],
+                foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+            )
         )
-    )
+    else:
+        handler = JSONLineHandler(out, RedactedJSON(redact))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # httpx logs every request at INFO ("HTTP Request: GET …"): one line per Parallel call and
+    # per webhook attempt, which the service's own lines already describe. Warnings still show.
+    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))

@@ -7,14 +7,22 @@ refuses a duplicate while one is queued, and the worker treats every job as poss
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable
 from datetime import timedelta
 from typing import Any, Protocol
 
 import msgspec
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from arq.constants import in_progress_key_prefix
-from redis.exceptions import RedisError
+from arq.constants import (
+    default_queue_name,
+    in_progress_key_prefix,
+    job_key_prefix,
+    result_key_prefix,
+)
+from arq.jobs import serialize_job
+from arq.utils import timestamp_ms
+from redis.exceptions import NoScriptError, RedisError
 
 START_TURN = "start_turn"
 CHECK_TURN = "check_turn"
@@ -29,10 +37,14 @@ QUEUE_UNAVAILABLE: tuple[type[BaseException], ...] = (RedisError, OSError, Timeo
 
 
 class Queue(Protocol):
-    """What service.domain needs of the queue (an arq Redis pool is one): enqueue a job, and
-    set a key with an expiry. The domain is typed against this, so it imports no arq."""
+    """What service.domain needs of the queue (an arq Redis pool is one): run a script (the
+    enqueue below), and set a key with an expiry. The domain is typed against this, so it
+    imports no arq."""
 
-    async def enqueue_job(self, function: str, *args: Any, **kwargs: Any) -> object | None: ...
+    # redis-py's types: a coroutine for an asyncio client.
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any: ...
+
+    def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> Any: ...
 
     def set(
         self, name: str, value: bytes, *, ex: int | None = None, nx: bool = False
@@ -60,13 +72,71 @@ async def create_queue(redis_url: str) -> ArqRedis:
     )
 
 
+def wake_channel(queue_name: str) -> str:
+    """The Redis channel an enqueue publishes on, so that idle workers wake at once instead of
+    polling (worker.supervised)."""
+    return f"{queue_name or default_queue_name}:wake"
+
+
+# arq's enqueue (connections.ArqRedis.enqueue_job: the same keys, job encoding, score and
+# expiry; a job is not added while it or its result exists) for any number of jobs of one
+# score in one round trip instead of three each (WATCH, EXISTS, MULTI/EXEC), and a PUBLISH of
+# the score on the queue's wake channel once they are in the queue. KEYS: each job's key and
+# result key, then the queue; ARGV: score, expiry (ms), channel, then each job's id and body.
+ENQUEUE_LUA = """
+local n = (#KEYS - 1) / 2
+local added = 0
+for i = 1, n do
+  if redis.call('exists', KEYS[2 * i - 1], KEYS[2 * i]) == 0 then
+    redis.call('psetex', KEYS[2 * i - 1], ARGV[2], ARGV[3 + 2 * i])
+    redis.call('zadd', KEYS[#KEYS], ARGV[1], ARGV[2 + 2 * i])
+    added = added + 1
+  end
+end
+if added > 0 then redis.call('publish', ARGV[3], ARGV[1]) end
+return added
+"""
+ENQUEUE_SHA = hashlib.sha1(ENQUEUE_LUA.encode()).hexdigest()
+# arq's default: a job not started within a day of its due time is dropped.
+EXPIRES_EXTRA_MS = 86_400_000
+
+
+async def enqueue_many(
+    queue: Queue, queue_name: str, jobs: list[tuple[str, str, tuple[Any, ...]]],
+    defer_ms: int = 0,
+) -> int:
+    """Enqueue each (job id, function, args) due in `defer_ms` (negative: scored in the past,
+    ahead of the jobs due now) and wake the queue's workers; returns how many were added (a
+    job already queued or running, or whose result is kept, is not)."""
+    if not jobs:
+        return 0
+    enqueued_at = timestamp_ms()
+    score = enqueued_at + defer_ms
+    keys: list[str] = []
+    args: list[Any] = [score, defer_ms + EXPIRES_EXTRA_MS, wake_channel(queue_name)]
+    for job_id, function, job_args in jobs:
+        keys += [job_key_prefix + job_id, result_key_prefix + job_id]
+        args += [job_id, serialize_job(function, job_args, {}, None, enqueued_at,
+                                       serializer=serialize)]
+    keys.append(queue_name)
+    try:
+        added = await queue.evalsha(ENQUEUE_SHA, len(keys), *keys, *args)
+    except NoScriptError:  # the first call on this Redis (or after SCRIPT FLUSH): load it
+        added = await queue.eval(ENQUEUE_LUA, len(keys), *keys, *args)
+    return int(added)
+
+
 async def enqueue_start_turn(queue: Queue, queue_name: str, turn_id: str) -> bool:
     """Ask a worker to start the turn if its conversation is ready for it; False when that job
     is already queued or running."""
-    job = await queue.enqueue_job(
-        START_TURN, turn_id, _job_id=f"{START_TURN}:{turn_id}", _queue_name=queue_name
+    return await enqueue_starts(queue, queue_name, [turn_id]) == 1
+
+
+async def enqueue_starts(queue: Queue, queue_name: str, turn_ids: list[str]) -> int:
+    """enqueue_start_turn for many turns in one round trip; returns how many jobs were added."""
+    return await enqueue_many(
+        queue, queue_name, [(f"{START_TURN}:{t}", START_TURN, (t,)) for t in turn_ids]
     )
-    return job is not None
 
 
 async def limit_job_claim(queue: ArqRedis, job_id: str, seconds: float) -> None:
@@ -87,7 +157,6 @@ async def enqueue_check_turn(
 ) -> None:
     """Ask a worker to check the run's turn now (Parallel told us the run changed, and to what
     status: a hint the check may use, never the truth it records)."""
-    await queue.enqueue_job(
-        CHECK_TURN, run_id, status, _job_id=f"{CHECK_TURN}:{run_id}", _queue_name=queue_name,
-        _defer_by=-CHECK_PRIORITY,
-    )
+    job = (f"{CHECK_TURN}:{run_id}", CHECK_TURN, (run_id, status))
+    await enqueue_many(queue, queue_name, [job],
+                       defer_ms=-int(CHECK_PRIORITY.total_seconds() * 1000))

@@ -135,7 +135,7 @@ async def forgotten(resources: Resources, key: str) -> float:
 
 
 @contextlib.asynccontextmanager
-async def running_worker(settings: Settings) -> AsyncIterator[Any]:
+async def running_worker(settings: Settings, **overrides: Any) -> AsyncIterator[Any]:
     """An arq worker with its follower and dispatcher, in this event loop, until the block ends.
 
     Jobs in hand are let finish first (5 s at most): arq's close() cancels the ones still running
@@ -144,7 +144,7 @@ async def running_worker(settings: Settings) -> AsyncIterator[Any]:
     """
     from worker.main import build_worker
 
-    w = build_worker(settings, handle_signals=False)
+    w = build_worker(settings, handle_signals=False, **overrides)
     task = asyncio.create_task(w.async_run())
     try:
         yield w

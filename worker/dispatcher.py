@@ -30,8 +30,8 @@ class Dispatcher(DueLoop):
     name = "dispatcher"
 
     def __init__(self, resources: Resources) -> None:
-        # Without notifications (the LISTEN connection is down) it still polls, at the
-        # follower's idle interval.
+        # Idle, it sleeps for up to the follower's idle interval; without notifications (the
+        # LISTEN connection is down) it polls every second at most.
         super().__init__(resources.settings.follower_idle_s)
         self._res = resources
         self._sender = WebhookSender(resources.settings.webhook_timeout_s)
@@ -71,6 +71,10 @@ class Dispatcher(DueLoop):
         # A full claim may leave more; a short one left nothing due but rows held back by the
         # caps, which a finished attempt (a wake-up here, the idle poll for other workers') frees.
         return len(claim.deliveries) == room
+
+    def idle_s(self) -> float:
+        # While notifications arrive, a new delivery wakes the loop; without them, poll.
+        return super().idle_s() if self._hub.connected else min(1.0, super().idle_s())
 
     async def next_due(self) -> datetime | None:
         if len(self._in_flight) >= self._res.settings.webhook_batch:

@@ -11,7 +11,7 @@ from arq import Retry
 from service import metrics, queue
 from service.db import turns as turn_db
 from service.db.pool import DB_UNAVAILABLE
-from service.domain import conversations, lifecycle, runs, starts, usage
+from service.domain import conversations, lifecycle, runs, schedule, starts, usage
 from service.errors import UpstreamUnavailable
 from service.resources import Resources
 
@@ -22,6 +22,8 @@ UNRECORDED_RUN_TRIES = 5
 
 # How many turns one reconcile pass re-enqueues at most; the next pass takes the rest.
 RECONCILE_BATCH = 1000
+# Turns per enqueue script (each one round trip; Redis runs a script alone, so keep it short).
+RECONCILE_CHUNK = 250
 
 
 def _backoff(ctx: dict[str, Any], hint: float | None = None) -> float:
@@ -54,10 +56,14 @@ async def start_turn(ctx: dict[str, Any], turn_id: str) -> str:
     except queue.QUEUE_UNAVAILABLE as exc:
         log.warning("start_claim_not_limited", error=repr(exc))
     try:
-        return await starts.start_turn(
+        outcome = await starts.start_turn(
             res.pool, res.parallel, res.queue, res.settings, turn_id, webhook_url=push_url(res),
             before_create=ctx["creation_limiter"].acquire, groups=ctx.get("group_starts"),
         )
+        # A stored run's first check is due in poll_start(…) times its processor's scale (at
+        # least 1): the follower, which may be sleeping until a later check, wakes by then.
+        ctx["follower"].wake_in(schedule.poll_start(res.settings))
+        return outcome
     except lifecycle.LeaseHeld as exc:
         # A duplicate of this job (or one whose worker froze) holds the lease: look again when
         # it runs out, rather than ending and leaving the turn to the reconciler.
@@ -132,8 +138,14 @@ async def reconcile(ctx: dict[str, Any], min_age_s: float = 5.0) -> int:
     except DB_UNAVAILABLE as exc:
         log.warning("reconcile_db_unavailable", error=repr(exc))
         return 0
-    requeued = await lifecycle.after_commit(
-        lifecycle.FollowUps(start=tuple(turn_ids)), res.queue, settings)
+    # One round trip per RECONCILE_CHUNK turns, whether their jobs are there or not.
+    requeued = 0
+    try:
+        for i in range(0, len(turn_ids), RECONCILE_CHUNK):
+            requeued += await queue.enqueue_starts(
+                res.queue, settings.queue_name, turn_ids[i : i + RECONCILE_CHUNK])
+    except queue.QUEUE_UNAVAILABLE as exc:
+        log.warning("reconcile_enqueue_failed", error=repr(exc))
     # A turn whose start job is still queued is not a repair; one whose job Redis lost is.
     metrics.reconciler_repairs("requeued_start", requeued)
     if requeued:

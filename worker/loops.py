@@ -1,5 +1,10 @@
 """A loop that takes due work from a schedule in Postgres, shared by the follower and the
-webhook dispatcher: claim what is due, else sleep until the next item is due or a wake-up."""
+webhook dispatcher: claim what is due, else sleep until the next item is due or a wake-up.
+
+Idle, it costs nothing between two looks: it sleeps until the next item's due time (read from
+Postgres after each tick), a wake-up (`wake()`: a webhook's check, a NOTIFY), a hint of work
+made in this process (`wake_in()`: a run just stored) or at most `idle_s`.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +30,9 @@ class DueLoop:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        # The earliest hint given since the last tick began (monotonic time), see wake_in().
+        self._hint: float | None = None
+        self._alarm: asyncio.TimerHandle | None = None
         # Called once when a tick succeeds after Postgres was away (the worker releases the jobs
         # it deferred meanwhile: worker.recovery).
         self.on_recovered: Callable[[], Awaitable[None]] | None = None
@@ -42,6 +50,22 @@ class DueLoop:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def wake_in(self, seconds: float) -> None:
+        """Work may fall due in `seconds` (it was just committed): sleep no longer than that.
+        A hint that comes while the loop ticks is kept for its next sleep, so it cannot be lost
+        between the tick's reading of the schedule and the sleep."""
+        loop = asyncio.get_running_loop()
+        at = loop.time() + max(0.0, seconds)
+        if self._hint is None or at < self._hint:
+            self._hint = at
+        if self._alarm is not None and at < self._alarm.when():
+            self._alarm.cancel()
+            self._alarm = loop.call_at(at, self._wake.set)
+
+    def idle_s(self) -> float:
+        """The longest sleep, when nothing is due sooner."""
+        return self._idle_s
 
     async def stop_loop(self, grace_s: float) -> bool:
         """Let the loop finish what it holds for up to grace_s; False if it had to be cancelled."""
@@ -63,6 +87,7 @@ class DueLoop:
         while not self._stopping:
             # Cleared before looking, so a wake-up that comes while we look is not lost.
             self._wake.clear()
+            self._hint = None
             try:
                 more = await self.tick()
                 if failures:
@@ -80,7 +105,7 @@ class DueLoop:
                 await self._sleep(delay)
             except Exception:
                 log.exception(f"{self.name}_error")
-                await self._sleep(self._idle_s)
+                await self._sleep(self.idle_s())
         await self.drain()
 
     async def _recovered(self) -> None:
@@ -97,11 +122,19 @@ class DueLoop:
     async def _until_next_due(self) -> float:
         next_at = await self.next_due()
         if next_at is None:
-            return self._idle_s
-        return max(0.0, min(self._idle_s, (next_at - datetime.now(UTC)).total_seconds()))
+            return self.idle_s()
+        return max(0.0, min(self.idle_s(), (next_at - datetime.now(UTC)).total_seconds()))
 
     async def _sleep(self, seconds: float) -> None:
         if self._stopping:
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+        loop = asyncio.get_running_loop()
+        at = loop.time() + seconds
+        if self._hint is not None:
+            at = min(at, self._hint)
+        self._alarm = loop.call_at(at, self._wake.set)
+        try:
+            await self._wake.wait()
+        finally:
+            self._alarm.cancel()
+            self._alarm = None

@@ -78,6 +78,10 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
         server.server_close()
 
 
+# The idle worker's poll for jobs no message announced (see worker.wakeful).
+IDLE_POLL_S = 1.0
+
+
 def reconcile_seconds(interval_s: int) -> set[int]:
     """The seconds of each minute a cron job runs at, for an interval of 1 to 60 s."""
     step = max(1, min(60, interval_s))
@@ -126,19 +130,29 @@ def build_worker(
         "handle_signals": handle_signals,
         # SIGTERM: stop taking jobs, let running ones finish for this long, then cancel them.
         "job_completion_wait": settings.shutdown_grace_s,
-        # Jobs are short (one Parallel call or one query); polling Redis often keeps hops short:
-        # a turn takes two hops (start, then the webhook's check), each waiting half of this on
-        # average. An idle poll is one ZRANGEBYSCORE: 100 a second cost about 2% of a core.
+        # Jobs are short (one Parallel call or one query): an enqueue wakes the worker at once
+        # (worker.wakeful); with nothing announced it looks every IDLE_POLL_S, and two polls
+        # are at least poll_delay apart (the loop's pace under load, and while the wake
+        # channel is down).
         "poll_delay": 0.01,
+        "idle_poll_s": IDLE_POLL_S,
         "max_jobs": 50,
         "job_timeout": settings.job_timeout_s,
         "keep_result": 0,
-        "health_check_interval": 30,
+        # The health key (`arq --check`) is rewritten this often; an idle worker polls every
+        # IDLE_POLL_S, well within it.
+        "health_check_interval": 60,
         "redis_retry_s": settings.redis_retry_s,
     }
     options.update(overrides)
     return SupervisedWorker(**options)
 
 
-def run(settings: Settings) -> None:
+def run(settings: Settings, *, loop: str = "uvloop") -> None:
+    """The worker in this process until SIGTERM/SIGINT, on uvloop unless `loop` is "asyncio"
+    (less CPU per job: docs/benchmarks.md)."""
+    if loop == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop(uvloop.new_event_loop())
     build_worker(settings).run()

@@ -20,6 +20,7 @@ from arq.connections import ArqRedis
 from arq.utils import timestamp_ms
 
 from service.db.pool import DB_UNAVAILABLE
+from service.queue import wake_channel
 
 log = structlog.get_logger(__name__)
 
@@ -54,5 +55,7 @@ class DbDeferredJobs:
         now = timestamp_ms()
         # XX: only jobs still queued (one that ran meanwhile is not put back).
         moved = await redis.zadd(queue_name, dict.fromkeys(ids, now), xx=True, ch=True)
+        if moved:  # idle workers sleep until told
+            await redis.publish(wake_channel(queue_name), now)
         log.info("db_deferred_jobs_released", jobs=len(ids), moved=moved)
         return len(ids)

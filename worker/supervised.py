@@ -19,10 +19,10 @@ from typing import Any
 import structlog
 from arq.connections import ArqRedis, create_pool
 from arq.constants import in_progress_key_prefix
-from arq.worker import Worker
 from redis.exceptions import RedisError
 
 from service import metrics
+from worker.wakeful import WakefulWorker
 
 log = structlog.get_logger(__name__)
 
@@ -40,9 +40,9 @@ async def redis_answers(redis: ArqRedis) -> bool:
     return True
 
 
-class SupervisedWorker(Worker):
+class SupervisedWorker(WakefulWorker):
     def __init__(self, *args: Any, redis_retry_s: float = 1.0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, wake_retry_s=redis_retry_s, **kwargs)
         self.redis_retry_s = redis_retry_s
         # Jobs whose end (result, retry, removal) could not be written to Redis.
         self._orphaned: set[str] = set()

@@ -153,3 +153,20 @@ def test_console_format_is_for_people():
     assert "turn_finished" in line and "turn_id" in line and "turn_1" in line
     with pytest.raises(json.JSONDecodeError):
         json.loads(line)
+
+
+def test_httpx_request_lines_are_left_out_but_its_warnings_are_not():
+    """One line per Parallel call or webhook attempt would double the worker's log; the
+    service's own lines say what happened."""
+    stream = io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    configure_logging("json", stream=stream, cache=False)
+    try:
+        logging.getLogger("httpx").info("HTTP Request: GET http://x/v1/tasks/runs/r \"200 OK\"")
+        logging.getLogger("httpx").warning("something httpx warns about")
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:], root.level = handlers, level
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["event"] for line in lines] == ["something httpx warns about"]

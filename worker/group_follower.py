@@ -49,6 +49,9 @@ TAKE_OVER_PER_ROUND = 2  # groups taken over from dead followers per lease round
 FAILURES_BEFORE_POLLING = 3
 
 
+StreamFailed = Callable[[UpstreamUnavailable | UpstreamRejected], None]
+
+
 def follower_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
@@ -58,7 +61,7 @@ class GroupFollower:
         self._res = resources
         self.follower = follower
         # Told of each stream failure (GroupStarts.stream_failed): set once both exist.
-        self.on_stream_failed: Callable[[UpstreamUnavailable | UpstreamRejected], None] | None = None
+        self.on_stream_failed: StreamFailed | None = None
         self._streams: dict[str, asyncio.Task[None]] = {}
         self._closed: dict[str, bool] = {}
         self._news: dict[str, asyncio.Event] = {}

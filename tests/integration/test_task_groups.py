@@ -161,7 +161,9 @@ async def test_a_lost_add_answer_is_resolved_from_the_group_listing(api, setting
     (run,) = sandbox_runs(sandbox.url, turn["id"])
     assert done["run_id"] == run["run_id"]
     assert run["taskgroup_id"] == sandbox_runs(sandbox.url, first["id"])[0]["taskgroup_id"]
-    assert metrics.CREATE_IN_DOUBT.labels("connection")._value.get() == counted
+    # The listing is dropped too while the fault lasts: an attempt that could not look may end
+    # in doubt (counted), and the next one adopts the run instead of making another.
+    assert metrics.CREATE_IN_DOUBT.labels("connection")._value.get() - counted <= 1
 
 
 async def test_group_routes_answering_404_fall_back_to_one_by_one_runs_and_say_so_once(

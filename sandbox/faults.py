@@ -7,6 +7,8 @@ Every fault is decided before the request has side effects, except the kind
 `"drop_after_create"`, which creates the run and then drops the connection (on
 other routes it acts as `"drop"`).
 
+`group_events_status` makes only the task groups' event streams answer that status.
+
 Two faults slow down a create served normally: `create_delay_s` waits before the
 request is handled (no run exists meanwhile: a slow Parallel that has not acted
 yet), `create_answer_delay_s` creates the run at once and waits that long before
@@ -44,6 +46,9 @@ class FaultConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     create_delay_s: float = 0.0
     create_answer_delay_s: float = 0.0
     fail_runs: bool = False
+    # A group's event stream answers this status (404: a Parallel whose groups have no event
+    # streams), every other group route working.
+    group_events_status: int | None = None
 
 
 Decision = tuple[Literal["status"], int] | tuple[Literal["drop", "drop_after_create"], None]
@@ -71,6 +76,8 @@ class FaultState:
             raise ValueError("error_rate must be between 0 and 1")
         if config.create_status is not None and not 100 <= config.create_status <= 599:
             raise ValueError("create_status must be an HTTP status code")
+        if config.group_events_status is not None and not 400 <= config.group_events_status <= 599:
+            raise ValueError("group_events_status must be an HTTP error status (400 to 599)")
         self.config = config
         self.kinds = kinds
         self.rng = random.Random(config.seed)

@@ -124,6 +124,8 @@ async def add_runs(request: Request[Any, Any, Any], taskgroup_id: FromPath[str])
 async def group_events(request: Request[Any, Any, Any], taskgroup_id: FromPath[str]) -> Stream:
     groups = _groups(request)
     group = _group(request, taskgroup_id)
+    if (status := groups.store.faults.config.group_events_status) is not None:
+        raise ApiError(status, "Group event streams are unavailable (sandbox fault)")
     after = _cursor(request, len(group.log))
     timeout = _timeout(request, groups.store.config.group_events_max_s)
     return _stream(groups.events(group, after, timeout))

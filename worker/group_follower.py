@@ -21,6 +21,7 @@ import secrets
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 
 import structlog
 
@@ -42,6 +43,13 @@ SAVE_EVERY_S = 1.0  # how often a stream's cursor is stored while events come
 # it stays quiet (at once when this worker adds runs to the group).
 IDLE_RECONNECT_S = (1.0, 5.0)
 TAKE_OVER_PER_ROUND = 2  # groups taken over from dead followers per lease round
+# A stream that failed this many times in a row (about 3.5 s of retries) no longer holds its
+# runs to the slow safety-net poll: they are polled as one-by-one runs are, and the worker's
+# group starts hear of it (a 404 there means this Parallel has no group streams: one by one).
+FAILURES_BEFORE_POLLING = 3
+
+
+StreamFailed = Callable[[UpstreamUnavailable | UpstreamRejected], None]
 
 
 def follower_id() -> str:
@@ -52,6 +60,8 @@ class GroupFollower:
     def __init__(self, resources: Resources, follower: str) -> None:
         self._res = resources
         self.follower = follower
+        # Told of each stream failure (GroupStarts.stream_failed): set once both exist.
+        self.on_stream_failed: StreamFailed | None = None
         self._streams: dict[str, asyncio.Task[None]] = {}
         self._closed: dict[str, bool] = {}
         self._news: dict[str, asyncio.Event] = {}
@@ -136,6 +146,10 @@ class GroupFollower:
                 failures += 1
                 delay = min(30.0, 0.5 * 2 ** min(failures, 6))
                 log.warning("group_stream_failed", error=exc.detail, retry_in=delay)
+                if self.on_stream_failed is not None:
+                    self.on_stream_failed(exc)
+                if failures >= FAILURES_BEFORE_POLLING:
+                    await self._poll_runs(taskgroup_id)
                 await self._idle(taskgroup_id, delay)
                 continue
             except DB_UNAVAILABLE as exc:
@@ -150,6 +164,17 @@ class GroupFollower:
                     return
                 first, most = IDLE_RECONNECT_S
                 await self._idle(taskgroup_id, min(most, first * 2 ** max(0, quiet - 1)))
+
+    async def _poll_runs(self, taskgroup_id: str) -> None:
+        """The stream keeps failing: its group's runs are polled as one-by-one runs are, so
+        none waits for the slow safety net (a stand-in whose group streams differ, an outage)."""
+        try:
+            moved = await group_db.poll_runs_of(self._res.pool, taskgroup_id)
+        except DB_UNAVAILABLE as exc:
+            log.warning("group_stream_db_unavailable", error=repr(exc))
+            return
+        if moved:
+            log.warning("group_runs_polled_instead", runs=moved)
 
     async def _idle(self, taskgroup_id: str, seconds: float) -> None:
         news = self._news.get(taskgroup_id)

@@ -143,3 +143,17 @@ async def release_groups(
 ) -> None:
     """Let other workers take these groups' streams at once (a clean shutdown)."""
     await conn.execute(RELEASE_SQL, follower, taskgroup_ids)
+
+
+# The group's running turns leave its slow safety-net schedule: they are checked now, then on
+# the ordinary poll schedule, as runs made one by one are (their group's stream is not working).
+POLL_RUNS_OF_SQL = """
+UPDATE turn SET taskgroup_id = NULL, next_check_at = LEAST(next_check_at, now())
+WHERE taskgroup_id = $1 AND status = 'running'
+"""
+
+
+async def poll_runs_of(conn: asyncpg.Connection | asyncpg.Pool, taskgroup_id: str) -> int:
+    """Put the group's running turns back on the ordinary poll schedule; how many."""
+    status = await conn.execute(POLL_RUNS_OF_SQL, taskgroup_id)
+    return int(status.split()[-1])

@@ -262,6 +262,13 @@ class GroupStarts:
             self._group = group = _Group(taskgroup_id, time.monotonic())
         return group
 
+    def stream_failed(self, exc: UpstreamUnavailable | UpstreamRejected) -> None:
+        """A group's event stream failed (GroupFollower): counted as a failed group call, so a
+        Parallel without group streams (404) or whose streams keep failing sends this worker's
+        new runs one by one, whose polls need no stream."""
+        if self.active:  # once gone one by one, a stream still failing changes nothing
+            self._group_failed("group_events", exc)
+
     def _group_failed(self, call: str, exc: UpstreamUnavailable | UpstreamRejected) -> None:
         """Count a failed group call; in auto mode, refusals and failures in a row mean going
         one by one for RETRY_GROUPS_S."""

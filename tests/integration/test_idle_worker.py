@@ -25,7 +25,8 @@ def sleepy(settings, **changes):
 async def test_an_idle_worker_does_not_poll_redis(settings):
     async with running_worker(sleepy(settings), idle_poll_s=ASLEEP_S) as worker:
         await wait_until(lambda: worker.listening, what="the wake channel subscribed")
-        await wait_until(lambda: not worker.tasks, what="the start-up reconcile to end")
+        # The start-up jobs: the reconcile, the retention sweep and the quota repair.
+        await wait_until(lambda: not worker.tasks, 60, what="the start-up jobs to end")
         polls = worker.polls
         await asyncio.sleep(1.0)  # a window to count in, not a wait for a condition
         # arq's own loop would have polled 100 times (every poll_delay, 10 ms).

@@ -44,7 +44,7 @@ def conversation(title: str | None) -> Conversation:
     now = datetime.now(UTC)
     return Conversation(id="conv_1", title=title, processor="lite", metadata={},
                         webhook_url=None, status="idle", turn_count=1, last_turn_id="turn_1",
-                        created_at=now, updated_at=now)
+                        ttl_seconds=None, expires_at=None, created_at=now, updated_at=now)
 
 
 def test_markdown_keeps_fences_urls_and_titles_intact():

@@ -224,16 +224,10 @@ class ParallelClient:
         or the answer could not be read. A failure to connect, or any HTTP error status, means
         no run was made (Parallel creates a run only when it answers 202).
         """
-        kwargs: dict[str, Any] = {
-            "input": input,
-            "processor": processor,
-            "task_spec": {"output_schema": output_schema},
-            "metadata": metadata,
-        }
-        if previous_interaction_id:
-            kwargs["previous_interaction_id"] = previous_interaction_id
+        kwargs = run_input(input=input, processor=processor, output_schema=output_schema,
+                           previous_interaction_id=previous_interaction_id, metadata=metadata,
+                           webhook_url=webhook_url)
         if webhook_url:
-            kwargs["webhook"] = {"url": webhook_url, "event_types": ["task_run.status"]}
             kwargs["betas"] = [WEBHOOK_BETA]
         try:
             with metrics.parallel_call("create_run"):

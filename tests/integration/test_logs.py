@@ -13,7 +13,7 @@ import structlog
 
 from service.devstack import free_port
 from service.logs import Redactor, configure_logging
-from tests.helpers import create_conversation, post_turn, wait_turn
+from tests.helpers import create_conversation, post_turn, wait_turn, wait_until
 
 
 class LogBuffer:
@@ -53,6 +53,9 @@ async def test_a_workload_logs_json_lines_with_ids_and_no_secrets(logs, api, api
     turn = await post_turn(api, conversation["id"], "Who won the 2026 Winter Olympics?")
     done = await wait_turn(api, turn)
     assert done["status"] == "completed"
+    # The worker logs the turn's end after its commit, which the long-poll may answer first.
+    await wait_until(lambda: find(logs.lines(), "turn_finished", turn_id=turn["id"]),
+                     what="the turn_finished line")
     bad_key = api_key[:-4] + "zzzz"
     response = await api.get("/v1/conversations", headers={"Authorization": f"Bearer {bad_key}"})
     assert response.status_code == 401

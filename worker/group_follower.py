@@ -49,7 +49,8 @@ TAKE_OVER_PER_ROUND = 2  # groups taken over from dead followers per lease round
 FAILURES_BEFORE_POLLING = 3
 
 
-StreamFailed = Callable[[UpstreamUnavailable | UpstreamRejected], None]
+# Told how each read of a stream ended: None when it was read, else its error.
+StreamRead = Callable[[UpstreamUnavailable | UpstreamRejected | None], None]
 
 
 def follower_id() -> str:
@@ -60,8 +61,8 @@ class GroupFollower:
     def __init__(self, resources: Resources, follower: str) -> None:
         self._res = resources
         self.follower = follower
-        # Told of each stream failure (GroupStarts.stream_failed): set once both exist.
-        self.on_stream_failed: StreamFailed | None = None
+        # Told how each stream read ended (GroupStarts.stream_read): set once both exist.
+        self.on_stream_read: StreamRead | None = None
         self._streams: dict[str, asyncio.Task[None]] = {}
         self._closed: dict[str, bool] = {}
         self._news: dict[str, asyncio.Event] = {}
@@ -141,13 +142,15 @@ class GroupFollower:
             try:
                 before, cursor = cursor, await self._read(taskgroup_id, cursor)
                 failures = 0
+                if self.on_stream_read is not None:
+                    self.on_stream_read(None)
                 quiet = quiet + 1 if cursor == before else 0
             except (UpstreamUnavailable, UpstreamRejected) as exc:
                 failures += 1
                 delay = min(30.0, 0.5 * 2 ** min(failures, 6))
                 log.warning("group_stream_failed", error=exc.detail, retry_in=delay)
-                if self.on_stream_failed is not None:
-                    self.on_stream_failed(exc)
+                if self.on_stream_read is not None:
+                    self.on_stream_read(exc)
                 if failures >= FAILURES_BEFORE_POLLING:
                     await self._poll_runs(taskgroup_id)
                 await self._idle(taskgroup_id, delay)

@@ -48,7 +48,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         ctx["group_follower"].start()
         ctx["group_starts"] = GroupStarts(resources.pool, resources.parallel, settings, me,
                                           on_added=ctx["group_follower"].added)
-        ctx["group_follower"].on_stream_failed = ctx["group_starts"].stream_failed
+        ctx["group_follower"].on_stream_read = ctx["group_starts"].stream_read
     ctx["metrics_server"] = metrics.start_worker_server(
         settings.worker_metrics_port, settings.worker_metrics_host
     )

@@ -38,7 +38,9 @@ MAX_ADD = 1000  # Parallel's limit of inputs per add
 UNSUPPORTED = frozenset({404, 405, 501})
 # Refusals of the account or the processor, not of the group route's shape: the turn's answer.
 REFUSED_ANYWAY = frozenset({401, 402, 403})
-FAILURES_BEFORE_FALLBACK = 5  # group calls failing in a row (auto mode) before going one by one
+# Group calls failing in a row, with no group call answered between (auto mode), before going
+# one by one: a Parallel failing a fifth of all calls does not get there.
+FAILURES_BEFORE_FALLBACK = 5
 RETRY_GROUPS_S = 600.0  # after a fallback, groups are tried again this much later
 TURN_TAG, ATTEMPT_TAG = "rs_turn", "rs_attempt"  # the tags service.domain.starts puts on runs
 
@@ -207,6 +209,7 @@ class GroupStarts:
         try:
             listed = {run.run_id: run for run in
                       await self._parallel.group_runs(group.taskgroup_id, after=cursor)}
+            self._failures = 0
         except (UpstreamUnavailable, UpstreamRejected) as exc:
             log.info("group_listing_failed", taskgroup_id=group.taskgroup_id, error=exc.detail)
         for item, run_id in zip(batch, run_ids, strict=True):
@@ -234,6 +237,7 @@ class GroupStarts:
             for item in batch:
                 _settle(item, exc=lost)
             return
+        self._failures = 0
         found = {(tag(run, TURN_TAG), tag(run, ATTEMPT_TAG)): run for run in runs}
         adopted = 0
         for item in batch:
@@ -257,16 +261,19 @@ class GroupStarts:
             self._group = group = None
         if group is None:
             taskgroup_id = await self._parallel.create_group({"service": "research-service"})
+            self._failures = 0
             await db.insert_group(self._pool, taskgroup_id, self._follower, settings.group_lease_s)
             log.info("task_group_created", taskgroup_id=taskgroup_id)
             self._group = group = _Group(taskgroup_id, time.monotonic())
         return group
 
-    def stream_failed(self, exc: UpstreamUnavailable | UpstreamRejected) -> None:
-        """A group's event stream failed (GroupFollower): counted as a failed group call, so a
-        Parallel without group streams (404) or whose streams keep failing sends this worker's
-        new runs one by one, whose polls need no stream."""
-        if self.active:  # once gone one by one, a stream still failing changes nothing
+    def stream_read(self, exc: UpstreamUnavailable | UpstreamRejected | None) -> None:
+        """A group's event stream was read (GroupFollower), or failed with `exc`: counted as a
+        group call, so a Parallel without group streams (404) or whose streams keep failing
+        sends this worker's new runs one by one, whose polls need no stream."""
+        if exc is None:
+            self._failures = 0
+        elif self.active:  # once gone one by one, a stream still failing changes nothing
             self._group_failed("group_events", exc)
 
     def _group_failed(self, call: str, exc: UpstreamUnavailable | UpstreamRejected) -> None:

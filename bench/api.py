@@ -110,7 +110,7 @@ async def run(size: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
         loops = cpu_per_request(settings, loop_posts, gets, duration, connections)
         await _clear_jobs(dsn, settings.queue_name)
     rows: list[Row] = []
-    goals = {"POST": 0.6, "GET": 0.7}
+    goals = {"POST": 0.6, "GET": 0.8}  # issue 16: against the floor without request logging
     for method, by_app in results.items():
         label = "POST turn" if method == "POST" else "GET turn"
         svc = {k: statistics.median(s[k] for s in by_app["service"]) for k in ("rps", "p50", "p99")}

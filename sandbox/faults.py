@@ -7,7 +7,8 @@ Every fault is decided before the request has side effects, except the kind
 `"drop_after_create"`, which creates the run and then drops the connection (on
 other routes it acts as `"drop"`).
 
-`group_events_status` makes only the task groups' event streams answer that status.
+`group_events_status` makes only the task groups' event streams answer that status;
+`group_events_lose_runs` leaves out of them the events of runs ending meanwhile.
 
 Two faults slow down a create served normally: `create_delay_s` waits before the
 request is handled (no run exists meanwhile: a slow Parallel that has not acted
@@ -49,6 +50,9 @@ class FaultConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # A group's event stream answers this status (404: a Parallel whose groups have no event
     # streams), every other group route working.
     group_events_status: int | None = None
+    # Runs that end while this is set get no task_run.state event in their group's stream (an
+    # event lost upstream); the group's status events and run listing still tell.
+    group_events_lose_runs: bool = False
 
 
 Decision = tuple[Literal["status"], int] | tuple[Literal["drop", "drop_after_create"], None]

@@ -195,8 +195,9 @@ class Groups:
         if group is None:
             return
         group.ended(run)
-        event = {"type": "task_run.state", "input": None, "run": self.store.task_run(run)}
-        group.append({**event, "output": None})
+        if not self.store.faults.config.group_events_lose_runs:
+            event = {"type": "task_run.state", "input": None, "run": self.store.task_run(run)}
+            group.append({**event, "output": None})
         if not group.status_due:  # one status event for the runs ending in this loop pass
             group.status_due = True
             asyncio.get_running_loop().call_soon(self._status_event, group)

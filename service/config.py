@@ -90,15 +90,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Group mode: a group takes runs until it holds group_max_runs or is group_max_age_s old,
     # so listing it (to find a run whose create answer was lost) stays short. Its event stream
     # is asked to end after group_stream_timeout_s and resumed from its cursor; the worker
-    # following it holds a lease of group_lease_s. Runs in a group are polled only as a safety
-    # net: first group_poll_initial_s after the start (times the processor's scale), backing off
-    # to group_poll_max_s.
+    # following it holds a lease of group_lease_s. Its safety net is the group's listing, read
+    # every group_sweep_interval_s by that worker: one call for up to group_max_runs runs, and
+    # any run it lists ended whose turn is still running is checked. Each run is also polled,
+    # as a last net, first group_poll_initial_s after the start (times the processor's scale)
+    # and at its deadline, backing off to group_poll_max_s.
     group_max_runs: int = 1000
     group_max_age_s: float = 600.0
     group_stream_timeout_s: float = 60.0
     group_lease_s: float = 20.0
-    group_poll_initial_s: float = 60.0
-    group_poll_max_s: float = 600.0
+    group_sweep_interval_s: float = 300.0
+    group_poll_initial_s: float = 1800.0
+    group_poll_max_s: float = 1800.0
     follower_batch: int = 200
     # One follower check (Parallel calls and the SQL recording them) ends after this, so a slow
     # check cannot hold the follower's tick; its claim's lease makes the turn due again.

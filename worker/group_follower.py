@@ -10,6 +10,11 @@ event is missed (an event handled twice costs one UPDATE that finds the turn end
 `task_run.state` event of an ended run makes its turn's check happen at once, as a webhook does
 in push mode (a completed run asks for its result alone). A closed group whose runs have all
 ended is finished and not followed any more.
+
+The safety net for an event that never came is the group's run listing, read by the follower
+every GROUP_SWEEP_INTERVAL_S (one call for the whole group, whatever its runs' lengths, so a
+turn costs the same Parallel calls however long its run takes); a stream that keeps failing
+hands its runs to the ordinary per-run polls instead.
 """
 
 from __future__ import annotations
@@ -133,8 +138,12 @@ class GroupFollower:
         """Follow one group's stream until it is finished (or the task is cancelled)."""
         settings = self._res.settings
         failures = quiet = 0
+        swept = time.monotonic()  # a stream resumed from its cursor misses nothing before
         structlog.contextvars.bind_contextvars(taskgroup_id=taskgroup_id)
         while True:
+            if time.monotonic() - swept >= settings.group_sweep_interval_s:
+                swept = time.monotonic()
+                await self._sweep(taskgroup_id)
             news = self._news.get(taskgroup_id)
             if news is not None:
                 news.clear()
@@ -167,6 +176,23 @@ class GroupFollower:
                     return
                 first, most = IDLE_RECONNECT_S
                 await self._idle(taskgroup_id, min(most, first * 2 ** max(0, quiet - 1)))
+
+    async def _sweep(self, taskgroup_id: str) -> None:
+        """The safety net of a followed group: list its runs (one call) and check each one
+        listed ended whose turn is still running (its event was missed), as the event would."""
+        try:
+            runs = await self._res.parallel.group_runs(taskgroup_id)
+            ended = {run.run_id: run.status for run in runs if not run.is_active}
+            missed = await turn_db.running_runs(self._res.pool, list(ended)) if ended else []
+        except (UpstreamUnavailable, UpstreamRejected) as exc:
+            log.info("group_sweep_failed", error=exc.detail)  # the next sweep lists again
+            return
+        except DB_UNAVAILABLE as exc:
+            log.warning("group_stream_db_unavailable", error=repr(exc))
+            return
+        if missed:
+            log.warning("group_events_missed", runs=len(missed))
+            await asyncio.gather(*(self._check(run_id, ended[run_id]) for run_id in missed))
 
     async def _poll_runs(self, taskgroup_id: str) -> None:
         """The stream keeps failing: its group's runs are polled as one-by-one runs are, so

@@ -336,6 +336,14 @@ async def run_known(conn: asyncpg.Connection | asyncpg.Pool, run_id: str) -> boo
     return bool(await conn.fetchval(RUN_KNOWN_SQL, run_id))
 
 
+RUNNING_RUNS_SQL = "SELECT run_id FROM turn WHERE run_id = ANY($1::text[]) AND status = 'running'"
+
+
+async def running_runs(conn: asyncpg.Connection | asyncpg.Pool, run_ids: list[str]) -> list[str]:
+    """Those of the runs whose turn is still running (not known to have ended)."""
+    return [row["run_id"] for row in await conn.fetch(RUNNING_RUNS_SQL, run_ids)]
+
+
 NEXT_DUE_SQL = "SELECT min(next_check_at) FROM turn WHERE status = 'running'"
 
 

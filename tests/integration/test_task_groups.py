@@ -190,7 +190,7 @@ async def test_group_streams_answering_404_leave_no_run_to_the_slow_safety_net(
 ):
     # A stand-in (or a Parallel) whose groups take runs but have no event streams: the runs
     # already in a group are polled as one-by-one runs are, not after GROUP_POLL_INITIAL_S
-    # (60 s here), and the worker's next runs are created one by one.
+    # (30 minutes) or the group's sweep (5), and the worker's next runs are created one by one.
     switched = metrics.TASK_GROUPS_FALLBACK.labels("unsupported")._value.get()
     set_faults(sandbox.url, group_events_status=404)
     conversation = await create_conversation(api)
@@ -199,7 +199,7 @@ async def test_group_streams_answering_404_leave_no_run_to_the_slow_safety_net(
                                 timeout_s=20)
         then = await wait_turn(api, await post_turn(api, conversation["id"], "one by one"),
                                timeout_s=20)
-    assert settings.group_poll_initial_s >= 60
+    assert settings.group_poll_initial_s >= 1800 and settings.group_sweep_interval_s >= 300
     assert first["status"] == then["status"] == "completed"
     (grouped,) = sandbox_runs(sandbox.url, first["id"])
     (alone,) = sandbox_runs(sandbox.url, then["id"])
@@ -257,3 +257,23 @@ async def test_push_mode_beside_group_mode_both_report_the_run(settings, api_key
     assert done["status"] == "completed"
     (run,) = sandbox_runs(sandbox.url, done["id"])
     assert run["taskgroup_id"] and run["webhook"]["url"] == f"{url}/v1/hooks/parallel"
+
+
+@needs_groups
+async def test_a_run_whose_event_is_lost_is_found_by_the_group_sweep(api, settings, sandbox):
+    # The stream never reports the run ended; no per-run poll comes for 30 minutes; the
+    # group's listing, read every GROUP_SWEEP_INTERVAL_S, finds it.
+    settings = msgspec.structs.replace(settings, group_sweep_interval_s=2.0,
+                                       group_stream_timeout_s=1.0)
+    assert settings.group_poll_initial_s >= 1800
+    set_faults(sandbox.url, group_events_lose_runs=True)
+    conversation = await create_conversation(api)
+    async with running_worker(settings):
+        turn = await wait_turn(api, await post_turn(api, conversation["id"], "lost event"),
+                               timeout_s=20)
+    assert turn["status"] == "completed"
+    (run,) = sandbox_runs(sandbox.url, turn["id"])
+    assert run["taskgroup_id"]
+    calls = [c for c in (await sandbox_record(sandbox.url, "calls"))["data"]
+             if c["path"] == f"/v1/tasks/runs/{run['run_id']}"]
+    assert calls == [], "the run was polled, not found by the sweep"

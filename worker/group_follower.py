@@ -40,7 +40,8 @@ from service.resources import Resources
 log = structlog.get_logger(__name__)
 
 # A run reported ended before its attempt stored it (it ended within milliseconds): looked up
-# again after 0.25, 0.5, 0.75 and 1 s, then left to the safety-net poll.
+# again as soon as this process stores a run (its attempt usually runs here), else after 0.25,
+# 0.5, 0.75 and 1 s, then left to the safety net.
 UNRECORDED_TRIES = 5
 CHECKS_AT_ONCE = 200  # checks in flight per worker
 SAVE_EVERY_S = 1.0  # how often a stream's cursor is stored while events come
@@ -72,12 +73,19 @@ class GroupFollower:
         self._closed: dict[str, bool] = {}
         self._news: dict[str, asyncio.Event] = {}
         self._checks = asyncio.Semaphore(CHECKS_AT_ONCE)
+        self._stored = asyncio.Event()  # set (and replaced) when this process stores a run
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="group-follower")
+
+    def stored(self) -> None:
+        """A start attempt of this process stored its run: checks waiting for theirs to be
+        stored look again now."""
+        self._stored.set()
+        self._stored = asyncio.Event()
 
     def added(self, taskgroup_id: str) -> None:
         """Runs were added to the group here: open its stream now if it is idle (or not yet
@@ -282,6 +290,7 @@ class GroupFollower:
             try:
                 async with asyncio.timeout(res.settings.follower_check_timeout_s):
                     for tries in range(UNRECORDED_TRIES):
+                        stored = self._stored  # taken before the claim: no store is missed
                         claimed = await turn_db.claim_run(res.pool, run_id,
                                                           res.settings.check_lease_s)
                         if claimed is None and await turn_db.run_known(res.pool, run_id):
@@ -296,7 +305,8 @@ class GroupFollower:
                             await runs.check_turn(res.pool, res.parallel, res.queue,
                                                   res.settings, claimed, reported_status=status)
                             return
-                        await asyncio.sleep(0.25 * (tries + 1))
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stored.wait(), 0.25 * (tries + 1))
             except Exception:
                 # The turn's safety-net poll (or the claim's lease) checks it later.
                 log.exception("group_check_failed", run_id=run_id)

@@ -11,7 +11,7 @@ from arq import Retry
 from service import metrics, queue
 from service.db import turns as turn_db
 from service.db.pool import DB_UNAVAILABLE
-from service.domain import conversations, lifecycle, runs, schedule, starts, usage
+from service.domain import attempts, conversations, runs, schedule, starts, usage
 from service.errors import UpstreamUnavailable
 from service.resources import Resources
 
@@ -63,8 +63,10 @@ async def start_turn(ctx: dict[str, Any], turn_id: str) -> str:
         # A stored run's first check is due in poll_start(…) times its processor's scale (at
         # least 1): the follower, which may be sleeping until a later check, wakes by then.
         ctx["follower"].wake_in(schedule.poll_start(res.settings))
+        if outcome == "started" and "group_follower" in ctx:  # its group may have told already
+            ctx["group_follower"].stored()
         return outcome
-    except lifecycle.LeaseHeld as exc:
+    except attempts.LeaseHeld as exc:
         # A duplicate of this job (or one whose worker froze) holds the lease: look again when
         # it runs out, rather than ending and leaving the turn to the reconciler.
         raise Retry(defer=exc.seconds + 0.5) from exc

@@ -32,7 +32,7 @@ from service import queue as jobs
 from service.clients.parallel import ParallelClient, RunInfo
 from service.config import Settings
 from service.db.pool import DB_UNAVAILABLE
-from service.domain import lifecycle, reseed
+from service.domain import attempts, lifecycle, reseed
 from service.domain.groups import GroupStarts, adopt
 from service.domain.schedule import check_delay, poll_cap, poll_start, run_deadline_s
 from service.errors import UpstreamRejected, UpstreamUnavailable
@@ -92,7 +92,7 @@ async def start_turn(
     """
     began = time.monotonic()
     grouped = groups is not None and groups.active
-    begun, follow_ups = await lifecycle.begin_attempt(pool, settings, turn_id, grouped)
+    begun, follow_ups = await attempts.begin_attempt(pool, settings, turn_id, grouped)
     await lifecycle.after_commit(follow_ups, queue, settings)
     if isinstance(begun, str):
         return begun
@@ -112,7 +112,7 @@ async def start_turn(
     except UpstreamUnavailable as exc:
         return await _abandon(pool, queue, settings, attempt, exc)
     except UpstreamRejected as exc:
-        _, follow_ups = await lifecycle.fail_attempt(
+        _, follow_ups = await attempts.fail_attempt(
             pool, turn_id, attempt.number, {"code": exc.code, "message": exc.detail})
         await lifecycle.after_commit(follow_ups, queue, settings)
         return "rejected"
@@ -209,7 +209,7 @@ async def _abandon(
         log.warning("create_in_doubt", turn_id=turn_id, attempt=attempt.number, reason=reason,
                     error=exc.detail)
         metrics.create_in_doubt(reason)
-    outcome, follow_ups = await lifecycle.abandon_attempt(
+    outcome, follow_ups = await attempts.abandon_attempt(
         pool, settings, turn_id, attempt.number, in_doubt=exc.in_doubt)
     await lifecycle.after_commit(follow_ups, queue, settings)
     if outcome == "create_in_doubt":
@@ -235,7 +235,7 @@ async def _record_run(
     delay = 0.2
     while True:
         try:
-            outcome, follow_ups = await lifecycle.record_run(
+            outcome, follow_ups = await attempts.record_run(
                 pool, turn, attempt.number, run.run_id, run.interaction_id, first_check,
                 run.task_group_id, reseeded=reseeded)
         except DB_UNAVAILABLE as exc:

@@ -1,11 +1,37 @@
-"""The research loop end to end: HTTP API, arq worker, Postgres, the sandbox over HTTP."""
+"""The research loop end to end: HTTP API, arq worker, Postgres, the sandbox over HTTP.
+
+Every test here runs twice in each suite run: against the session's sandbox (task groups, unless
+TEST_TASK_GROUPS=off) and against one whose group routes answer 404, as a Parallel without task
+groups would, so that the worker's one-by-one fallback (PARALLEL_TASK_GROUPS=auto) runs the same
+flows."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Iterator
 
+import httpx
+import pytest
+
+from sandbox.config import SandboxConfig
+from sandbox.server import SandboxServer
 from tests.helpers import create_conversation, post_turn, sandbox_runs, set_faults, wait_turn
+
+
+@pytest.fixture(scope="module")
+def groupless_server() -> Iterator[SandboxServer]:
+    with SandboxServer(SandboxConfig(default_latency_s=0.3, queued_s=0.05,
+                                     task_groups=False)) as server:
+        yield server
+
+
+@pytest.fixture(params=["session sandbox", "no task groups"])
+def sandbox(request, sandbox_server: SandboxServer) -> Iterator[SandboxServer]:
+    server = (sandbox_server if request.param == "session sandbox"
+              else request.getfixturevalue("groupless_server"))
+    yield server
+    httpx.delete(f"{server.url}/_sandbox/faults")
 
 QUESTIONS = [
     "Which country won the most Winter Olympics gold medals in 2026?",
@@ -30,6 +56,9 @@ async def test_three_turn_session_chains_each_turn_to_the_one_before(api, worker
     # What Parallel was actually sent, as the sandbox recorded it.
     runs = {t["id"]: sandbox_runs(sandbox.url, t["id"]) for t in done}
     assert all(len(r) == 1 for r in runs.values())
+    # In a task group when the sandbox has them (the worker's default, auto), else one by one.
+    in_groups = {r[0]["taskgroup_id"] is not None for r in runs.values()}
+    assert in_groups == {sandbox.config.task_groups}
     assert runs[second["id"]][0]["previous_interaction_id"] == first["interaction_id"]
     assert runs[third["id"]][0]["previous_interaction_id"] == second["interaction_id"]
     assert first["interaction_id"] != first["run_id"]  # chained by interaction, not run id

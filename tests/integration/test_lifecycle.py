@@ -15,7 +15,7 @@ import asyncpg
 import msgspec
 import pytest
 
-from service.domain import lifecycle
+from service.domain import attempts, lifecycle
 from service.domain.lifecycle import NOTHING, FollowUps
 from service.errors import Conflict, NotFound
 from service.queue import create_queue
@@ -66,9 +66,9 @@ async def queued(resources: Resources, conversation: dict[str, Any], question: s
 
 
 async def running(resources: Resources, turn_id: str) -> None:
-    begun, _ = await lifecycle.begin_attempt(resources.pool, resources.settings, turn_id)
-    assert isinstance(begun, lifecycle.Begun)
-    outcome, _ = await lifecycle.record_run(resources.pool, begun.turn, begun.number,
+    begun, _ = await attempts.begin_attempt(resources.pool, resources.settings, turn_id)
+    assert isinstance(begun, attempts.Begun)
+    outcome, _ = await attempts.record_run(resources.pool, begun.turn, begun.number,
                                             f"trun_{turn_id}", f"int_{turn_id}", 60.0)
     assert outcome == "started"
 
@@ -154,17 +154,17 @@ async def test_begin_attempt_takes_the_lease_of_the_head_only(resources, convers
     first, _ = await queued(resources, conversation, "First")
     second, _ = await queued(resources, conversation, "Second")
     settings = resources.settings
-    assert await lifecycle.begin_attempt(resources.pool, settings, second.id) == (
+    assert await attempts.begin_attempt(resources.pool, settings, second.id) == (
         "waiting", NOTHING)
-    begun, follow = await lifecycle.begin_attempt(resources.pool, settings, first.id)
-    assert isinstance(begun, lifecycle.Begun) and follow == NOTHING
+    begun, follow = await attempts.begin_attempt(resources.pool, settings, first.id)
+    assert isinstance(begun, attempts.Begun) and follow == NOTHING
     assert (begun.number, begun.previous_lost, begun.previous_interaction_id) == (1, False, None)
     assert (await row(resources, first.id))["held"]
-    with pytest.raises(lifecycle.LeaseHeld):
-        await lifecycle.begin_attempt(resources.pool, settings, first.id)
+    with pytest.raises(attempts.LeaseHeld):
+        await attempts.begin_attempt(resources.pool, settings, first.id)
     await expire_lease(resources, first.id)
-    begun, follow = await lifecycle.begin_attempt(resources.pool, settings, first.id)
-    assert isinstance(begun, lifecycle.Begun)
+    begun, follow = await attempts.begin_attempt(resources.pool, settings, first.id)
+    assert isinstance(begun, attempts.Begun)
     assert (begun.number, begun.previous_lost) == (2, True)
     assert follow.in_doubt == ("attempt_lost",) and events_logged(follow) == ["create_in_doubt"]
     assert (await row(resources, first.id))["doubtful_attempts"] == [1]
@@ -178,10 +178,10 @@ async def test_begin_attempt_fails_a_turn_with_too_many_creates_in_doubt(
     first, _ = await queued(resources, conversation, "First")
     second, _ = await queued(resources, conversation, "Second")
     settings = msgspec.structs.replace(resources.settings, max_doubtful_attempts=1)
-    assert isinstance((await lifecycle.begin_attempt(resources.pool, settings, first.id))[0],
-                      lifecycle.Begun)
+    assert isinstance((await attempts.begin_attempt(resources.pool, settings, first.id))[0],
+                      attempts.Begun)
     await expire_lease(resources, first.id)  # the attempt never came back
-    outcome, follow = await lifecycle.begin_attempt(resources.pool, settings, first.id)
+    outcome, follow = await attempts.begin_attempt(resources.pool, settings, first.id)
     assert outcome == "create_in_doubt"
     after = await row(resources, first.id)
     assert (after["status"], after["error"]["code"], after["held"]) == (
@@ -197,17 +197,17 @@ async def test_record_run_makes_the_turn_running_and_a_stale_attempts_run_an_ext
 ):
     turn, _ = await queued(resources, conversation)
     settings = resources.settings
-    stale, _ = await lifecycle.begin_attempt(resources.pool, settings, turn.id)
+    stale, _ = await attempts.begin_attempt(resources.pool, settings, turn.id)
     await expire_lease(resources, turn.id)
-    owner, _ = await lifecycle.begin_attempt(resources.pool, settings, turn.id)
-    assert isinstance(stale, lifecycle.Begun) and isinstance(owner, lifecycle.Begun)
+    owner, _ = await attempts.begin_attempt(resources.pool, settings, turn.id)
+    assert isinstance(stale, attempts.Begun) and isinstance(owner, attempts.Begun)
 
-    outcome, follow = await lifecycle.record_run(resources.pool, stale.turn, stale.number,
+    outcome, follow = await attempts.record_run(resources.pool, stale.turn, stale.number,
                                                  "trun_stale", "int_stale", 60.0)
     assert outcome == "extra-run" and follow.extra_runs == ("stale_attempt",)
     assert (await row(resources, turn.id))["status"] == "queued"
 
-    outcome, follow = await lifecycle.record_run(resources.pool, owner.turn, owner.number,
+    outcome, follow = await attempts.record_run(resources.pool, owner.turn, owner.number,
                                                  "trun_owner", "int_owner", 60.0)
     assert outcome == "started"
     assert [(t.status, t.run_id) for t in follow.counted] == [("running", "trun_owner")]
@@ -222,16 +222,16 @@ async def test_abandon_attempt_frees_the_lease_and_fails_the_turn_at_the_doubt_l
 ):
     turn, _ = await queued(resources, conversation)
     settings = msgspec.structs.replace(resources.settings, max_doubtful_attempts=2)
-    begun, _ = await lifecycle.begin_attempt(resources.pool, settings, turn.id)
-    assert isinstance(begun, lifecycle.Begun)
-    assert await lifecycle.abandon_attempt(resources.pool, settings, turn.id, 1,
+    begun, _ = await attempts.begin_attempt(resources.pool, settings, turn.id)
+    assert isinstance(begun, attempts.Begun)
+    assert await attempts.abandon_attempt(resources.pool, settings, turn.id, 1,
                                            in_doubt=True) == ("abandoned", NOTHING)
     assert not (await row(resources, turn.id))["held"]
-    assert await lifecycle.abandon_attempt(resources.pool, settings, turn.id, 1,
+    assert await attempts.abandon_attempt(resources.pool, settings, turn.id, 1,
                                            in_doubt=True) == ("stale", NOTHING)
-    begun, _ = await lifecycle.begin_attempt(resources.pool, settings, turn.id)
-    assert isinstance(begun, lifecycle.Begun) and begun.number == 2
-    outcome, follow = await lifecycle.abandon_attempt(resources.pool, settings, turn.id, 2,
+    begun, _ = await attempts.begin_attempt(resources.pool, settings, turn.id)
+    assert isinstance(begun, attempts.Begun) and begun.number == 2
+    outcome, follow = await attempts.abandon_attempt(resources.pool, settings, turn.id, 2,
                                                       in_doubt=True)
     assert outcome == "create_in_doubt"
     after = await row(resources, turn.id)
@@ -244,12 +244,12 @@ async def test_abandon_attempt_frees_the_lease_and_fails_the_turn_at_the_doubt_l
 async def test_fail_attempt_fails_the_queued_turn_for_its_owner_only(resources, conversation):
     first, _ = await queued(resources, conversation, "First")
     second, _ = await queued(resources, conversation, "Second")
-    begun, _ = await lifecycle.begin_attempt(resources.pool, resources.settings, first.id)
-    assert isinstance(begun, lifecycle.Begun)
+    begun, _ = await attempts.begin_attempt(resources.pool, resources.settings, first.id)
+    assert isinstance(begun, attempts.Begun)
     error = {"code": "parallel_unauthorized", "message": "no"}
-    stale, follow = await lifecycle.fail_attempt(resources.pool, first.id, begun.number + 1, error)
+    stale, follow = await attempts.fail_attempt(resources.pool, first.id, begun.number + 1, error)
     assert stale is None and events_logged(follow) == ["late_result_ignored"]
-    failed, follow = await lifecycle.fail_attempt(resources.pool, first.id, begun.number, error)
+    failed, follow = await attempts.fail_attempt(resources.pool, first.id, begun.number, error)
     assert failed is not None and failed.status == "failed"
     assert msgspec.to_builtins(failed.error) == error
     assert follow.start == (second.id,) and follow.counted == (failed,)

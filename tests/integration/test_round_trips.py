@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 from service.config import Settings
-from service.domain import lifecycle
+from service.domain import attempts, lifecycle
 from service.domain.feeds import Feed
 from tests.helpers import create_conversation, post_turn, until
 
@@ -75,10 +75,10 @@ async def test_each_transition_of_a_turn_is_one_transaction_and_no_webhook_write
     conversation = await create_conversation(api)
     turn = await post_turn(api, conversation["id"], "counted")
     async with logged(pool) as begun_statements:
-        begun, _ = await lifecycle.begin_attempt(pool, settings, turn["id"])
-    assert isinstance(begun, lifecycle.Begun)
+        begun, _ = await attempts.begin_attempt(pool, settings, turn["id"])
+    assert isinstance(begun, attempts.Begun)
     async with logged(pool) as recorded_statements:
-        outcome, _ = await lifecycle.record_run(pool, begun.turn, begun.number, "trun_counted",
+        outcome, _ = await attempts.record_run(pool, begun.turn, begun.number, "trun_counted",
                                                 "trun_counted", 1.0)
     assert outcome == "started"
     async with logged(pool) as completed_statements:
@@ -117,9 +117,9 @@ async def long_polled(api, resources, question: str) -> tuple[Feed, httpx.Respon
                 and feed.ready.is_set())
     feed = resources.streams.feeds.get(conversation["id"])
     assert feed is not None
-    begun, _ = await lifecycle.begin_attempt(pool, settings, turn["id"])
-    assert isinstance(begun, lifecycle.Begun)
-    await lifecycle.record_run(pool, begun.turn, begun.number, "trun_polled", "trun_polled", 1.0)
+    begun, _ = await attempts.begin_attempt(pool, settings, turn["id"])
+    assert isinstance(begun, attempts.Begun)
+    await attempts.record_run(pool, begun.turn, begun.number, "trun_polled", "trun_polled", 1.0)
     await until(lambda: feed.running == (turn["id"], "trun_polled"))
     await lifecycle.complete(pool, turn["id"], {"type": "text", "content": "done"}, [])
     answer = await poll

@@ -54,7 +54,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
                 for length in (120.0, 1200.0)
                 for n in (1000, 10_000)
                 for mode in ("group", "push", "poll")
-            ]
+            ] + [("group", 100_000, 1200.0)]  # issue 16's scale: one worker, 100,000 in flight
         },
         "e2e": {"conversations": 200, "turns": 5, "serial_turns": 20,
                 "modes": ["group", "push", "poll"]},

@@ -200,6 +200,8 @@ def rows_for(f: dict[str, Any]) -> list[Row]:
                 ok=False,
             )
         ]
+    # Issue 14: 300 MB at 10,000 runs; issue 16: 400 MB at 100,000.
+    rss_goal = 400 if f["n"] >= 100_000 else 300
     calls_goal, lag_goal = {"push": (4, 1.0), "group": (2.2, 1.0)}.get(
         f["mode"], (20, f["poll_max_s"]))
     # The issue states the calls goal for runs of 120 s; longer runs get more safety checks.
@@ -220,8 +222,8 @@ def rows_for(f: dict[str, Any]) -> list[Row]:
             unit="MB",
             baseline=f["worker_idle_rss_mb"],
             ratio=ratio(f["worker_peak_rss_mb"], f["worker_idle_rss_mb"]),
-            goal="≤ 300 MB",
-            ok=f["worker_peak_rss_mb"] <= 300,
+            goal=f"≤ {rss_goal} MB",
+            ok=f["worker_peak_rss_mb"] <= rss_goal,
         ),
         _row(
             measure=f"{label}: worker CPU per turn",

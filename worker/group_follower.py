@@ -230,14 +230,15 @@ class GroupFollower:
 
     async def _read(self, taskgroup_id: str, cursor: str | None) -> str | None:
         """Read the stream once from `cursor` to its end; the cursor handled by then. The
-        cursor only moves past an event once its check is done (a crash replays the rest)."""
+        cursor only moves past an event once its check succeeded (a crash, or a failed check,
+        replays the rest when the stream is reopened)."""
         res = self._res
-        pending: deque[tuple[str, asyncio.Task[None] | None]] = deque()
+        pending: deque[tuple[str, asyncio.Task[bool] | None]] = deque()
         saved, last_save = cursor, time.monotonic()
 
         def handled() -> str | None:
             done = cursor_done
-            while pending and (pending[0][1] is None or pending[0][1].done()):
+            while pending and _checked(pending[0][1]):
                 done = pending.popleft()[0]
             return done
 
@@ -271,7 +272,7 @@ class GroupFollower:
             raise asyncio.CancelledError  # another worker follows it now
         return cursor
 
-    def _handle(self, event: dict[str, object]) -> asyncio.Task[None] | None:
+    def _handle(self, event: dict[str, object]) -> asyncio.Task[bool] | None:
         """Start the check of a run the event reports ended; None for any other event."""
         if event.get("type") != "task_run.state":
             if event.get("type") == "error":
@@ -282,31 +283,49 @@ class GroupFollower:
             return None
         return asyncio.create_task(self._check(str(run["run_id"]), str(run.get("status"))))
 
-    async def _check(self, run_id: str, status: str) -> None:
-        res = self._res
+    async def _check(self, run_id: str, status: str) -> bool:
+        """Check the run its event reports ended; False when that failed, so the stream's
+        cursor stays before the event and it is read again when the stream is reopened. While
+        Postgres is away the check is tried again, for up to FOLLOWER_CHECK_TIMEOUT_S."""
+        settings = self._res.settings
         # Each check runs in its own task, so these ids stay on its log lines only.
         structlog.contextvars.bind_contextvars(run_id=run_id)
-        async with self._checks:
+        deadline, delay = time.monotonic() + settings.follower_check_timeout_s, 0.25
+        while True:
             try:
-                async with asyncio.timeout(res.settings.follower_check_timeout_s):
-                    for tries in range(UNRECORDED_TRIES):
-                        stored = self._stored  # taken before the claim: no store is missed
-                        claimed = await turn_db.claim_run(res.pool, run_id,
-                                                          res.settings.check_lease_s)
-                        if claimed is None and await turn_db.run_known(res.pool, run_id):
-                            # Stored between the two reads, or ended already.
-                            claimed = await turn_db.claim_run(res.pool, run_id,
-                                                              res.settings.check_lease_s)
-                            if claimed is None:
-                                return
-                        if claimed is not None:
-                            structlog.contextvars.bind_contextvars(
-                                turn_id=claimed["id"], conversation_id=claimed["conversation_id"])
-                            await runs.check_turn(res.pool, res.parallel, res.queue,
-                                                  res.settings, claimed, reported_status=status)
-                            return
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(stored.wait(), 0.25 * (tries + 1))
+                async with self._checks, asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                    await self._check_once(run_id, status)
+                return True
+            except DB_UNAVAILABLE as exc:
+                if time.monotonic() + delay >= deadline:
+                    log.warning("group_check_failed", error=repr(exc))
+                    return False
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
             except Exception:
-                # The turn's safety-net poll (or the claim's lease) checks it later.
-                log.exception("group_check_failed", run_id=run_id)
+                log.exception("group_check_failed")
+                return False
+
+    async def _check_once(self, run_id: str, status: str) -> None:
+        res = self._res
+        for tries in range(UNRECORDED_TRIES):
+            stored = self._stored  # taken before the claim: no store is missed
+            claimed = await turn_db.claim_run(res.pool, run_id, res.settings.check_lease_s)
+            if claimed is None and await turn_db.run_known(res.pool, run_id):
+                # Stored between the two reads, or ended already.
+                claimed = await turn_db.claim_run(res.pool, run_id, res.settings.check_lease_s)
+                if claimed is None:
+                    return
+            if claimed is not None:
+                structlog.contextvars.bind_contextvars(
+                    turn_id=claimed["id"], conversation_id=claimed["conversation_id"])
+                await runs.check_turn(res.pool, res.parallel, res.queue, res.settings, claimed,
+                                      reported_status=status)
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stored.wait(), 0.25 * (tries + 1))
+
+
+def _checked(check: asyncio.Task[bool] | None) -> bool:
+    """Whether the stream's cursor may move past this event: no check, or one that succeeded."""
+    return check is None or (check.done() and not check.cancelled() and check.result())

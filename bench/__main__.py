@@ -1,7 +1,7 @@
 """`python -m bench` (`make bench`): run the benchmarks, write bench/results.json and
 bench/results.md, print the table. See docs/benchmarks.md for how to read it.
 
-    python -m bench --size quick                    # every benchmark, about 8 minutes
+    python -m bench --size quick                    # every benchmark, about 13 minutes
     python -m bench --size full                     # the sizes the issue names (hours)
     python -m bench --only inflight --inflight push:10000:120
 """

@@ -124,31 +124,27 @@ async def _steady_cpu(worker: Proc, dsn: str, n: int, first_end: float) -> float
     return 100 * (worker.cpu_seconds() - before) / (time.time() - start)
 
 
-async def _all_running(dsn: str, n: int) -> bool:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetchval("SELECT count(*) FROM turn WHERE run_id IS NOT NULL") >= n
-    finally:
-        await conn.close()
-
-
 async def _idle_cpu(worker: Proc) -> float:
     before = worker.cpu_seconds()
     await asyncio.sleep(IDLE_SAMPLE_S)
     return worker.cpu_seconds() - before
 
 
-async def _all_terminal(dsn: str, n: int) -> bool:
+async def _turns_at_least(dsn: str, n: int, where: str) -> bool:
+    """Whether at least `n` turns match the SQL condition `where`."""
     conn = await asyncpg.connect(dsn)
     try:
-        return (
-            await conn.fetchval(
-                "SELECT count(*) FROM turn WHERE status IN ('completed', 'failed', 'cancelled')"
-            )
-            >= n
-        )
+        return await conn.fetchval(f"SELECT count(*) FROM turn WHERE {where}") >= n
     finally:
         await conn.close()
+
+
+async def _all_terminal(dsn: str, n: int) -> bool:
+    return await _turns_at_least(dsn, n, "status IN ('completed', 'failed', 'cancelled')")
+
+
+async def _all_running(dsn: str, n: int) -> bool:
+    return await _turns_at_least(dsn, n, "run_id IS NOT NULL")
 
 
 async def _figures(dsn: str, sandbox_url: str, t0: float) -> dict[str, Any]:

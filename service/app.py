@@ -7,20 +7,19 @@ from contextlib import asynccontextmanager
 
 from litestar import Litestar, Router
 from litestar.di import Provide
-from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, License, SecurityScheme, Tag
 
 from service import __version__
 from service.config import Settings
-from service.http.auth import ApiKeyMiddleware, add_rate_limit_headers
+from service.http.auth import api_key_middleware
 from service.http.conversations import ConversationController
 from service.http.deps import provide_resources
 from service.http.events import EventController
 from service.http.health import HealthController
-from service.http.input import CheckedRequest, reject_unreadable_input
+from service.http.input import CheckedRequest
 from service.http.metrics import MetricsController
-from service.http.middleware import access_middleware, add_request_id, request_id_middleware
+from service.http.middleware import add_answer_headers, request_middleware
 from service.http.openapi_extras import render_plugins
 from service.http.problems import EXCEPTION_HANDLERS
 from service.http.transcripts import TranscriptController
@@ -86,7 +85,7 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
         path="/",
         route_handlers=[ConversationController, TranscriptController, TurnController,
                         EventController, UsageController, WebhookDeliveryController],
-        middleware=[DefineMiddleware(ApiKeyMiddleware, exclude=["^/v1/hooks/"])],
+        middleware=[api_key_middleware],
         # Declared here, not for the whole document: the probes and /metrics need no key.
         security=[{"BearerAuth": []}],
     )
@@ -95,10 +94,10 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
         route_handlers=[v1, ParallelHookController, HealthController, MetricsController],
         dependencies={"resources": Provide(provide_resources, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
-        # reject_unreadable_input runs before the v1 router's API keys: a key is text too.
-        middleware=[request_id_middleware, access_middleware, reject_unreadable_input],
+        # Runs before the v1 router's API keys, so unreadable text (a key too) answers 400.
+        middleware=[request_middleware],
         request_class=CheckedRequest,
-        before_send=[add_request_id, add_rate_limit_headers],
+        before_send=[add_answer_headers],
         lifespan=[lifespan],
         openapi_config=OPENAPI,
         request_max_body_size=MAX_BODY_BYTES,

@@ -42,7 +42,7 @@ def cmd_migrate(_: argparse.Namespace) -> None:
 
 
 def _configure_logging(settings: Settings) -> None:
-    configure_logging(settings.log_format, secrets=[
+    configure_logging(settings.log_format, coalesce=True, secrets=[
         settings.parallel_api_key, settings.parallel_webhook_secret,
     ])
 

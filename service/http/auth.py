@@ -12,20 +12,17 @@ A 429 says r=0 and t= its Retry-After. The remaining count is approximate across
 
 from __future__ import annotations
 
-from typing import Any
-
-import structlog
-from litestar.connection import ASGIConnection
-from litestar.datastructures import MutableScopeHeaders
-from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
-from litestar.types import Message, Scope
+from litestar.enums import ScopeType
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from service.domain.ratelimits import WINDOW_S, Quota
 from service.errors import RateLimited, Unauthorized
+from service.logs import request_context
 from service.resources import Resources
 
 POLICY = "default"
-# Where a request's Quota waits in its scope state for add_rate_limit_headers.
+# Where a request's Quota waits in its scope state for the answer's headers
+# (service.http.middleware.add_answer_headers).
 QUOTA_STATE = "rate_limit_quota"
 
 
@@ -37,40 +34,39 @@ def ratelimit_field(quota: Quota) -> str:
     return f'"{POLICY}";r={quota.remaining};t={quota.reset_s}'
 
 
-async def add_rate_limit_headers(message: Message, scope: Scope) -> None:
-    """A before_send hook, so the 429 that the middleware raises carries the fields too."""
-    if message["type"] != "http.response.start":
-        return
-    quota = scope.get("state", {}).get(QUOTA_STATE)
-    if isinstance(quota, Quota):
-        headers = MutableScopeHeaders.from_message(message)
-        headers["RateLimit-Policy"] = policy_field(quota)
-        headers["RateLimit"] = ratelimit_field(quota)
+def api_key_middleware(app: ASGIApp) -> ASGIApp:
+    """Route middleware: the request's tenant (`request.auth`) from its bearer key, counted
+    against the key's rate limit; or Unauthorized / RateLimited, answered as problem+json."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == ScopeType.HTTP:
+            scope["auth"] = scope["user"] = await _authenticate(scope)
+        await app(scope, receive, send)
+
+    return middleware
 
 
-class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
-    async def authenticate_request(
-        self, connection: ASGIConnection[Any, Any, Any, Any]
-    ) -> AuthenticationResult:
-        header = connection.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise Unauthorized()
-        resources: Resources = connection.app.state.resources
-        auth = await resources.keys.authenticate(resources.pool, key.strip())
-        if auth is None:
-            raise Unauthorized("The API key is not valid or has been revoked.")
-        # The request's log lines name the tenant (request_id_middleware unbinds it afterwards).
-        structlog.contextvars.bind_contextvars(tenant_id=auth.tenant_id)
-        limit = resources.settings.rate_limit_per_min if auth.rate_limit_per_min is None else (
-            auth.rate_limit_per_min
-        )
-        state = connection.scope.setdefault("state", {})
-        try:
-            quota = await resources.limiter.check(auth.key_id, limit)
-        except RateLimited as exc:
-            state[QUOTA_STATE] = Quota(limit, 0, exc.retry_after or 1)
-            raise
-        if quota is not None:
-            state[QUOTA_STATE] = quota
-        return AuthenticationResult(user=auth.tenant_id, auth=auth.tenant_id)
+async def _authenticate(scope: Scope) -> str:
+    header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+    scheme, _, key = header.decode("latin-1").partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        raise Unauthorized()
+    resources: Resources = scope["litestar_app"].state.resources
+    auth = await resources.keys.authenticate(resources.pool, key)
+    if auth is None:
+        raise Unauthorized("The API key is not valid or has been revoked.")
+    if (context := request_context.get()) is not None:
+        context["tenant_id"] = auth.tenant_id  # the request's log lines name the tenant
+    limit = resources.settings.rate_limit_per_min if auth.rate_limit_per_min is None else (
+        auth.rate_limit_per_min
+    )
+    state = scope.setdefault("state", {})
+    try:
+        quota = await resources.limiter.check(auth.key_id, limit)
+    except RateLimited as exc:
+        state[QUOTA_STATE] = Quota(limit, 0, exc.retry_after or 1)
+        raise
+    if quota is not None:
+        state[QUOTA_STATE] = quota
+    return auth.tenant_id

@@ -17,7 +17,7 @@ def provide_resources(state: State) -> Resources:
 
 
 def tenant_of(request: Request[Any, Any, Any]) -> str:
-    """The tenant the request's API key belongs to (set by ApiKeyMiddleware)."""
+    """The tenant the request's API key belongs to (set by service.http.auth)."""
     return str(request.auth)
 
 

@@ -1,7 +1,8 @@
 """Text that Postgres cannot store is refused at the request boundary, once for every route.
 
 A NUL character or bytes that are not UTF-8, in the path, the query, a header or the body,
-answer 400 (body strings holding a NUL: 422, naming the field) before any handler runs, so no
+answer 400 (body strings holding a NUL: 422, naming the field) before any handler runs
+(check_scope_text, called by service.http.middleware for every request), so no
 field needs a check of its own and nothing is written (docs/design.md, HTTP contract).
 """
 
@@ -12,8 +13,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from litestar import Request
-from litestar.enums import ScopeType
-from litestar.types import ASGIApp, Receive, Scope, Send
+from litestar.types import Scope
 
 from service.domain.validation import check_raw_text, check_storable
 from service.errors import BadRequest
@@ -38,20 +38,6 @@ def check_scope_text(scope: Scope) -> None:
         label = f"{name.decode('ascii')} header" if _TOKEN.match(name) else "header name"
         check_raw_text(name, label)
         check_raw_text(value, label)
-
-
-def reject_unreadable_input(app: ASGIApp) -> ASGIApp:
-    """Middleware: check_scope_text before the route's own middleware (API keys) and handler.
-
-    The BadRequest it raises is answered as problem+json by the route's exception handlers.
-    """
-
-    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == ScopeType.HTTP:
-            check_scope_text(scope)
-        await app(scope, receive, send)
-
-    return middleware
 
 
 class CheckedRequest(Request[Any, Any, Any]):

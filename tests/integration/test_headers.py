@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncpg
 import structlog
 
+from service.logs import CONTEXT_PROCESSORS
 from tests.helpers import assert_problem, create_conversation
 
 
@@ -47,7 +48,7 @@ async def test_a_safe_incoming_request_id_is_echoed_and_an_unsafe_one_replaced(a
 
 async def test_log_lines_of_a_request_carry_its_id(api):
     with structlog.testing.capture_logs(
-        processors=[structlog.contextvars.merge_contextvars]
+        processors=list(CONTEXT_PROCESSORS)
     ) as lines:
         response = await api.get("/v1/conversations/conv_missing",
                                  headers={"X-Request-ID": "find-me-in-the-logs"})
@@ -64,7 +65,7 @@ async def test_an_internal_error_is_a_bare_500_problem_with_no_trace_or_sql(api,
     finally:
         await conn.close()
     with structlog.testing.capture_logs(
-        processors=[structlog.contextvars.merge_contextvars]
+        processors=list(CONTEXT_PROCESSORS)
     ) as lines:
         response = await api.get(f"/v1/conversations/{conversation['id']}/turns",
                                  headers={"X-Request-ID": "the-failing-one"})

@@ -151,7 +151,8 @@ def merge_request_context(
     context = request_context.get()
     if context:
         for key, value in context.items():
-            event.setdefault(key, value)
+            if key not in event:
+                event[key] = value
     return event
 
 

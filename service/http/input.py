@@ -35,6 +35,8 @@ def check_scope_text(scope: Scope) -> None:
     if query:
         check_raw_text(unquote_to_bytes(query.replace(b"+", b" ")), "query string")
     for name, value in scope["headers"]:
+        if name.isascii() and value.isascii() and b"\0" not in name and b"\0" not in value:
+            continue  # the usual header: ASCII is UTF-8
         label = f"{name.decode('ascii')} header" if _TOKEN.match(name) else "header name"
         check_raw_text(name, label)
         check_raw_text(value, label)

@@ -21,6 +21,14 @@ WEBHOOK_EVENT_TYPES = frozenset({"turn.completed", "turn.failed", "turn.cancelle
 # The conversation's head (its oldest open turn) comes back too: once a turn ends, the next one
 # to start.
 # Every event is activity: a conversation with a TTL expires that long after its last one.
+# An event row `e` as its notification's JSON, and the notification itself.
+EVENT_PAYLOAD = """json_build_object(
+        'sequence', e.sequence, 'type', e.type, 'conversation_id', e.conversation_id,
+        'turn_id', e.turn_id,
+        'created_at', to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+        'data', e.data)::text"""
+NOTIFY = ("pg_notify('research_events', CASE WHEN octet_length({payload}) < 7900 "
+          "THEN {conversation_id} || ' ' || {payload} ELSE {conversation_id} END)")
 INSERT_EVENT_SQL = f"""
 WITH c AS (
     UPDATE conversation SET event_count = event_count + 1, updated_at = now(),
@@ -34,16 +42,10 @@ WITH c AS (
 ), first AS (
     UPDATE turn SET first_response = $4 WHERE id = $3 AND $5
 ), j AS (
-    SELECT e.*, json_build_object(
-        'sequence', e.sequence, 'type', e.type, 'conversation_id', e.conversation_id,
-        'turn_id', e.turn_id,
-        'created_at', to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
-        'data', e.data)::text AS payload
-    FROM e
+    SELECT e.*, {EVENT_PAYLOAD} AS payload FROM e
 )
 SELECT j.sequence, j.type, j.conversation_id, j.turn_id, j.created_at, j.data,
-    pg_notify('research_events', CASE WHEN octet_length(j.payload) < 7900
-                                      THEN $1 || ' ' || j.payload ELSE $1 END),
+    {NOTIFY.format(conversation_id="$1", payload="j.payload")},
     h.id AS head_id, h.status AS head_status
 FROM j
 LEFT JOIN LATERAL (

@@ -20,6 +20,7 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import asyncpg
@@ -148,10 +149,17 @@ async def queue_turn(
     The open-turn limits and the budget hold exactly: the conversation's open turns are counted
     under its lock; the tenant's open turns and spend are counted by the commit itself (a
     trigger, migration 0011), which fails when the turn does not fit, so no lock on the tenant
-    is held across the transaction (docs/design.md §2, "Quotas").
+    is held across the transaction (docs/design.md §2, "Quotas"). With "enqueue", the turn is
+    first tried in one statement without the lock (_queue_at_once), and this transaction runs
+    only when that wrote nothing.
     Raises NotFound, Conflict (the key with another body), ConversationBusy, TooManyOpenTurns,
     PaymentRequired, and what `draft` raises (after an interrupt's cancels, which then roll back
     with the rest)."""
+    if if_busy == "enqueue":
+        at_once = await _queue_at_once(pool, settings, tenant_id, conversation_id,
+                                       idempotency_key, digest, draft)
+        if at_once is not None:
+            return at_once
     interrupted: list[Turn] = []
     try:
         async with transaction(pool) as conn:
@@ -187,6 +195,72 @@ async def queue_turn(
     line = LogLine("turns_interrupted", {"turn_id": turn.id,
                                          "cancelled": [t.id for t in interrupted]})
     return turn, queued + FollowUps(logs=(line,))
+
+
+async def _queue_at_once(
+    pool: asyncpg.Pool, settings: Settings, tenant_id: str, conversation_id: str,
+    idempotency_key: str | None, digest: bytes, draft: Draft,
+) -> tuple[Turn, FollowUps] | None:
+    """queue_turn's common case in two round trips instead of five: read the conversation,
+    then write the turn and its event in one statement that commits on its own and writes
+    only if the conversation is still as read (service.db.turns.queue_turn_at_once). None when
+    it wrote nothing (a turn created meanwhile, the conversation at its open-turn limit, an
+    Idempotency-Key already used): queue_turn's transaction then decides, under the lock."""
+    async with pool.acquire() as proxy:
+        conn = cast(asyncpg.Connection, proxy)
+        conversation = await conversation_db.conversation_for_turn(
+            conn, tenant_id, conversation_id, idempotency_key)
+        if conversation is None:
+            raise NotFound(f"Conversation {conversation_id!r} not found.")
+        if conversation["key_used"]:
+            return None
+        values = await draft(conn, conversation)
+        turn_id = f"turn_{secrets.token_hex(12)}"
+        queued = _queued_turn(turn_id, conversation_id, values)
+        try:
+            written = await turn_db.queue_turn_at_once(
+                conn, id=turn_id, conversation_id=conversation_id, tenant_id=tenant_id,
+                idempotency_key=idempotency_key, request_hash=digest,
+                tenant_open_limit=settings.max_open_turns_per_tenant,
+                conversation_open_limit=settings.max_open_turns_per_conversation,
+                event_data=queued, first_response=idempotency_key is not None, **values,
+            )
+        except asyncpg.UniqueViolationError:
+            return None  # the key (or the seq) was taken meanwhile: decided under the lock
+        except asyncpg.PostgresError as exc:
+            refused = usage.quota_refusal(exc)
+            if refused is None:
+                raise
+            raise refused from None
+        if written is None:
+            return None
+        turn, open_before = written
+        start = (turn.id,) if open_before == 0 else ()
+        if open_before:
+            # The statement counted open turns as of its start: one that ended before it took
+            # the conversation's row did not see this turn, so it may be the head already.
+            head = await turn_db.head_turn(conn, conversation_id)
+            if head is not None and head["id"] == turn.id:
+                start = (turn.id,)
+    return turn, FollowUps(start=start, counted=(turn,))
+
+
+def _queued_turn(turn_id: str, conversation_id: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The new turn as its turn.queued event carries it, but created_at (the database's)."""
+    event = msgspec.to_builtins(Turn(
+        id=turn_id, conversation_id=conversation_id, seq=values["seq"],
+        parent_turn_id=values["parent_turn_id"], input=values["input"],
+        processor=values["processor"], output_schema=values["output_schema"],
+        metadata=values["metadata"], status="queued", run_id=None, interaction_id=None,
+        previous_interaction_id=None, output=None, basis=None, error=None,
+        upstream_may_continue=False, context=None, created_at=_EPOCH, started_at=None,
+        completed_at=None,
+    ))
+    del event["created_at"]
+    return dict(event)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 async def _refuse_if_busy(conn: asyncpg.Connection, conversation_id: str) -> None:

@@ -33,6 +33,7 @@ from service.config import Settings
 from service.db import conversations as conversation_db
 from service.db import events as event_db
 from service.db import turns as turn_db
+from service.db.pool import DB_UNAVAILABLE
 from service.domain import usage
 from service.errors import Conflict, ConversationBusy, NotFound
 from service.models import Turn
@@ -217,6 +218,7 @@ async def _queue_at_once(
         values = await draft(conn, conversation)
         turn_id = f"turn_{secrets.token_hex(12)}"
         queued = _queued_turn(turn_id, conversation_id, values)
+        session = conn.get_server_pid()
         try:
             written = await turn_db.queue_turn_at_once(
                 conn, id=turn_id, conversation_id=conversation_id, tenant_id=tenant_id,
@@ -227,22 +229,44 @@ async def _queue_at_once(
             )
         except asyncpg.UniqueViolationError:
             return None  # the key (or the seq) was taken meanwhile: decided under the lock
+        except DB_UNAVAILABLE:
+            # The answer was lost (a deadline passed, the connection went): the statement
+            # commits on its own, so it may have. Answer what Postgres holds, never an error
+            # for a committed turn.
+            written = await _committed_meanwhile(pool, session, tenant_id, conversation_id,
+                                                 turn_id)
+            if written is None:
+                raise
         except asyncpg.PostgresError as exc:
             refused = usage.quota_refusal(exc)
             if refused is None:
                 raise
             raise refused from None
-        if written is None:
-            return None
-        turn, open_before = written
-        start = (turn.id,) if open_before == 0 else ()
-        if open_before:
-            # The statement counted open turns as of its start: one that ended before it took
-            # the conversation's row did not see this turn, so it may be the head already.
-            head = await turn_db.head_turn(conn, conversation_id)
-            if head is not None and head["id"] == turn.id:
-                start = (turn.id,)
+    if written is None:
+        return None
+    turn, open_before = written
+    start = (turn.id,) if open_before == 0 else ()
+    if open_before:
+        # The statement counted open turns as of its start: one that ended before it took the
+        # conversation's row did not see this turn, so it may be the head already.
+        head = await turn_db.head_turn(pool, conversation_id)
+        if head is not None and head["id"] == turn.id:
+            start = (turn.id,)
     return turn, FollowUps(start=start, counted=(turn,))
+
+
+async def _committed_meanwhile(
+    pool: asyncpg.Pool, session: int, tenant_id: str, conversation_id: str, turn_id: str
+) -> tuple[Turn, int] | None:
+    """After the one statement's answer was lost: end the session that sent it, so that it
+    cannot commit later, then read the turn by its id. (turn, 1) when it was committed (1: its
+    head is read again), None when it was not."""
+    async with pool.acquire() as proxy:
+        other = cast(asyncpg.Connection, proxy)
+        await other.execute("SELECT pg_terminate_backend($1, $2)", session, 5000)
+        turn = await turn_db.get_turn(other, tenant_id, conversation_id, turn_id)
+    log.warning("turn_create_answer_lost", turn_id=turn_id, committed=turn is not None)
+    return None if turn is None else (turn, 1)
 
 
 def _queued_turn(turn_id: str, conversation_id: str, values: dict[str, Any]) -> dict[str, Any]:

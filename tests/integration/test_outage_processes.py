@@ -174,8 +174,11 @@ def p95(answers: list[tuple[int, float]]) -> float:
     return times[min(len(times) - 1, int(0.95 * len(times)))]
 
 
-async def test_an_api_frozen_inside_a_turn_transaction_costs_only_its_conversation(
-    settings, sandbox
+# "reject" creates the turn in a transaction under the conversation's lock; "enqueue" (the
+# default) in one statement that commits on its own (docs/design.md §2, "Round trips of a turn").
+@pytest.mark.parametrize("if_busy", ["reject", "enqueue"], ids=["transaction", "one-statement"])
+async def test_an_api_frozen_while_creating_a_turn_costs_only_its_conversation(
+    settings, sandbox, if_busy
 ):
     settings = msgspec.structs.replace(
         settings, db_idle_in_transaction_timeout_s=IDLE_TIMEOUT_S, log_format="json")
@@ -215,7 +218,8 @@ async def test_an_api_frozen_inside_a_turn_transaction_costs_only_its_conversati
 
                 stuck = asyncio.create_task(frozen_client.post(
                     f"/v1/conversations/{frozen['id']}/turns",
-                    json={"input": f"{FREEZE_MARKER} the request that freezes"}))
+                    json={"input": f"{FREEZE_MARKER} the request that freezes",
+                          "if_busy": if_busy}))
                 await eventually(lambda: _sleeping_in_insert(settings.database_url), 10,
                                  "the frozen API's INSERT is running")
                 assert frozen_api.process is not None
@@ -239,12 +243,23 @@ async def test_an_api_frozen_inside_a_turn_transaction_costs_only_its_conversati
     assert {status for status, _ in baseline} == {202}
     assert {status for status, _ in during} == {202}
     assert p95(during) <= 2 * p95(baseline) + 0.05, (p95(during), p95(baseline))
-    # The server ended the frozen session (idle in transaction) and so released the lock: after
-    # the INSERT's sleep, the idle timeout, and one lock wait of the request that got through.
-    assert resumed_after <= 1.5 + IDLE_TIMEOUT_S + settings.db_lock_timeout_s + 2.0
-    # The frozen process's request was rolled back with its session: it answers 503, wrote nothing.
-    assert answer.status_code == 503, answer.text
-    assert [t["input"] for t in turns] == ["after the freeze"]
+    if if_busy == "reject":
+        # The server ended the frozen session (idle in transaction) and so released the lock:
+        # after the INSERT's sleep, the idle timeout, and one lock wait of the request that got
+        # through.
+        assert resumed_after <= 1.5 + IDLE_TIMEOUT_S + settings.db_lock_timeout_s + 2.0
+        # The frozen process's request was rolled back with its session: 503, nothing written.
+        assert answer.status_code == 503, answer.text
+        assert [t["input"] for t in turns] == ["after the freeze"]
+    else:
+        # The statement committed on the server while its process was frozen (its lock held
+        # only for the INSERT's sleep); resumed, the process finds its answer lost to its own
+        # deadline, reads the turn by its id and answers it: a committed turn is never an error.
+        assert resumed_after <= 1.5 + settings.db_lock_timeout_s + 2.0
+        assert answer.status_code == 202, answer.text
+        assert [t["input"] for t in turns] == [
+            f"{FREEZE_MARKER} the request that freezes", "after the freeze"]
+        assert answer.json()["id"] == turns[0]["id"]
 
 
 async def _sleeping_in_insert(database_url: str) -> bool:

@@ -39,7 +39,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "tenant": {"duration_s": 3, "rounds": 3, "connections": 32},
         "inflight": {"configs": [("poll", 1000, 30.0), ("push", 1000, 30.0), ("push", 1000, 90.0),
                                  ("group", 1000, 30.0), ("group", 1000, 90.0)]},
-        "e2e": {"conversations": 50, "turns": 5, "serial_turns": 10,
+        "e2e": {"conversations": 50, "turns": 5, "serial_turns": 10, "rounds": 3,
                 "modes": ["group", "push", "poll"]},
         "dbgrowth": {"turns": 100_000, "conversations": 100_000, "duration_s": 2, "rounds": 2,
                      "connections": 4},
@@ -56,7 +56,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
                 for mode in ("group", "push", "poll")
             ] + [("group", 100_000, 1200.0)]  # issue 16's scale: one worker, 100,000 in flight
         },
-        "e2e": {"conversations": 200, "turns": 5, "serial_turns": 20,
+        "e2e": {"conversations": 200, "turns": 5, "serial_turns": 20, "rounds": 3,
                 "modes": ["group", "push", "poll"]},
         "dbgrowth": {"turns": 1_000_000, "conversations": 1_000_000, "duration_s": 5,
                      "rounds": 3, "connections": 4},

@@ -5,11 +5,16 @@ README's loop calling the SDK directly (create, then result, chaining previous_i
 C of them concurrently. Service: POST the turn, then GET it with ?wait= until it ends, then the
 next; API and worker are processes of their own. Per-turn latency is from sending the question
 to holding the answer; the added latency is service minus baseline at the same percentile.
+Baseline and service alternate for `rounds` rounds (each service round on conversations of its
+own); each process's CPU per turn is the median of its rounds, and the latencies are those of
+all rounds, so one noisy round moves neither side much (the SDK loop's few milliseconds a turn
+varied by half from one run to the next).
 """
 
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -126,11 +131,19 @@ class _Cpu:
         return spent
 
 
-async def run_mode(mode: str, conversations: int, turns: int, serial: int) -> dict[str, Any]:
+def _median_cpu(laps: list[dict[str, float]]) -> dict[str, float]:
+    """Each process's median CPU over the rounds' laps."""
+    return {name: statistics.median(lap[name] for lap in laps) for name in laps[0]}
+
+
+async def run_mode(
+    mode: str, conversations: int, turns: int, serial: int, rounds: int = 1
+) -> dict[str, Any]:
     async with scratch_database("e2e") as dsn:
         tenants = await make_tenants(dsn, max(1, conversations // 50))
         ids, keys = [t for t, _ in tenants], [k for _, k in tenants]
-        convs = await make_conversations(dsn, ids, conversations, "conv_")
+        all_convs = await make_conversations(dsn, ids, conversations * rounds, "conv_")
+        convs = all_convs[:conversations]
         minimal_convs = await make_conversations(dsn, ids, conversations, "convm_")
         sandbox_port, api_port = free_port(), free_port()
         sandbox_url = f"http://127.0.0.1:{sandbox_port}"
@@ -159,12 +172,22 @@ async def run_mode(mode: str, conversations: int, turns: int, serial: int) -> di
             )
             infra = _Infra(dsn)
             await infra.lap()
-            base_lat, base_wall = await sdk_loop(sandbox_url, conversations, turns)
-            base_cpu = cpu.lap() | await infra.lap()
-            svc_lat, svc_wall = await service_loop(
-                f"http://127.0.0.1:{api_port}", convs, keys, turns
-            )
-            svc_cpu = cpu.lap() | await infra.lap()
+            base_lat, svc_lat = [], []
+            base_laps, svc_laps, base_walls, svc_walls = [], [], [], []
+            for r in range(rounds):
+                latencies, wall = await sdk_loop(sandbox_url, conversations, turns)
+                base_lat += latencies
+                base_walls.append(wall)
+                base_laps.append(cpu.lap() | await infra.lap())
+                latencies, wall = await service_loop(
+                    f"http://127.0.0.1:{api_port}",
+                    all_convs[r * conversations:(r + 1) * conversations], keys, turns,
+                )
+                svc_lat += latencies
+                svc_walls.append(wall)
+                svc_laps.append(cpu.lap() | await infra.lap())
+            base_cpu, svc_cpu = _median_cpu(base_laps), _median_cpu(svc_laps)
+            base_wall, svc_wall = statistics.median(base_walls), statistics.median(svc_walls)
             mini = await minimal_arm(settings, sandbox.cpu_seconds, infra, minimal_convs, turns)
             serial_base, _ = await sdk_loop(sandbox_url, 1, serial)
             serial_svc, _ = await service_loop(
@@ -176,6 +199,7 @@ async def run_mode(mode: str, conversations: int, turns: int, serial: int) -> di
         "mode": mode,
         "conversations": conversations,
         "turns": turns,
+        "rounds": rounds,
         "serial_turns": serial,
         "serial_baseline_s": summarize(serial_base),
         "serial_service_s": summarize(serial_svc),
@@ -296,7 +320,8 @@ def rows_for(f: dict[str, Any]) -> list[Row]:
 
 async def run(size: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
     results = [
-        await run_mode(mode, size["conversations"], size["turns"], size["serial_turns"])
+        await run_mode(mode, size["conversations"], size["turns"], size["serial_turns"],
+                       size.get("rounds", 1))
         for mode in size["modes"]
     ]
     return [row for f in results for row in rows_for(f) + cost_rows(f)], {"modes": results}

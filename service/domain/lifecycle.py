@@ -229,19 +229,19 @@ async def _queue_at_once(
             )
         except asyncpg.UniqueViolationError:
             return None  # the key (or the seq) was taken meanwhile: decided under the lock
-        except DB_UNAVAILABLE:
-            # The answer was lost (a deadline passed, the connection went): the statement
-            # commits on its own, so it may have. Answer what Postgres holds, never an error
-            # for a committed turn.
-            written = await _committed_meanwhile(pool, session, tenant_id, conversation_id,
-                                                 turn_id)
-            if written is None:
-                raise
-        except asyncpg.PostgresError as exc:
+        except asyncpg.PostgresError as exc:  # Postgres answered: nothing was written
             refused = usage.quota_refusal(exc)
             if refused is None:
                 raise
             raise refused from None
+        except DB_UNAVAILABLE:
+            # No answer (our deadline passed, the connection went): the statement commits on
+            # its own, so it may have. Answer what Postgres holds, never an error for a
+            # committed turn.
+            written = await _committed_meanwhile(pool, session, tenant_id, conversation_id,
+                                                 turn_id)
+            if written is None:
+                raise
     if written is None:
         return None
     turn, open_before = written

@@ -10,8 +10,17 @@ import asyncpg
 import msgspec
 import pytest
 
+from service.config import Settings
 from service.db.turns import _NOW_JSON
 from tests.helpers import create_conversation, post_turn, until
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    # A POST that waits for a row the test holds must outwait the test's look at it, however
+    # loaded the machine (the default lock_timeout, 2 s, answers 503 sooner).
+    return msgspec.structs.replace(settings, db_lock_timeout_s=30.0,
+                                  db_statement_timeout_s=40.0)
 
 
 @pytest.mark.parametrize("key", [None, "key-1"])

@@ -51,16 +51,24 @@ async def insert_turn(
     Returns it with how many turns of the conversation were open before it. Its commit fails
     (service.domain.usage.quota_refusal) if it takes the tenant past `tenant_open_limit` or
     its monthly budget."""
-    row = await conn.fetchrow(
-        INSERT_TURN_SQL,
+    row = await conn.fetchrow(INSERT_TURN_SQL, *_turn_args(values, tenant_open_limit))
+    assert row is not None  # an INSERT … RETURNING returns its row
+    return _turn_and_open_before(row)
+
+
+def _turn_args(values: dict[str, Any], tenant_open_limit: int | None) -> tuple[Any, ...]:
+    """$1 to $13 of INSERT_TURN_SQL and QUEUE_TURN_AT_ONCE_SQL."""
+    return (
         values["id"], values["conversation_id"], values["tenant_id"], values["seq"],
         values["parent_turn_id"], values["input"], values["processor"], values["output_schema"],
         values["metadata"], values["idempotency_key"], values["request_hash"],
         values.get("estimated_cost_usd", 0),
         "" if tenant_open_limit is None else str(tenant_open_limit),
     )
-    assert row is not None  # an INSERT … RETURNING returns its row
-    fields = dict(row)
+
+
+def _turn_and_open_before(row: asyncpg.Record) -> tuple[Turn, int]:
+    fields = {k: v for k, v in row.items() if k != "pg_notify"}
     open_before = int(fields.pop("open_before"))
     return msgspec.convert(fields, Turn), open_before
 
@@ -116,20 +124,10 @@ async def queue_turn_at_once(
     tenant's limits (service.domain.usage.quota_refusal), UniqueViolationError for an
     Idempotency-Key used meanwhile."""
     row = await conn.fetchrow(
-        QUEUE_TURN_AT_ONCE_SQL,
-        values["id"], values["conversation_id"], values["tenant_id"], values["seq"],
-        values["parent_turn_id"], values["input"], values["processor"], values["output_schema"],
-        values["metadata"], values["idempotency_key"], values["request_hash"],
-        values.get("estimated_cost_usd", 0),
-        "" if tenant_open_limit is None else str(tenant_open_limit),
+        QUEUE_TURN_AT_ONCE_SQL, *_turn_args(values, tenant_open_limit),
         event_data, first_response, conversation_open_limit,
     )
-    if row is None:
-        return None
-    fields = dict(row)
-    open_before = int(fields.pop("open_before"))
-    del fields["pg_notify"]
-    return msgspec.convert(fields, Turn), open_before
+    return None if row is None else _turn_and_open_before(row)
 
 
 TURN_BY_KEY_SQL = """

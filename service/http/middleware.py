@@ -107,13 +107,15 @@ def request_middleware(app: ASGIApp) -> ASGIApp:
             status = _status_of(exc)
             raise
         finally:
-            seconds = time.perf_counter() - start
-            route = str(scope.get("path_template") or "unmatched")
-            method = scope.get("method", "GET")
-            metrics.http_request(method, route, status, seconds)
-            if route not in QUIET_ROUTES or status >= 400:
-                log.info("request", method=method, route=route, path=scope.get("path"),
-                         status=status, duration_ms=round(seconds * 1000, 1))
-            request_context.reset(token)
+            try:
+                seconds = time.perf_counter() - start
+                route = str(scope.get("path_template") or "unmatched")
+                method = scope.get("method", "GET")
+                metrics.http_request(method, route, status, seconds)
+                if route not in QUIET_ROUTES or status >= 400:
+                    log.info("request", method=method, route=route, path=scope.get("path"),
+                             status=status, duration_ms=round(seconds * 1000, 1))
+            finally:
+                request_context.reset(token)
 
     return middleware

@@ -27,6 +27,13 @@ async def test_an_idle_worker_does_not_poll_redis(settings):
         await wait_until(lambda: worker.listening, what="the wake channel subscribed")
         # The start-up jobs: the reconcile, the retention sweep and the quota repair.
         await wait_until(lambda: not worker.tasks, 60, what="the start-up jobs to end")
+        # The last start-up job's end polls once more (jobs may wait): count from after it.
+        async def settled() -> bool:
+            before = worker.polls
+            await asyncio.sleep(0.3)
+            return worker.polls == before
+
+        await wait_until(settled, 20, what="the polls after the start-up jobs")
         polls = worker.polls
         await asyncio.sleep(1.0)  # a window to count in, not a wait for a condition
         # arq's own loop would have polled 100 times (every poll_delay, 10 ms).

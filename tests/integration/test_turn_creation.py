@@ -91,7 +91,7 @@ async def test_a_turn_queued_while_the_one_ahead_ends_is_started(api, resources,
         async def waiting_for_the_row() -> bool:
             return bool(await holder.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO turn%'"))
+                " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"))
 
         await until(waiting_for_the_row)
         await ending.commit()

@@ -139,8 +139,9 @@ FOR UPDATE
 """
 
 
-# The same row unlocked, for a turn created in one statement (service.db.turns.queue_turn_at_once),
-# and whether the Idempotency-Key $3 was used in it already (then it is replayed under the lock).
+# The same row unlocked, for a turn created in one statement
+# (service.db.new_turns.queue_turn_at_once), and whether the Idempotency-Key $3 was used in it
+# already (then it is replayed under the lock).
 CONVERSATION_FOR_TURN_SQL = """
 SELECT c.id, c.processor, c.turn_count, c.last_turn_id, c.webhook_url, c.webhook_secret,
     $3::text IS NOT NULL AND EXISTS (

@@ -32,6 +32,7 @@ from service import queue as jobs
 from service.config import Settings
 from service.db import conversations as conversation_db
 from service.db import events as event_db
+from service.db import new_turns
 from service.db import turns as turn_db
 from service.db.pool import DB_UNAVAILABLE
 from service.domain import usage
@@ -174,7 +175,7 @@ async def queue_turn(
             elif if_busy == "interrupt":
                 interrupted = await _cancel_open(
                     conn, conversation_id, webhook=conversation["webhook_url"] is not None)
-            turn, open_before = await turn_db.insert_turn(
+            turn, open_before = await new_turns.insert_turn(
                 conn, id=f"turn_{secrets.token_hex(12)}", conversation_id=conversation_id,
                 tenant_id=tenant_id, idempotency_key=idempotency_key, request_hash=digest,
                 tenant_open_limit=settings.max_open_turns_per_tenant,
@@ -204,7 +205,7 @@ async def _queue_at_once(
 ) -> tuple[Turn, FollowUps] | None:
     """queue_turn's common case in two round trips instead of five: read the conversation,
     then write the turn and its event in one statement that commits on its own and writes
-    only if the conversation is still as read (service.db.turns.queue_turn_at_once). None when
+    only if the conversation is still as read (service.db.new_turns.queue_turn_at_once). None when
     it wrote nothing (a turn created meanwhile, the conversation at its open-turn limit, an
     Idempotency-Key already used): queue_turn's transaction then decides, under the lock."""
     async with pool.acquire() as proxy:
@@ -220,7 +221,7 @@ async def _queue_at_once(
         queued = _queued_turn(turn_id, conversation_id, values)
         session = conn.get_server_pid()
         try:
-            written = await turn_db.queue_turn_at_once(
+            written = await new_turns.queue_turn_at_once(
                 conn, id=turn_id, conversation_id=conversation_id, tenant_id=tenant_id,
                 idempotency_key=idempotency_key, request_hash=digest,
                 tenant_open_limit=settings.max_open_turns_per_tenant,

@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from service.config import Settings
-from service.db.turns import _NOW_JSON
+from service.db.new_turns import NOW_JSON
 from tests.helpers import create_conversation, post_turn, until
 
 
@@ -50,7 +50,7 @@ async def test_created_at_is_written_in_sql_as_msgspec_writes_it(database_url, a
     conn = await asyncpg.connect(database_url)
     try:
         written = await conn.fetchval(
-            "SELECT " + _NOW_JSON.replace("now()", "$1::timestamptz"), at)
+            "SELECT " + NOW_JSON.replace("now()", "$1::timestamptz"), at)
     finally:
         await conn.close()
     assert written == msgspec.json.encode(at).decode().strip('"')

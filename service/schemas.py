@@ -219,7 +219,7 @@ TerminalEventType = Literal["turn.completed", "turn.failed", "turn.cancelled"]
 
 
 class WebhookPayload(msgspec.Struct, kw_only=True):
-    """The body of an outbound webhook (service.db.webhook_deliveries.webhook_payload)."""
+    """The body of an outbound webhook (migration 0014's append_event writes it)."""
 
     type: TerminalEventType
     timestamp: datetime  # the event's created_at

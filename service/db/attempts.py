@@ -8,8 +8,6 @@ newer attempt's state; the run a stale attempt made is kept in turn_extra_run in
 
 from __future__ import annotations
 
-from typing import Any
-
 import asyncpg
 import msgspec
 
@@ -124,35 +122,13 @@ async def abandon_start(
     return doubtful
 
 
+# Migration 0014's record_run: the conversation locked, then the run stored, in one statement.
 # The attempt that owns the lease (it is the newest and has not ended: abandoned, or its turn
-# failed for it) records its run: a queued turn becomes running, a cancelled one stays
-# cancelled and says its run may go on. Any other attempt's run is an extra run. The run was
-# created with the previous_interaction_id the attempt began with, unless it was reseeded ($6:
-# created without it, Parallel having refused it).
-RECORD_RUN_SQL = f"""
-WITH recorded AS (
-    UPDATE turn AS t SET
-        run_id = $2, interaction_id = $3, start_attempt_at = NULL,
-        context = CASE WHEN $6 THEN 'reseeded'
-                       WHEN t.previous_interaction_id IS NULL THEN 'none' ELSE 'chained' END,
-        previous_interaction_id = CASE WHEN $6 THEN NULL ELSE t.previous_interaction_id END,
-        status = CASE WHEN t.status = 'queued' THEN 'running' ELSE t.status END,
-        started_at = CASE WHEN t.status = 'queued' THEN now() ELSE t.started_at END,
-        next_check_at = CASE WHEN t.status = 'queued' THEN now() + make_interval(secs => $4) END,
-        upstream_may_continue = t.upstream_may_continue OR t.status = 'cancelled',
-        taskgroup_id = $7
-    WHERE t.id = $1 AND t.start_attempts = $5 AND t.start_attempt_at IS NOT NULL
-      AND t.run_id IS NULL
-    RETURNING {TURN_COLUMNS}
-), extra AS (
-    INSERT INTO turn_extra_run (turn_id, attempt, run_id, interaction_id)
-    SELECT $1, $5, $2, $3 WHERE NOT EXISTS (SELECT 1 FROM recorded)
-    ON CONFLICT (turn_id, attempt) DO NOTHING
-    RETURNING run_id
-)
-SELECT recorded.*, (SELECT count(*) FROM extra) AS extra
-FROM (SELECT 1) AS one LEFT JOIN recorded ON true
-"""
+# failed for it) records its run: a queued turn becomes running, with its turn.running event; a
+# cancelled one stays cancelled and says its run may go on. Any other attempt's run is an extra
+# run. The run was created with the previous_interaction_id the attempt began with, unless it
+# was reseeded ($6: created without it, Parallel having refused it).
+RECORD_RUN_SQL = "SELECT * FROM record_run($1, $5, $2, $3, $4, $6, $7)"
 
 
 class Recorded(msgspec.Struct, frozen=True):
@@ -161,22 +137,22 @@ class Recorded(msgspec.Struct, frozen=True):
 
 
 async def record_run(
-    conn: asyncpg.Connection, turn_id: str, attempt: int, run_id: str, interaction_id: str,
+    pool: asyncpg.Pool, turn_id: str, attempt: int, run_id: str, interaction_id: str,
     first_check_s: float, taskgroup_id: str | None = None, *, reseeded: bool = False,
-) -> Recorded:
+) -> Recorded | None:
     """Store attempt `attempt`'s run (`reseeded`: created without the attempt's
     previous_interaction_id): as the turn's run if that attempt still owns the lease, else in
-    turn_extra_run. Call it with the turn's conversation locked (the turn exists).
+    turn_extra_run; committed on its own. None when the turn is gone.
     `taskgroup_id`: the task group the run is in (its polling is then a slow safety net)."""
-    row = await conn.fetchrow(
+    row = await pool.fetchrow(
         RECORD_RUN_SQL, turn_id, run_id, interaction_id, first_check_s, attempt, reseeded,
         taskgroup_id,
     )
-    assert row is not None  # one row always: the LEFT JOIN on (SELECT 1)
-    if row["id"] is None:
-        return Recorded(None, bool(row["extra"]))
-    fields: dict[str, Any] = {k: v for k, v in row.items() if k != "extra"}
-    return Recorded(msgspec.convert(fields, Turn), False)
+    if row is None:
+        return None
+    if row["turn_after"] is None:
+        return Recorded(None, row["extra"])
+    return Recorded(msgspec.convert(row["turn_after"], Turn), False)
 
 
 # Parallel refused the attempt's create, or too many creates are in doubt: the turn fails,

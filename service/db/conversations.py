@@ -291,7 +291,7 @@ async def claim_expired_conversation(
 
 
 LOCK_CONVERSATION_OF_TURN_SQL = """
-SELECT c.id, c.webhook_url IS NOT NULL AS webhook FROM conversation c
+SELECT c.id FROM conversation c
 WHERE c.id = (SELECT conversation_id FROM turn WHERE id = $1)
 FOR UPDATE OF c
 """
@@ -301,5 +301,5 @@ async def lock_conversation_of_turn(
     conn: asyncpg.Connection, turn_id: str
 ) -> asyncpg.Record | None:
     """Lock the turn's conversation (always before the turn itself: one lock order, no
-    deadlocks): its id and whether it has a webhook (`webhook`), or None when the turn is gone."""
+    deadlocks): its id, or None when the turn is gone."""
     return await conn.fetchrow(LOCK_CONVERSATION_OF_TURN_SQL, turn_id)

@@ -5,56 +5,26 @@ from __future__ import annotations
 import asyncpg
 import msgspec
 
-from service.db.conversations import EXPIRES_AT
 from service.db.pool import Conn
-from service.db.webhook_deliveries import insert_delivery
+from service.db.webhook_deliveries import delivery_ids
 from service.models import Event, Turn
 
 NOTIFY_CHANNEL = "research_events"
 # Events that conversations with a webhook_url are sent (docs/design.md §3).
 WEBHOOK_EVENT_TYPES = frozenset({"turn.completed", "turn.failed", "turn.cancelled"})
 
-# The notification carries the event itself when it fits in a NOTIFY payload (under 8,000 bytes),
-# as "<conversation id> <event JSON>", so a feed (service.domain.feeds) need not read it back;
-# a bare conversation id means "read what is new". created_at is written as Python writes it.
-# $5: also store the turn as the first answer of its Idempotency-Key (it is the event's data).
-# The conversation's head (its oldest open turn) comes back too: once a turn ends, the next one
-# to start.
-# Every event is activity: a conversation with a TTL expires that long after its last one.
-# An event row `e` as its notification's JSON, and the notification itself.
+# The notification of an event row `e`: the event itself when it fits in a NOTIFY payload (under
+# 8,000 bytes), as "<conversation id> <event JSON>", so a feed (service.domain.feeds) need not
+# read it back; a bare conversation id means "read what is new". Times are written as the API
+# writes them (api_time, migration 0014). append_event (migration 0014) sends the same.
 EVENT_PAYLOAD = """json_build_object(
         'sequence', e.sequence, 'type', e.type, 'conversation_id', e.conversation_id,
-        'turn_id', e.turn_id,
-        'created_at', to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
-        'data', e.data)::text"""
+        'turn_id', e.turn_id, 'created_at', api_time(e.created_at), 'data', e.data)::text"""
 NOTIFY = ("pg_notify('research_events', CASE WHEN octet_length({payload}) < 7900 "
           "THEN {conversation_id} || ' ' || {payload} ELSE {conversation_id} END)")
-INSERT_EVENT_SQL = f"""
-WITH c AS (
-    UPDATE conversation SET event_count = event_count + 1, updated_at = now(),
-        last_activity_at = now(), expires_at = {EXPIRES_AT.format(ttl="ttl_seconds", at="now()")}
-    WHERE id = $1
-    RETURNING event_count
-), e AS (
-    INSERT INTO event (conversation_id, sequence, type, turn_id, data)
-    SELECT $1, c.event_count, $2, $3, $4 FROM c
-    RETURNING sequence, type, conversation_id, turn_id, created_at, data
-), first AS (
-    UPDATE turn SET first_response = $4 WHERE id = $3 AND $5
-), j AS (
-    SELECT e.*, {EVENT_PAYLOAD} AS payload FROM e
-)
-SELECT j.sequence, j.type, j.conversation_id, j.turn_id, j.created_at, j.data,
-    {NOTIFY.format(conversation_id="$1", payload="j.payload")},
-    h.id AS head_id, h.status AS head_status
-FROM j
-LEFT JOIN LATERAL (
-    SELECT id, status FROM turn
-    WHERE conversation_id = $1 AND status IN ('queued', 'running')
-    ORDER BY seq
-    LIMIT 1
-) h ON true
-"""
+# Migration 0014: the event, the conversation's counters and expiry, the NOTIFY, a terminal
+# event's webhook delivery, the first answer of an Idempotency-Key ($5), and the head.
+APPEND_EVENT_SQL = "SELECT * FROM append_event($1, $2, $3, $4, $5, $6, $7)"
 
 EVENT_FIELDS = ("sequence", "type", "conversation_id", "turn_id", "created_at", "data")
 EVENT_COLUMNS = ", ".join(EVENT_FIELDS)
@@ -73,26 +43,29 @@ class Inserted(msgspec.Struct, frozen=True):
 
 
 async def insert_event(
-    conn: Conn, event_type: str, turn: Turn, *, webhook: bool = True,
-    first_response: bool = False,
+    conn: Conn, event_type: str, turn: Turn, *, first_response: bool = False,
 ) -> Inserted:
     """Append an event carrying the turn as it is now; returns it with its sequence, and the
     conversation's head turn (call with the conversation locked, after the turn's change).
 
-    A terminal event also queues its webhook delivery here when the conversation has a webhook
-    (`webhook`: the caller read its webhook_url under the lock), in the caller's transaction
-    (the one recording the turn's status), so no status change commits without its webhook.
-    `first_response`: the turn is also stored as its Idempotency-Key's first answer.
+    A terminal event also queues its webhook delivery when the conversation has a webhook, in
+    the caller's transaction (the one recording the turn's status), so no status change commits
+    without its webhook. `first_response`: the turn is also stored as its Idempotency-Key's
+    first answer.
     """
-    data = msgspec.to_builtins(turn)
-    row = await conn.fetchrow(INSERT_EVENT_SQL, turn.conversation_id, event_type, turn.id, data,
-                              first_response)
-    assert row is not None  # the conversation is locked by the caller, so it exists
-    event = to_event(row)
-    if webhook and event_type in WEBHOOK_EVENT_TYPES:
-        await insert_delivery(conn, event)
-    head = (row["head_id"], row["head_status"]) if row["head_id"] is not None else None
-    return Inserted(event, head)
+    row = await conn.fetchrow(APPEND_EVENT_SQL, turn.conversation_id, event_type, turn.id,
+                              msgspec.to_builtins(turn), first_response, *delivery_ids())
+    assert row is not None  # one row always
+    event = Event(sequence=row["event_sequence"], type=event_type,  # type: ignore[arg-type]
+                  conversation_id=turn.conversation_id, turn_id=turn.id,
+                  created_at=row["event_created_at"], data=turn)
+    return Inserted(event, head_of(row))
+
+
+def head_of(row: asyncpg.Record) -> tuple[str, str] | None:
+    """The (id, status) of a row's head_id and head_status, None when the conversation has no
+    open turn."""
+    return (row["head_id"], row["head_status"]) if row["head_id"] is not None else None
 
 
 LIST_EVENTS_SQL = f"""

@@ -68,11 +68,9 @@ def _turn_and_open_before(row: asyncpg.Record) -> tuple[Turn, int]:
 # turns; otherwise nothing, and no row comes back. The conversation's UPDATE is the lock: a
 # concurrent new turn changes turn_count, so one of the two writes nothing (its seq would be
 # refused by turn_conversation_seq_key too, which the caller takes the same way). $14 is the turn's
-# event data but created_at, which is the statement's now() written as msgspec writes it; $15:
+# event data but created_at, which is the statement's now() as the API writes it; $15:
 # also store it as the Idempotency-Key's first answer. The tenant's limits are checked at the
 # commit (migration 0011), as for INSERT_TURN_SQL.
-NOW_JSON = ("""regexp_replace(to_char(now() AT TIME ZONE 'UTC',"""
-             """ 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), '\\.000000Z$', 'Z')""")
 QUEUE_TURN_AT_ONCE_SQL = f"""
 WITH open AS (
     SELECT count(*) AS n FROM turn WHERE conversation_id = $2 AND status IN ('queued', 'running')
@@ -83,7 +81,7 @@ WITH open AS (
     WHERE id = $2 AND tenant_id = $3 AND turn_count = $4 - 1 AND (SELECT n FROM open) < $16
     RETURNING event_count
 ), d AS (
-    SELECT $14::jsonb || jsonb_build_object('created_at', {NOW_JSON}) AS turn
+    SELECT $14::jsonb || jsonb_build_object('created_at', api_time(now())) AS turn
 ), t AS (
     INSERT INTO turn AS t (
         id, conversation_id, tenant_id, seq, parent_turn_id, input, processor, output_schema,

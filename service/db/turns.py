@@ -8,6 +8,8 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from service.db.events import head_of
+from service.db.webhook_deliveries import delivery_ids
 from service.models import Turn
 
 TURN_COLUMNS = """
@@ -77,22 +79,18 @@ async def lock_turn(conn: asyncpg.Connection, turn_id: str) -> Turn | None:
     return to_turn(row) if row else None
 
 
-SET_STATUS_SQL = f"""
-UPDATE turn AS t SET
-    status = $2,
-    output = COALESCE($3, t.output),
-    basis = COALESCE($4, t.basis),
-    error = COALESCE($5, t.error),
-    upstream_may_continue = t.upstream_may_continue OR $6,
-    completed_at = CASE WHEN $2 IN ('completed', 'failed', 'cancelled') THEN now() END,
-    next_check_at = NULL
-WHERE t.id = $1 AND t.status = ANY($7::text[])
-RETURNING {TURN_COLUMNS}
-"""
+# Migration 0014: the conversation locked, the turn moved to $2 if it is in one of $7, its
+# event appended (with a webhook delivery when the conversation has a webhook), in one statement.
+FINISH_TURN_SQL = "SELECT * FROM finish_turn($1, $2, $7::text[], $3, $4, $5, $6, $8, $9)"
+
+
+class Finished(msgspec.Struct, frozen=True):
+    turn: Turn | None  # as it now is, None when it was not in from_statuses (nothing changed)
+    head: tuple[str, str] | None  # the conversation's oldest open turn: (id, status)
 
 
 async def finish_turn(
-    conn: asyncpg.Connection,
+    conn: asyncpg.Connection | asyncpg.Pool,
     turn_id: str,
     status: str,
     *,
@@ -101,13 +99,18 @@ async def finish_turn(
     basis: Any = None,
     error: Any = None,
     upstream_may_continue: bool = False,
-) -> Turn | None:
-    """Move the turn to a terminal status if it is still in one of from_statuses; else None."""
+) -> Finished | None:
+    """Move the turn to a terminal status if it is still in one of from_statuses, with its
+    event, locking its conversation first; None when the turn is gone. On a pool it commits
+    on its own (one round trip); on a connection, with the caller's transaction."""
     row = await conn.fetchrow(
-        SET_STATUS_SQL, turn_id, status, output, basis, error, upstream_may_continue,
-        list(from_statuses),
+        FINISH_TURN_SQL, turn_id, status, output, basis, error, upstream_may_continue,
+        list(from_statuses), *delivery_ids(),
     )
-    return to_turn(row) if row else None
+    if row is None:
+        return None
+    turn = None if row["turn_after"] is None else msgspec.convert(row["turn_after"], Turn)
+    return Finished(turn, head_of(row))
 
 
 OPEN_TURNS_SQL = """

@@ -10,46 +10,16 @@ import asyncpg
 import msgspec
 
 from service.db.pool import Conn
-from service.models import AttemptOutcome, Event, WebhookDelivery
+from service.models import AttemptOutcome, WebhookDelivery
 
 # Inserts and redeliveries notify this channel on commit; the worker's dispatcher listens.
 DELIVERY_CHANNEL = "webhook_deliveries"
 WAKE_PAYLOAD = "due"
 
-# Only conversations with a webhook URL get a row; the pg_notify runs once per inserted row.
-INSERT_DELIVERY_SQL = """
-WITH d AS (
-    INSERT INTO webhook_delivery (
-        id, conversation_id, tenant_id, event_sequence, event_type, webhook_id, url, payload,
-        next_attempt_at
-    )
-    SELECT $1, c.id, c.tenant_id, $3, $4, $5, c.webhook_url, $6, now()
-    FROM conversation c
-    WHERE c.id = $2 AND c.webhook_url IS NOT NULL
-    RETURNING id
-)
-SELECT d.id, pg_notify('webhook_deliveries', 'due') FROM d
-"""
-
-
-def webhook_payload(event: Event) -> dict[str, Any]:
-    """The body every attempt sends: the event itself, so the receiver needs no further call."""
-    data = msgspec.to_builtins(event)
-    return {"type": event.type, "timestamp": data["created_at"], "data": data}
-
-
-async def insert_delivery(conn: Conn, event: Event) -> str | None:
-    """Queue the event's webhook (call in the transaction recording it); None without a URL."""
-    delivery_id: str | None = await conn.fetchval(
-        INSERT_DELIVERY_SQL,
-        f"whd_{secrets.token_hex(12)}",
-        event.conversation_id,
-        event.sequence,
-        event.type,
-        f"msg_{secrets.token_hex(12)}",
-        webhook_payload(event),
-    )
-    return delivery_id
+def delivery_ids() -> tuple[str, str]:
+    """A new delivery's id and its Standard Webhooks `webhook-id` (migration 0014's
+    append_event uses them when its event is one to deliver)."""
+    return f"whd_{secrets.token_hex(12)}", f"msg_{secrets.token_hex(12)}"
 
 
 class DueDelivery(msgspec.Struct, frozen=True, kw_only=True):

@@ -11,7 +11,6 @@ import msgspec
 from service.config import Settings
 from service.db import attempts as attempt_db
 from service.db import conversations as conversation_db
-from service.db import events as event_db
 from service.db import turns as turn_db
 from service.domain import lifecycle
 from service.domain.lifecycle import NOTHING, Ended, FollowUps, LogLine, transaction
@@ -66,7 +65,7 @@ async def begin_attempt(
             if state.held:
                 await attempt_db.abandon_start(conn, turn_id, state.attempts, in_doubt=True)
             return "create_in_doubt", lost + await _fail_in_doubt(
-                conn, settings, turn_id, state.attempts, webhook=conversation["webhook"])
+                conn, settings, turn_id, state.attempts)
         previous = await turn_db.previous_interaction(conn, turn.parent_turn_id)
         number = await attempt_db.begin_start(conn, turn_id, previous, state.attempts,
                                               settings.start_lease_s, grouped)
@@ -83,15 +82,8 @@ async def record_run(
     queued turn becomes running ("started"; a cancelled one keeps it as a run that may go on),
     or, once a newer attempt owns the lease or the turn is gone, the run is an "extra-run"
     (kept in turn_extra_run while the turn exists)."""
-    async with transaction(pool) as conn:
-        if await conversation_db.lock_conversation_of_turn(conn, turn.id) is None:
-            recorded = None
-        else:
-            recorded = await attempt_db.record_run(conn, turn.id, attempt, run_id,
-                                                   interaction_id, first_check_s, taskgroup_id,
-                                                   reseeded=reseeded)
-            if recorded.turn is not None and recorded.turn.status == "running":
-                await event_db.insert_event(conn, "turn.running", recorded.turn)
+    recorded = await attempt_db.record_run(pool, turn.id, attempt, run_id, interaction_id,
+                                           first_check_s, taskgroup_id, reseeded=reseeded)
     if recorded is None or recorded.turn is None:
         reason = "turn_deleted" if recorded is None else "stale_attempt"
         # Billed and never read. See README, "Guarantees".
@@ -121,8 +113,7 @@ async def abandon_attempt(
             return "stale", NOTHING
         if doubtful < settings.max_doubtful_attempts:
             return "abandoned", NOTHING
-        return "create_in_doubt", await _fail_in_doubt(conn, settings, turn_id, attempt,
-                                                       webhook=conversation["webhook"])
+        return "create_in_doubt", await _fail_in_doubt(conn, settings, turn_id, attempt)
 
 
 async def fail_attempt(
@@ -135,12 +126,11 @@ async def fail_attempt(
         if conversation is None:
             return None, NOTHING
         turn = await attempt_db.fail_start(conn, turn_id, attempt, error)
-        return turn, await lifecycle.ended(conn, turn_id, "failed", turn,
-                                           webhook=conversation["webhook"])
+        return turn, await lifecycle.ended(conn, turn_id, "failed", turn)
 
 
 async def _fail_in_doubt(
-    conn: asyncpg.Connection, settings: Settings, turn_id: str, attempt: int, *, webhook: bool
+    conn: asyncpg.Connection, settings: Settings, turn_id: str, attempt: int
 ) -> FollowUps:
     message = (
         f"Parallel did not answer {settings.max_doubtful_attempts} requests to create this "
@@ -149,7 +139,7 @@ async def _fail_in_doubt(
     )
     turn = await attempt_db.fail_start(conn, turn_id, attempt,
                                        {"code": "create_in_doubt", "message": message})
-    return await lifecycle.ended(conn, turn_id, "failed", turn, webhook=webhook)
+    return await lifecycle.ended(conn, turn_id, "failed", turn)
 
 
 # a run's end --------------------------------------------------------------------------------

@@ -111,11 +111,12 @@ async def enqueue_start(queue: jobs.Queue | None, settings: Settings, turn_id: s
         return False
 
 
-def _start_head(inserted: event_db.Inserted) -> FollowUps:
-    """Start the conversation's oldest open turn once this commits, if it waits for a worker."""
-    if inserted.head is None or inserted.head[1] != "queued":
+def _start_head(head: tuple[str, str] | None) -> FollowUps:
+    """Start the conversation's oldest open turn, (id, status), once this commits, if it waits
+    for a worker."""
+    if head is None or head[1] != "queued":
         return NOTHING
-    return FollowUps(start=(inserted.head[0],))
+    return FollowUps(start=(head[0],))
 
 
 async def _lock_conversation(
@@ -173,8 +174,7 @@ async def queue_turn(
             if if_busy == "reject":
                 await _refuse_if_busy(conn, conversation_id)
             elif if_busy == "interrupt":
-                interrupted = await _cancel_open(
-                    conn, conversation_id, webhook=conversation["webhook_url"] is not None)
+                interrupted = await _cancel_open(conn, conversation_id)
             turn, open_before = await new_turns.insert_turn(
                 conn, id=f"turn_{secrets.token_hex(12)}", conversation_id=conversation_id,
                 tenant_id=tenant_id, idempotency_key=idempotency_key, request_hash=digest,
@@ -330,27 +330,32 @@ async def time_out(pool: asyncpg.Pool, turn_id: str, error: dict[str, str]) -> E
 
 
 async def _finish(pool: asyncpg.Pool, turn_id: str, status: str, **fields: Any) -> Ended:
-    async with transaction(pool) as conn:
-        conversation = await conversation_db.lock_conversation_of_turn(conn, turn_id)
-        if conversation is None:
-            return None, NOTHING
-        turn = await turn_db.finish_turn(conn, turn_id, status, from_statuses=("running",),
+    finished = await turn_db.finish_turn(pool, turn_id, status, from_statuses=("running",),
                                          **fields)
-        return turn, await ended(conn, turn_id, status, turn, webhook=conversation["webhook"])
+    if finished is None:
+        return None, NOTHING
+    return finished.turn, _ended(turn_id, status, finished.turn, finished.head)
 
 
 async def ended(
-    conn: asyncpg.Connection, turn_id: str, status: str, turn: Turn | None, *, webhook: bool
+    conn: asyncpg.Connection, turn_id: str, status: str, turn: Turn | None
 ) -> FollowUps:
-    """The terminal event of a turn that just ended (in its transaction), and its follow-ups.
-    `webhook`: the conversation has a webhook URL (read under its lock)."""
+    """The terminal event of a turn that just ended (in its transaction), and its follow-ups."""
+    if turn is None:
+        return _ended(turn_id, status, None, None)
+    inserted = await event_db.insert_event(conn, f"turn.{turn.status}", turn)
+    return _ended(turn_id, status, turn, inserted.head)
+
+
+def _ended(
+    turn_id: str, status: str, turn: Turn | None, head: tuple[str, str] | None
+) -> FollowUps:
     if turn is None:
         return FollowUps(logs=(LogLine("late_result_ignored", {"turn_id": turn_id,
                                                                "status": status}),))
-    inserted = await event_db.insert_event(conn, f"turn.{turn.status}", turn, webhook=webhook)
     ended = FollowUps(counted=(turn,), logs=(LogLine("turn_finished", {"turn_id": turn_id,
                                                                        "status": turn.status}),))
-    return ended + _start_head(inserted)
+    return ended + _start_head(head)
 
 
 # cancel -------------------------------------------------------------------------------------
@@ -362,7 +367,7 @@ async def cancel(
     """Cancel a queued or running turn (idempotent); the next turn starts once it commits.
     Raises NotFound, or Conflict once the turn has completed or failed."""
     async with transaction(pool) as conn:
-        conversation = await _lock_conversation(conn, tenant_id, conversation_id)
+        await _lock_conversation(conn, tenant_id, conversation_id)
         turn = await turn_db.lock_turn(conn, turn_id)
         if turn is None or turn.conversation_id != conversation_id:
             raise NotFound(f"Turn {turn_id!r} not found in conversation {conversation_id!r}.")
@@ -370,11 +375,9 @@ async def cancel(
             return turn, NOTHING
         if turn.status in ("completed", "failed"):
             raise Conflict(f"The turn already ended: it is {turn.status}.")
-        ended = await _cancel_locked(
-            conn, turn_id, turn.status, webhook=conversation["webhook_url"] is not None)
-        assert ended is not None  # locked and open
-        cancelled, inserted = ended
-        return cancelled, FollowUps(counted=(cancelled,)) + _start_head(inserted)
+        finished = await _cancel_locked(conn, turn_id, turn.status)
+        assert finished is not None and finished.turn is not None  # locked and open
+        return finished.turn, FollowUps(counted=(finished.turn,)) + _start_head(finished.head)
 
 
 async def cancel_open_turns(
@@ -383,35 +386,28 @@ async def cancel_open_turns(
     """Cancel every open turn of the conversation, newest first, starting none (it is being
     deleted). Raises NotFound."""
     async with transaction(pool) as conn:
-        conversation = await _lock_conversation(conn, tenant_id, conversation_id)
-        done = await _cancel_open(
-            conn, conversation_id, webhook=conversation["webhook_url"] is not None)
+        await _lock_conversation(conn, tenant_id, conversation_id)
+        done = await _cancel_open(conn, conversation_id)
     return done, FollowUps(counted=tuple(done))
 
 
-async def _cancel_open(
-    conn: asyncpg.Connection, conversation_id: str, *, webhook: bool
-) -> list[Turn]:
+async def _cancel_open(conn: asyncpg.Connection, conversation_id: str) -> list[Turn]:
     """Cancel every open turn of the locked conversation, newest first."""
     done: list[Turn] = []
     for row in reversed(await turn_db.open_turns(conn, conversation_id)):
-        cancelled = await _cancel_locked(conn, row["id"], row["status"], webhook=webhook)
-        if cancelled is not None:
-            done.append(cancelled[0])
+        cancelled = await _cancel_locked(conn, row["id"], row["status"])
+        if cancelled is not None and cancelled.turn is not None:
+            done.append(cancelled.turn)
     return done
 
 
 async def _cancel_locked(
-    conn: asyncpg.Connection, turn_id: str, status: str, *, webhook: bool
-) -> tuple[Turn, event_db.Inserted] | None:
+    conn: asyncpg.Connection, turn_id: str, status: str
+) -> turn_db.Finished | None:
     """Cancel an open turn of the locked conversation, with its turn.cancelled event (and its
-    webhook delivery when the conversation has a webhook, `webhook`); a running one's run may
-    still finish upstream, which the turn says. None when it had already ended."""
-    cancelled = await turn_db.finish_turn(
+    webhook delivery when the conversation has a webhook); a running one's run may still
+    finish upstream, which the turn says. Its turn is None when it had already ended."""
+    return await turn_db.finish_turn(
         conn, turn_id, "cancelled", from_statuses=("queued", "running"),
         upstream_may_continue=status == "running",
     )
-    if cancelled is None:
-        return None
-    return cancelled, await event_db.insert_event(conn, "turn.cancelled", cancelled,
-                                                  webhook=webhook)

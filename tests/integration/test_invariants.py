@@ -119,7 +119,7 @@ async def test_a_cancel_committed_while_a_claimed_check_holds_the_result_wins(
     """The check has claimed the turn and holds Parallel's result when the cancel commits: its
     finish must record nothing, write no event and queue no webhook.
 
-    Mutation: SET_STATUS_SQL's `AND t.status = ANY($7::text[])` removed."""
+    Mutation: finish_turn's (migration 0014) `AND u.status = ANY(in_from)` removed."""
     conversation = await create_conversation(api, webhook_url=f"http://127.0.0.1:{free_port()}/hook")
     turn = await post_turn(api, conversation["id"], "Done before the cancel lands")
     assert await start(resources, turn) == "started"
@@ -230,8 +230,8 @@ async def test_each_terminal_status_commits_together_with_its_webhook_delivery(
     """Completed (the follower's finish), failed (a failed run), cancelled (the API): each
     transaction that records the status also holds the delivery row when it commits.
 
-    Mutation: insert_event no longer queues the delivery; runs.finish queues it in its own
-    transaction right after the commit (every webhook is still sent)."""
+    Mutation: append_event (migration 0014) no longer queues the delivery; runs.finish queues
+    it in its own transaction right after the commit (every webhook is still sent)."""
     conn = await asyncpg.connect(database_url)
     try:
         await conn.execute(OUTBOX_PROBE_SQL)

@@ -1,7 +1,9 @@
 """What a turn costs in statements, counted on the pools' own connections: creating one is two
-statements and no transaction (three when a turn is ahead of it), each transition of the worker
-one transaction, and a conversation without a webhook writes no outbox row (issue 16: fewer
-round trips per turn)."""
+statements and no transaction (three when a turn is ahead of it), a start attempt one
+transaction, storing its run and the run's end one statement each (migration 0014's functions),
+and a conversation without a webhook writes no outbox row (issue 16: fewer round trips per
+turn). The turn those functions write into events, built in SQL, is the turn as the API shows
+it."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import pytest
 from service.config import Settings
 from service.domain import attempts, lifecycle
 from service.domain.feeds import Feed
+from service.models import Turn
 from tests.helpers import create_conversation, post_turn, until
 
 POOL = 3
@@ -90,7 +93,7 @@ async def test_creating_a_conversations_first_turn_is_two_statements(api, resour
     assert kinds(statements)["BEGIN"] == 0
 
 
-async def test_each_transition_of_a_turn_is_one_transaction_and_no_webhook_writes_no_outbox_row(
+async def test_a_start_is_one_transaction_its_run_and_its_end_one_statement_each(
     api, resources
 ):
     pool, settings = resources.pool, resources.settings
@@ -107,24 +110,78 @@ async def test_each_transition_of_a_turn_is_one_transaction_and_no_webhook_write
         completed, _ = await lifecycle.complete(pool, turn["id"],
                                                 {"type": "text", "content": "done"}, [])
     assert completed is not None and completed.status == "completed"
-    counts = {"begin_attempt": begun_statements, "record_run": recorded_statements,
-              "complete": completed_statements}
-    print({name: len(statements) for name, statements in counts.items()})
-    for name, statements in counts.items():
-        assert kinds(statements)["BEGIN"] == 1, (name, statements)
-    assert all(len(statements) <= 5 for statements in counts.values()), counts
-    assert not any("webhook_delivery" in s for s in completed_statements)
+    print({"begin_attempt": len(begun_statements)})
+    assert kinds(begun_statements)["BEGIN"] == 1 and len(begun_statements) <= 6
+    assert recorded_statements == ["SELECT * FROM record_run($1, $5, $2, $3, $4, $6, $7)"]
+    assert len(completed_statements) == 1 and "finish_turn" in completed_statements[0]
+    events = (await api.get(f"/v1/conversations/{conversation['id']}/events")).json()["data"]
+    assert [e["type"] for e in events] == ["turn.queued", "turn.running", "turn.completed"]
+    deliveries = await pool.fetchval(
+        "SELECT count(*) FROM webhook_delivery WHERE conversation_id = $1", conversation["id"])
+    assert deliveries == 0
 
 
 async def test_a_conversation_with_a_webhook_still_writes_its_delivery_with_the_status(
     api, resources, receiver
 ):
+    """The cancel's transaction (the conversation and the turn locked, then finish_turn)
+    writes the turn, its event and its delivery together."""
     conversation = await create_conversation(api, webhook_url=receiver.url)
     turn = await post_turn(api, conversation["id"], "with a webhook")
     async with logged(resources.pool) as statements:
         await api.post(f"/v1/conversations/{conversation['id']}/turns/{turn['id']}/cancel")
-    delivery = [s for s in statements if "INSERT INTO webhook_delivery" in s]
-    assert len(delivery) == 1 and kinds(statements)["BEGIN"] == 1, statements
+    assert kinds(statements)["BEGIN"] == 1, statements
+    delivery = await resources.pool.fetchrow(
+        "SELECT event_type, payload FROM webhook_delivery WHERE conversation_id = $1",
+        conversation["id"])
+    assert delivery["event_type"] == "turn.cancelled"
+    events = (await api.get(f"/v1/conversations/{conversation['id']}/events")).json()["data"]
+    # The body a receiver gets: the event as the API shows it, its time the event's.
+    assert delivery["payload"] == {"type": "turn.cancelled", "timestamp": events[-1]["created_at"],
+                                   "data": events[-1]}
+
+
+async def test_the_turn_written_in_sql_is_the_turn_as_the_api_shows_it(api, resources):
+    """turn_data (migration 0014) builds every event's turn after a start or an end: for a turn
+    in each state, it is what msgspec makes of the row (the API's own encoding)."""
+    pool, settings = resources.pool, resources.settings
+    conversation = await create_conversation(api)
+    cid = conversation["id"]
+
+    async def started(question: str) -> dict:
+        turn = await post_turn(api, cid, question)
+        begun, _ = await attempts.begin_attempt(pool, settings, turn["id"])
+        assert isinstance(begun, attempts.Begun), begun
+        await attempts.record_run(pool, begun.turn, begun.number, f"trun_{question}",
+                                  f"int_{question}", 1.0)
+        return turn
+
+    first = await started("first")
+    basis = [{"field": "content", "citations": [{"url": "https://a.example", "title": None,
+                                                 "excerpts": ["é ✓ \"quoted\""]}],
+              "reasoning": "because", "confidence": "high"}]
+    await lifecycle.complete(pool, first["id"], {"type": "json", "content": {"n": 1.5}}, basis)
+    second = await started("second")  # chained to the first, left running
+    behind = await post_turn(api, cid, "queued behind")
+    await lifecycle.fail(pool, second["id"], {"code": "run_failed", "message": "no"})
+    for turn in (behind, None):  # queued, then running: cancelled
+        turn = turn or await started("fourth")
+        cancelled = await api.post(f"/v1/conversations/{cid}/turns/{turn['id']}/cancel")
+        assert cancelled.status_code == 200, cancelled.text
+    rows = await pool.fetch(
+        "SELECT t.*, turn_data(t) AS data FROM turn t WHERE t.conversation_id = $1", cid)
+    statuses = set()
+    for row in rows:
+        shown = msgspec.to_builtins(msgspec.convert(
+            {k: row[k] for k in Turn.__struct_fields__}, Turn))
+        assert row["data"] == shown
+        statuses.add(row["status"])
+    assert statuses == {"completed", "failed", "cancelled"}
+    events = (await api.get(f"/v1/conversations/{cid}/events")).json()["data"]
+    running = [e["data"] for e in events if e["type"] == "turn.running"]
+    assert [r["context"] for r in running] == ["none", "chained", "chained"]
+    assert running[1]["previous_interaction_id"] == "int_first"
+    assert events[-1]["data"]["upstream_may_continue"] is True
 
 
 async def long_polled(api, resources, question: str) -> tuple[Feed, httpx.Response]:

@@ -11,7 +11,6 @@ import msgspec
 import pytest
 
 from service.config import Settings
-from service.db.new_turns import NOW_JSON
 from tests.helpers import create_conversation, post_turn, until
 
 
@@ -49,8 +48,7 @@ async def test_the_queued_event_carries_the_turn_as_it_was_answered(api, key):
 async def test_created_at_is_written_in_sql_as_msgspec_writes_it(database_url, at):
     conn = await asyncpg.connect(database_url)
     try:
-        written = await conn.fetchval(
-            "SELECT " + NOW_JSON.replace("now()", "$1::timestamptz"), at)
+        written = await conn.fetchval("SELECT api_time($1::timestamptz)", at)
     finally:
         await conn.close()
     assert written == msgspec.json.encode(at).decode().strip('"')

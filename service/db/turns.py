@@ -157,27 +157,6 @@ async def running_turn(
     return (row["id"], row["run_id"]) if row else None
 
 
-# Walk up from the parent; stop at the first completed turn (a failed or cancelled one gives
-# no context, so its children chain past it).
-PREVIOUS_INTERACTION_SQL = """
-WITH RECURSIVE ancestor AS (
-    SELECT id, parent_turn_id, status, interaction_id, 0 AS depth FROM turn WHERE id = $1
-    UNION ALL
-    SELECT t.id, t.parent_turn_id, t.status, t.interaction_id, a.depth + 1
-    FROM turn t JOIN ancestor a ON t.id = a.parent_turn_id
-    WHERE a.status <> 'completed'
-)
-SELECT interaction_id FROM ancestor WHERE status = 'completed' ORDER BY depth LIMIT 1
-"""
-
-
-async def previous_interaction(conn: asyncpg.Connection, parent_turn_id: str | None) -> str | None:
-    if parent_turn_id is None:
-        return None
-    interaction_id: str | None = await conn.fetchval(PREVIOUS_INTERACTION_SQL, parent_turn_id)
-    return interaction_id
-
-
 # The completed ancestors of a turn (from its parent up), oldest first: its lineage's questions
 # and answers. The walk stops once those found hold more than $2 characters (the oldest row
 # returned may then not fit), so a long lineage costs no more than its newest part.

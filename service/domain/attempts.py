@@ -11,7 +11,6 @@ import msgspec
 from service.config import Settings
 from service.db import attempts as attempt_db
 from service.db import conversations as conversation_db
-from service.db import turns as turn_db
 from service.domain import lifecycle
 from service.domain.lifecycle import NOTHING, Ended, FollowUps, LogLine, transaction
 from service.models import Turn
@@ -45,33 +44,24 @@ async def begin_attempt(
     """Begin a start attempt (its lease) if the turn is queued and its conversation's head, or
     say why not: "gone", "not-queued", "waiting", or "create_in_doubt" (too many creates may
     each have made a run already: the turn failed instead). Raises LeaseHeld. `grouped`: the
-    attempt adds its run to a task group (attempts.begin_start)."""
-    async with transaction(pool) as conn:
-        conversation = await conversation_db.lock_conversation_of_turn(conn, turn_id)
-        if conversation is None:
-            return "gone", NOTHING
-        locked = await attempt_db.lock_for_start(conn, turn_id, settings.start_lease_s)
-        assert locked is not None  # its conversation is locked, so it cannot be deleted
-        turn, state = locked.turn, locked.state
-        if turn.status != "queued" or turn.run_id is not None:
-            return "not-queued", NOTHING
-        if locked.head_id != turn_id:
-            return "waiting", NOTHING
-        if state.held and state.lease_left_s > 0:
-            raise LeaseHeld(state.lease_left_s)
-        # A lost attempt that added its run to a task group is not in doubt: this one lists it.
-        lost = _lost(turn_id, state.attempts) if state.held and not state.held_grouped else NOTHING
-        if 0 < settings.max_doubtful_attempts <= state.unresolved:
-            if state.held:
-                await attempt_db.abandon_start(conn, turn_id, state.attempts, in_doubt=True)
-            return "create_in_doubt", lost + await _fail_in_doubt(
-                conn, settings, turn_id, state.attempts)
-        previous = await turn_db.previous_interaction(conn, turn.parent_turn_id)
-        number = await attempt_db.begin_start(conn, turn_id, previous, state.attempts,
-                                              settings.start_lease_s, grouped)
-        assert number is not None  # the turn is locked and its lease was free
-    return Begun(turn=turn, number=number, previous_interaction_id=previous,
-                 previous_lost=state.held), lost
+    attempt adds its run to a task group (attempts.begin_start). One statement (migration
+    0014's begin_attempt), locking in the lifecycle's order."""
+    attempt = await attempt_db.begin_attempt(
+        pool, turn_id, lease_s=settings.start_lease_s, grouped=grouped,
+        max_doubtful=settings.max_doubtful_attempts, doubt_error=_doubt_error(settings))
+    if attempt.outcome == "lease-held":
+        raise LeaseHeld(attempt.lease_left_s)
+    # A lost attempt that added its run to a task group is not in doubt: this one lists it.
+    lost = NOTHING if attempt.lost_attempt is None else _lost(turn_id, attempt.lost_attempt)
+    if attempt.outcome == "create_in_doubt":
+        return "create_in_doubt", lost + lifecycle.terminal(turn_id, "failed", attempt.turn,
+                                                            attempt.head)
+    if attempt.outcome != "begun":
+        return attempt.outcome, NOTHING
+    assert attempt.turn is not None and attempt.number is not None
+    return Begun(turn=attempt.turn, number=attempt.number,
+                 previous_interaction_id=attempt.previous_interaction_id,
+                 previous_lost=attempt.previous_lost), lost
 
 
 async def record_run(
@@ -129,16 +119,19 @@ async def fail_attempt(
         return turn, await lifecycle.ended(conn, turn_id, "failed", turn)
 
 
-async def _fail_in_doubt(
-    conn: asyncpg.Connection, settings: Settings, turn_id: str, attempt: int
-) -> FollowUps:
+def _doubt_error(settings: Settings) -> dict[str, str]:
     message = (
         f"Parallel did not answer {settings.max_doubtful_attempts} requests to create this "
         "turn's run in time; each may have made a billed run that cannot be looked up, so the "
         "turn is not tried again. Post the question again to retry."
     )
-    turn = await attempt_db.fail_start(conn, turn_id, attempt,
-                                       {"code": "create_in_doubt", "message": message})
+    return {"code": "create_in_doubt", "message": message}
+
+
+async def _fail_in_doubt(
+    conn: asyncpg.Connection, settings: Settings, turn_id: str, attempt: int
+) -> FollowUps:
+    turn = await attempt_db.fail_start(conn, turn_id, attempt, _doubt_error(settings))
     return await lifecycle.ended(conn, turn_id, "failed", turn)
 
 

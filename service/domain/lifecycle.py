@@ -334,7 +334,7 @@ async def _finish(pool: asyncpg.Pool, turn_id: str, status: str, **fields: Any) 
                                          **fields)
     if finished is None:
         return None, NOTHING
-    return finished.turn, _ended(turn_id, status, finished.turn, finished.head)
+    return finished.turn, terminal(turn_id, status, finished.turn, finished.head)
 
 
 async def ended(
@@ -342,14 +342,16 @@ async def ended(
 ) -> FollowUps:
     """The terminal event of a turn that just ended (in its transaction), and its follow-ups."""
     if turn is None:
-        return _ended(turn_id, status, None, None)
+        return terminal(turn_id, status, None, None)
     inserted = await event_db.insert_event(conn, f"turn.{turn.status}", turn)
-    return _ended(turn_id, status, turn, inserted.head)
+    return terminal(turn_id, status, turn, inserted.head)
 
 
-def _ended(
+def terminal(
     turn_id: str, status: str, turn: Turn | None, head: tuple[str, str] | None
 ) -> FollowUps:
+    """The follow-ups of a turn that ended (`status`; None: it had ended already), its
+    conversation's head `head` once it committed."""
     if turn is None:
         return FollowUps(logs=(LogLine("late_result_ignored", {"turn_id": turn_id,
                                                                "status": status}),))

@@ -181,3 +181,161 @@ BEGIN
     END IF;
     RETURN QUERY SELECT changed, false;
 END $$;
+
+-- Start attempts (service.db.attempts). Attempt N of a turn owns its start lease while
+-- start_attempts = N and start_attempt_at is set; each write below is conditional on that
+-- number, so a stale attempt changes nothing of a newer one's state.
+
+-- The interaction a turn's run continues: walking up from its parent, the first completed
+-- turn's (a failed or cancelled one gives no context, so its children chain past it).
+CREATE FUNCTION previous_interaction(in_parent text) RETURNS text LANGUAGE sql STABLE AS $$
+    WITH RECURSIVE ancestor AS (
+        SELECT id, parent_turn_id, status, interaction_id, 0 AS depth
+        FROM turn WHERE id = in_parent
+        UNION ALL
+        SELECT t.id, t.parent_turn_id, t.status, t.interaction_id, a.depth + 1
+        FROM turn t JOIN ancestor a ON t.id = a.parent_turn_id
+        WHERE a.status <> 'completed'
+    )
+    SELECT interaction_id FROM ancestor WHERE status = 'completed' ORDER BY depth LIMIT 1
+$$;
+
+-- Begin attempt `in_after` + 1, only if attempt `in_after` is still the newest and holds no
+-- live lease: its number, or no row. An attempt still holding a lease that ran out never came
+-- back (its worker died or froze, maybe after Parallel had made its run): it joins
+-- doubtful_attempts. `in_grouped`: the attempt makes its run only by adding it to a task group
+-- (attempt_groups: "" until the group is known), so dying before the add leaves no doubt.
+CREATE FUNCTION begin_start(
+    in_turn text, in_previous text, in_after integer, in_lease_s double precision,
+    in_grouped boolean
+) RETURNS SETOF integer LANGUAGE sql AS $$
+    UPDATE turn AS t SET start_attempts = t.start_attempts + 1, start_attempt_at = now(),
+        previous_interaction_id = in_previous,
+        attempt_groups = CASE WHEN in_grouped
+                              THEN t.attempt_groups
+                                   || jsonb_build_object((t.start_attempts + 1)::text, '')
+                              ELSE t.attempt_groups END,
+        doubtful_attempts = CASE WHEN t.start_attempt_at IS NOT NULL
+                                 THEN t.doubtful_attempts || t.start_attempts
+                                 ELSE t.doubtful_attempts END
+    WHERE t.id = in_turn AND t.start_attempts = in_after AND t.status = 'queued'
+      AND t.run_id IS NULL
+      AND (t.start_attempt_at IS NULL
+           OR t.start_attempt_at <= now() - make_interval(secs => in_lease_s))
+    RETURNING t.start_attempts
+$$;
+
+-- End attempt `in_attempt` without a run (only the attempt that owns the lease can; a stale
+-- one is in doubtful_attempts already, put there by the attempt that took over), joining
+-- doubtful_attempts when `in_doubt` (its create may have made a run). How many attempts are in
+-- doubt now (one that added to a task group is not: its run can be listed), or no row.
+CREATE FUNCTION abandon_start(in_turn text, in_attempt integer, in_doubt boolean)
+RETURNS SETOF integer LANGUAGE sql AS $$
+    UPDATE turn SET start_attempt_at = NULL,
+        doubtful_attempts = CASE WHEN in_doubt THEN doubtful_attempts || in_attempt
+                                 ELSE doubtful_attempts END
+    WHERE id = in_turn AND start_attempts = in_attempt AND start_attempt_at IS NOT NULL
+      AND run_id IS NULL
+    RETURNING cardinality(ARRAY(
+        SELECT a FROM unnest(doubtful_attempts) AS a WHERE NOT attempt_groups ? a::text))
+$$;
+
+-- Fail the queued turn for attempt `in_attempt` (Parallel refused its create, or too many
+-- creates are in doubt), unless a newer attempt owns it by now or it left `queued` (a cancel
+-- won): the failed turn, or no row.
+CREATE FUNCTION fail_start(in_turn text, in_attempt integer, in_error jsonb)
+RETURNS SETOF turn LANGUAGE sql AS $$
+    UPDATE turn AS t SET status = 'failed', error = in_error, completed_at = now(),
+        next_check_at = NULL, start_attempt_at = NULL
+    WHERE t.id = in_turn AND t.start_attempts = in_attempt AND t.status = 'queued'
+      AND t.run_id IS NULL
+    RETURNING t.*
+$$;
+
+-- Begin a start attempt, in one statement: the conversation locked, then the turn; outcome
+--   'gone'             the turn is gone;
+--   'not-queued'       it is not queued, or has its run;
+--   'waiting'          it is not its conversation's head (oldest open turn);
+--   'lease-held'       another attempt's lease is live for `lease_left_s` more;
+--   'create_in_doubt'  `in_max_doubtful` (> 0) creates may each have made a run nothing can
+--                      find: the turn failed instead (`in_doubt_error`, its event and webhook
+--                      delivery), `head_*` the conversation's next turn;
+--   'begun'            attempt `attempt` holds the lease, its run to continue `previous`.
+-- `turn_now` is the turn as locked (as failed, for create_in_doubt). `previous_lost`: the
+-- attempt before never came back (its lease ran out); `lost_attempt`: its number, when it had
+-- not added its run to a task group (one that had is no doubt: the next attempt lists the
+-- group and adopts its run).
+CREATE FUNCTION begin_attempt(
+    in_turn text, in_lease_s double precision, in_grouped boolean, in_max_doubtful integer,
+    in_doubt_error jsonb, in_delivery_id text, in_webhook_id text
+) RETURNS TABLE (outcome text, turn_now jsonb, attempt integer, previous text,
+                 previous_lost boolean, lost_attempt integer, lease_left_s double precision,
+                 head_id text, head_status text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    of_conversation text;
+    t turn;
+    head text;
+    held boolean;
+    unresolved integer;
+    appended record;
+BEGIN
+    SELECT c.id INTO of_conversation FROM conversation c
+    WHERE c.id = (SELECT o.conversation_id FROM turn o WHERE o.id = in_turn)
+    FOR UPDATE OF c;
+    IF of_conversation IS NULL THEN
+        outcome := 'gone';
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    SELECT * INTO t FROM turn AS u WHERE u.id = in_turn FOR UPDATE;
+    turn_now := turn_data(t);
+    IF t.status <> 'queued' OR t.run_id IS NOT NULL THEN
+        outcome := 'not-queued';
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    SELECT h.id INTO head FROM turn h
+    WHERE h.conversation_id = of_conversation AND h.status IN ('queued', 'running')
+    ORDER BY h.seq
+    LIMIT 1;
+    IF head IS DISTINCT FROM in_turn THEN
+        outcome := 'waiting';
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    held := t.start_attempt_at IS NOT NULL;
+    previous_lost := held;
+    lease_left_s := GREATEST(0, EXTRACT(epoch FROM t.start_attempt_at
+                                        + make_interval(secs => in_lease_s) - now()));
+    IF held AND lease_left_s > 0 THEN
+        outcome := 'lease-held';
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    IF held AND NOT t.attempt_groups ? t.start_attempts::text THEN
+        lost_attempt := t.start_attempts;
+    END IF;
+    unresolved := cardinality(ARRAY(SELECT a FROM unnest(t.doubtful_attempts) AS a
+                                    WHERE NOT t.attempt_groups ? a::text))
+                  + CASE WHEN lost_attempt IS NULL THEN 0 ELSE 1 END;
+    IF 0 < in_max_doubtful AND in_max_doubtful <= unresolved THEN
+        IF held THEN
+            PERFORM abandon_start(in_turn, t.start_attempts, true);
+        END IF;
+        SELECT * INTO t FROM fail_start(in_turn, t.start_attempts, in_doubt_error);
+        turn_now := turn_data(t);
+        SELECT * INTO appended
+        FROM append_event(of_conversation, 'turn.failed', in_turn, turn_now, false,
+                          in_delivery_id, in_webhook_id);
+        outcome := 'create_in_doubt';
+        head_id := appended.head_id;
+        head_status := appended.head_status;
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    previous := previous_interaction(t.parent_turn_id);
+    attempt := begin_start(in_turn, previous, t.start_attempts, in_lease_s, in_grouped);
+    outcome := 'begun';
+    RETURN NEXT;
+END $$;

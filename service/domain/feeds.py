@@ -96,7 +96,7 @@ class Feed:
             return False
         if new:
             self._append(new)
-            for event in new:  # the running turn, as FEED_STATE_SQL would find it now
+            for event in new:  # the running turn, as read_feed would find it now
                 turn = event.data
                 if turn.status == "running" and turn.run_id is not None:
                     self.running = (turn.id, turn.run_id)

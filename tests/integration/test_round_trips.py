@@ -1,8 +1,8 @@
 """What a turn costs in statements, counted on the pools' own connections: creating one is two
-statements and no transaction (three when a turn is ahead of it), a start attempt, storing its
-run and the run's end one statement each (migration 0014's functions), and a conversation without a webhook writes no outbox row (issue 16: fewer round trips per
-turn). The turn those functions write into events, built in SQL, is the turn as the API shows
-it."""
+statements and no transaction (three when a turn is ahead of it); a start attempt, storing its
+run and the run's end are one statement each (migration 0014's functions), as is a feed's read;
+a conversation without a webhook writes no outbox row (issue 16: fewer round trips per turn).
+The turn those functions write into events, built in SQL, is the turn as the API shows it."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import msgspec
 import pytest
 
 from service.config import Settings
+from service.db.streams import read_feed
 from service.domain import attempts, lifecycle
 from service.domain.feeds import Feed
 from service.models import Turn
@@ -220,3 +221,25 @@ async def test_an_event_too_large_for_a_notification_is_read_instead(api, resour
     the notifications carry only the conversation, and the feed reads each event."""
     feed, _ = await long_polled(api, resources, "x" * 20_000)
     assert feed.reads >= 3, feed.reads  # the first read, then one per event after it
+
+
+async def test_a_feed_reads_its_conversation_in_one_statement(api, resources):
+    """A feed's read (its conversation's running turn and events, from one snapshot) is one
+    statement, not a read-only transaction of three."""
+    pool = resources.pool
+    conversation = await create_conversation(api)
+    first = await post_turn(api, conversation["id"], "first")
+    begun, _ = await attempts.begin_attempt(pool, resources.settings, first["id"])
+    assert isinstance(begun, attempts.Begun)
+    await attempts.record_run(pool, begun.turn, begun.number, "trun_fed", "int_fed", 1.0)
+    async with logged(pool) as statements:
+        tail = await read_feed(pool, conversation["id"], None, 10)
+        after = await read_feed(pool, conversation["id"], 1, 10)
+        empty = await read_feed(pool, conversation["id"], 2, 10)
+    assert len(statements) == 3 and kinds(statements)["BEGIN"] == 0, statements
+    assert [e.type for e in tail.events] == ["turn.queued", "turn.running"]
+    assert [e.sequence for e in after.events] == [2]
+    assert empty.exists and empty.events == []
+    assert tail.running == after.running == empty.running == (first["id"], "trun_fed")
+    gone = await read_feed(pool, "conv_missing", None, 10)
+    assert not gone.exists and gone.running is None

@@ -10,8 +10,6 @@ from service.db.webhook_deliveries import delivery_ids
 from service.models import Event, Turn
 
 NOTIFY_CHANNEL = "research_events"
-# Events that conversations with a webhook_url are sent (docs/design.md §3).
-WEBHOOK_EVENT_TYPES = frozenset({"turn.completed", "turn.failed", "turn.cancelled"})
 
 # The notification of an event row `e`: the event itself when it fits in a NOTIFY payload (under
 # 8,000 bytes), as "<conversation id> <event JSON>", so a feed (service.domain.feeds) need not
@@ -23,7 +21,8 @@ EVENT_PAYLOAD = """json_build_object(
 NOTIFY = ("pg_notify('research_events', CASE WHEN octet_length({payload}) < 7900 "
           "THEN {conversation_id} || ' ' || {payload} ELSE {conversation_id} END)")
 # Migration 0014: the event, the conversation's counters and expiry, the NOTIFY, a terminal
-# event's webhook delivery, the first answer of an Idempotency-Key ($5), and the head.
+# event's webhook delivery (turn.completed, turn.failed, turn.cancelled; docs/design.md §3) when
+# the conversation has a webhook_url, the first answer of an Idempotency-Key ($5), and the head.
 APPEND_EVENT_SQL = "SELECT * FROM append_event($1, $2, $3, $4, $5, $6, $7)"
 
 EVENT_FIELDS = ("sequence", "type", "conversation_id", "turn_id", "created_at", "data")
@@ -36,17 +35,11 @@ def to_event(row: asyncpg.Record) -> Event:
     )
 
 
-class Inserted(msgspec.Struct, frozen=True):
-    event: Event
-    # The conversation's oldest open turn once this commits: (id, status), None when none is.
-    head: tuple[str, str] | None
-
-
 async def insert_event(
     conn: Conn, event_type: str, turn: Turn, *, first_response: bool = False,
-) -> Inserted:
-    """Append an event carrying the turn as it is now; returns it with its sequence, and the
-    conversation's head turn (call with the conversation locked, after the turn's change).
+) -> tuple[str, str] | None:
+    """Append an event carrying the turn as it is now; returns the conversation's head turn,
+    (id, status) (call with the conversation locked, after the turn's change).
 
     A terminal event also queues its webhook delivery when the conversation has a webhook, in
     the caller's transaction (the one recording the turn's status), so no status change commits
@@ -56,10 +49,7 @@ async def insert_event(
     row = await conn.fetchrow(APPEND_EVENT_SQL, turn.conversation_id, event_type, turn.id,
                               msgspec.to_builtins(turn), first_response, *delivery_ids())
     assert row is not None  # one row always
-    event = Event(sequence=row["event_sequence"], type=event_type,  # type: ignore[arg-type]
-                  conversation_id=turn.conversation_id, turn_id=turn.id,
-                  created_at=row["event_created_at"], data=turn)
-    return Inserted(event, head_of(row))
+    return head_of(row)
 
 
 def head_of(row: asyncpg.Record) -> tuple[str, str] | None:

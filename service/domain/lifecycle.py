@@ -345,8 +345,8 @@ async def ended(
     """The terminal event of a turn that just ended (in its transaction), and its follow-ups."""
     if turn is None:
         return terminal(turn_id, status, None, None)
-    inserted = await event_db.insert_event(conn, f"turn.{turn.status}", turn)
-    return terminal(turn_id, status, turn, inserted.head)
+    head = await event_db.insert_event(conn, f"turn.{turn.status}", turn)
+    return terminal(turn_id, status, turn, head)
 
 
 def terminal(

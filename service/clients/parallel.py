@@ -1,7 +1,10 @@
 """The one place that speaks to Parallel's Task API, through the parallel-web SDK.
 
 No SDK type or SDK exception leaves this module: responses become the Structs below and errors
-become UpstreamUnavailable (retry later) or UpstreamRejected (give up).
+become UpstreamUnavailable (retry later) or UpstreamRejected (give up). The hot calls (create,
+retrieve, result) take the SDK's raw response (`with_raw_response`: the same request, its
+errors raised the same way) and decode its body with msgspec straight into those Structs,
+instead of pydantic models dumped back to dicts.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any, Literal, TypeVar, cast
 import httpx
 import msgspec
 import parallel
-from parallel import AsyncParallel
+from parallel import AsyncAPIResponse, AsyncParallel
 
 try:
     import aiohttp
@@ -89,7 +92,7 @@ def translate(exc: Exception) -> Exception:
         code = REJECTION_CODES.get(status, f"parallel_http_{status}")
         return UpstreamRejected(f"Parallel answered {status}: {message}", status_code=status,
                                 code=code)
-    unreadable = parallel.APIResponseValidationError | httpx.HTTPError | msgspec.ValidationError
+    unreadable = parallel.APIResponseValidationError | httpx.HTTPError | msgspec.DecodeError
     if isinstance(exc, unreadable):
         return UpstreamUnavailable(f"Parallel answered unexpectedly: {exc}")
     return exc
@@ -109,6 +112,11 @@ def _convert(data: Any, kind: type[T]) -> T:
         return msgspec.convert(data, kind)
     except msgspec.ValidationError as exc:
         raise translate(exc) from exc
+
+
+async def _decode(raw: AsyncAPIResponse[Any], kind: type[T]) -> T:
+    """A raw response's JSON body as `kind` (msgspec.DecodeError when it is not one)."""
+    return msgspec.json.decode(await raw.read(), type=kind)
 
 
 def default_http_client(max_connections: int) -> httpx.AsyncClient:
@@ -234,10 +242,10 @@ class ParallelClient:
                 # The SDK's timeouts bound each phase (the read one restarts with every byte);
                 # the outer one bounds the whole call, which must end inside the attempt's lease.
                 async with asyncio.timeout(timeout_s):
-                    run = await self._sdk.task_run.create(
+                    raw = await self._sdk.task_run.with_raw_response.create(
                         **kwargs, timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s))
                     )
-            return msgspec.convert(run.model_dump(mode="json"), RunInfo)
+            return await _decode(raw, RunInfo)
         except Exception as exc:
             raise _create_error(exc) from exc
 
@@ -245,22 +253,22 @@ class ParallelClient:
         """The run's current status. Raises UpstreamUnavailable or UpstreamRejected."""
         try:
             with metrics.parallel_call("retrieve_run"):
-                run = await self._sdk.task_run.retrieve(run_id)
+                raw = await self._sdk.task_run.with_raw_response.retrieve(run_id)
+            return await _decode(raw, RunInfo)
         except Exception as exc:
             raise translate(exc) from exc
-        return _convert(run.model_dump(mode="json"), RunInfo)
 
     async def result(self, run_id: str, *, wait_s: int = 5) -> RunResult:
         """The output of a completed run. Raises UpstreamUnavailable for a run still active
         after wait_s."""
         try:
             with metrics.parallel_call("run_result"):
-                res = await self._sdk.task_run.result(
+                raw = await self._sdk.task_run.with_raw_response.result(
                     run_id, api_timeout=wait_s, timeout=httpx.Timeout(wait_s + 30.0, connect=5.0)
                 )
+            return await _decode(raw, RunResult)
         except Exception as exc:
             raise translate(exc) from exc
-        return _convert(res.model_dump(mode="json"), RunResult)
 
     async def progress(self, run_id: str) -> AsyncGenerator[dict[str, Any], None]:
         """Yield the run's progress events (Parallel's SSE stream) as plain dicts."""

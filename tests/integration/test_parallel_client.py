@@ -1,0 +1,64 @@
+"""The Parallel client decodes the SDK's raw responses with msgspec: what it reads is what the
+SDK's own models say, and a body it cannot read is an outage to retry (a create's: in doubt),
+never a turn recorded with half an answer."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import msgspec
+import pytest
+from parallel import AsyncParallel
+
+from service.clients.parallel import ParallelClient, RunInfo, RunResult
+from service.errors import UpstreamUnavailable
+
+SANDBOX_KEY = "test-key"
+
+
+async def test_what_it_reads_is_what_the_sdks_models_say(sandbox):
+    client = ParallelClient(api_key=SANDBOX_KEY, base_url=sandbox.url)
+    sdk = AsyncParallel(api_key=SANDBOX_KEY, base_url=sandbox.url, max_retries=0)
+    try:
+        first = await client.create_run(input="Who won?", processor="lite",
+                                        output_schema={"type": "text"},
+                                        previous_interaction_id=None, metadata={"turn_id": "t1"})
+        run = await client.create_run(input={"q": "And then?"}, processor="lite",
+                                      output_schema={"type": "auto"},
+                                      previous_interaction_id=first.interaction_id,
+                                      metadata={"turn_id": "t2"})
+        result = await client.result(run.run_id, wait_s=30)
+        retrieved = await client.retrieve(run.run_id)
+        assert retrieved.status == "completed" and retrieved.interaction_id == run.interaction_id
+        assert retrieved == msgspec.convert(
+            (await sdk.task_run.retrieve(run.run_id)).model_dump(mode="json"), RunInfo)
+        assert result == msgspec.convert(
+            (await sdk.task_run.result(run.run_id)).model_dump(mode="json"), RunResult)
+        assert result.output.content and result.run.run_id == run.run_id
+    finally:
+        await asyncio.gather(client.close(), sdk.close())
+
+
+BODIES = [b"<html>502 Bad Gateway</html>", b'{"run_id": "trun_1"}', b"\xff\xfe", b"[]"]
+
+
+@pytest.mark.parametrize("body", BODIES)
+async def test_a_body_it_cannot_read_is_an_outage_and_a_creates_is_in_doubt(body):
+    """Parallel (or a proxy in front of it) answers 200 with a body that is not a run."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"content-type": "application/json"})
+
+    client = ParallelClient(api_key=SANDBOX_KEY, base_url="http://parallel.invalid",
+                            http_client=httpx.AsyncClient(transport=httpx.MockTransport(answer)))
+    try:
+        with pytest.raises(UpstreamUnavailable) as created:
+            await client.create_run(input="Q", processor="lite", output_schema={"type": "text"},
+                                    previous_interaction_id=None, metadata={})
+        assert created.value.in_doubt  # it answered 2xx: a run may exist
+        for call in (client.retrieve("trun_1"), client.result("trun_1")):
+            with pytest.raises(UpstreamUnavailable, match="unexpectedly"):
+                await call
+    finally:
+        await client.close()

@@ -94,7 +94,7 @@ class Recorded(msgspec.Struct, frozen=True):
 
 
 async def record_run(
-    pool: asyncpg.Connection | asyncpg.Pool, turn_id: str, attempt: int, run_id: str,
+    conn: asyncpg.Connection | asyncpg.Pool, turn_id: str, attempt: int, run_id: str,
     interaction_id: str, first_check_s: float, taskgroup_id: str | None = None, *,
     reseeded: bool = False,
 ) -> Recorded | None:
@@ -102,7 +102,7 @@ async def record_run(
     previous_interaction_id): as the turn's run if that attempt still owns the lease, else in
     turn_extra_run; committed on its own. None when the turn is gone.
     `taskgroup_id`: the task group the run is in (its polling is then a slow safety net)."""
-    row = await pool.fetchrow(
+    row = await conn.fetchrow(
         RECORD_RUN_SQL, turn_id, run_id, interaction_id, first_check_s, attempt, reseeded,
         taskgroup_id,
     )

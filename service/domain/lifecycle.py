@@ -4,9 +4,9 @@ Every transition locks in one order (the conversation row first, then the turn: 
 runs its guarded UPDATE (a turn that has ended changes no more, so whichever end commits first
 wins: a cancel wins over a late result), and writes its event in the same transaction (a
 terminal event also writes its webhook delivery there: service.db.events). The worker's
-transitions (a start attempt, its run stored, the run's end) are one statement each, plpgsql
-functions of migration 0014 that commit on their own. What must happen
-once it has committed (start the conversation's next turn, count the transition, log) it
+transitions (a start attempt, its run stored, the run's end) are one statement each: plpgsql
+functions of migration 0014 that do the same and commit on their own. What must happen once a
+transition has committed (start the conversation's next turn, count the transition, log) it
 returns as FollowUps, which `after_commit` runs: a queue (Redis) failure there is logged, never
 raised, since the write is committed and the reconciler enqueues what could not be.
 

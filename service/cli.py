@@ -80,6 +80,7 @@ def cmd_api(args: argparse.Namespace) -> None:
 
     common = {"host": args.host, "port": args.port, "log_config": None, "access_log": False,
               "timeout_graceful_shutdown": 30, "proxy_headers": True,
+              "timeout_keep_alive": Settings.from_env().http_keep_alive_s,
               "loop": args.loop, "http": args.http}
     if args.workers > 1:
         uvicorn.run("service.cli:app_from_env", factory=True, workers=args.workers, **common)

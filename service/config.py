@@ -131,6 +131,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     webhook_batch: int = 100
     # An event stream's heartbeat comment after this many idle seconds.
     sse_heartbeat_s: float = 15.0
+    # How long the API keeps an idle HTTP connection open for its next request. Longer than
+    # clients and proxies keep theirs (httpx 5 s, aiohttp 15 s, AWS ALB 60 s): when the server
+    # closes first, a client may send its next request on the closing connection and read an
+    # error it cannot tell from a lost answer. uvicorn's default is 5 s.
+    http_keep_alive_s: int = 75
     # Outages and deadlines (README, "Configuration"; docs/operations.md, "Outages"): every wait
     # on Postgres ends. The API's are short (a request answers 503 within a few seconds); the
     # worker's are longer (batches, no client waiting). Per role: waiting for a pool connection,

@@ -20,7 +20,7 @@ class FeedRead(msgspec.Struct, frozen=True, kw_only=True):
 # The conversation's running turn (as service.db.turns.running_turn finds it) beside each of its
 # events from {events}, in one statement, so from one snapshot: one row per event, or a single
 # row of nulls but the running turn when there is none. No row: the conversation is gone.
-FEED_SQL = """
+FEED_TEMPLATE = """
 SELECT r.id AS running_turn_id, r.run_id AS running_run_id, e.*
 FROM conversation c
 LEFT JOIN LATERAL (
@@ -33,10 +33,10 @@ LEFT JOIN LATERAL ({events}) e ON true
 WHERE c.id = $1
 """
 # The newest events, newest first; the events after $3, oldest first. Up to $2 of them.
-TAIL_FEED_SQL = FEED_SQL.format(events=f"""
+TAIL_FEED_SQL = FEED_TEMPLATE.format(events=f"""
     SELECT {EVENT_COLUMNS} FROM event WHERE conversation_id = c.id
     ORDER BY sequence DESC LIMIT $2""")
-NEW_FEED_SQL = FEED_SQL.format(events=f"""
+NEW_FEED_SQL = FEED_TEMPLATE.format(events=f"""
     SELECT {EVENT_COLUMNS} FROM event WHERE conversation_id = c.id AND sequence > $3
     ORDER BY sequence LIMIT $2""")
 

@@ -65,3 +65,34 @@ async def test_keys_revoke_is_refused_by_a_running_api_on_the_next_request(setti
                 assert refused.status_code == 401, revoke_with
     finally:
         api.stop()
+
+
+async def _get_healthz(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """One GET /healthz on an open connection: its status line."""
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: api\r\n\r\n")
+    await writer.drain()
+    status = await asyncio.wait_for(reader.readline(), 10)
+    length = 0
+    while (line := await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    await reader.readexactly(length)
+    return status
+
+
+async def test_an_idle_connection_is_kept_longer_than_clients_keep_theirs(settings):
+    """httpx keeps an idle connection 5 s (aiohttp 15, AWS's load balancer 60): the API keeps
+    its own longer (HTTP_KEEP_ALIVE_S, 75 s), so a request sent on a connection idle that long
+    is answered instead of meeting the API closing it (uvicorn's default, 5 s, is the race a
+    benchmark's client hit: a ReadError on a long-poll sent as the API hung up)."""
+    api = ApiProcess(settings, free_port()).start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(api.url.rsplit(":")[-1]))
+        assert (await _get_healthz(reader, writer)).startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(6)  # the idle time itself is what is tested: past httpx's 5 s
+        assert not reader.at_eof()
+        assert (await _get_healthz(reader, writer)).startswith(b"HTTP/1.1 200")
+        writer.close()
+    finally:
+        api.stop()

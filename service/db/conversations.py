@@ -290,16 +290,12 @@ async def claim_expired_conversation(
     return await conn.fetchrow(CLAIM_EXPIRED_SQL, skip)
 
 
-LOCK_CONVERSATION_OF_TURN_SQL = """
-SELECT c.id FROM conversation c
-WHERE c.id = (SELECT conversation_id FROM turn WHERE id = $1)
-FOR UPDATE OF c
-"""
+# Migration 0014's lock_conversation_of, which the worker's one-statement transitions call too.
+LOCK_CONVERSATION_OF_TURN_SQL = "SELECT lock_conversation_of($1)"
 
 
-async def lock_conversation_of_turn(
-    conn: asyncpg.Connection, turn_id: str
-) -> asyncpg.Record | None:
+async def lock_conversation_of_turn(conn: asyncpg.Connection, turn_id: str) -> str | None:
     """Lock the turn's conversation (always before the turn itself: one lock order, no
     deadlocks): its id, or None when the turn is gone."""
-    return await conn.fetchrow(LOCK_CONVERSATION_OF_TURN_SQL, turn_id)
+    conversation_id: str | None = await conn.fetchval(LOCK_CONVERSATION_OF_TURN_SQL, turn_id)
+    return conversation_id

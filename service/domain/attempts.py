@@ -95,8 +95,7 @@ async def abandon_attempt(
     "stale" (it no longer owned the lease), or "create_in_doubt" when this made too many
     creates in doubt (the turn failed). `in_doubt`: its create may have made a run."""
     async with transaction(pool) as conn:
-        conversation = await conversation_db.lock_conversation_of_turn(conn, turn_id)
-        if conversation is None:
+        if await conversation_db.lock_conversation_of_turn(conn, turn_id) is None:
             return "stale", NOTHING
         doubtful = await attempt_db.abandon_start(conn, turn_id, attempt, in_doubt=in_doubt)
         if doubtful is None:
@@ -112,8 +111,7 @@ async def fail_attempt(
     """Fail the queued turn for its attempt (Parallel refused the create); None, changing
     nothing, once a newer attempt owns the turn or it left `queued` (a cancel won)."""
     async with transaction(pool) as conn:
-        conversation = await conversation_db.lock_conversation_of_turn(conn, turn_id)
-        if conversation is None:
+        if await conversation_db.lock_conversation_of_turn(conn, turn_id) is None:
             return None, NOTHING
         turn = await attempt_db.fail_start(conn, turn_id, attempt, error)
         return turn, await lifecycle.ended(conn, turn_id, "failed", turn)

@@ -26,6 +26,14 @@ CREATE FUNCTION turn_data(t turn) RETURNS jsonb LANGUAGE sql STABLE AS $$
         'started_at', api_time(t.started_at), 'completed_at', api_time(t.completed_at))
 $$;
 
+-- Lock a turn's conversation (always before the turn itself: one lock order, no deadlocks):
+-- its id, or null when the turn is gone.
+CREATE FUNCTION lock_conversation_of(in_turn text) RETURNS text LANGUAGE sql AS $$
+    SELECT c.id FROM conversation c
+    WHERE c.id = (SELECT o.conversation_id FROM turn o WHERE o.id = in_turn)
+    FOR UPDATE OF c
+$$;
+
 -- Append an event to the conversation's log (call it with the conversation locked, after the
 -- turn's change): the conversation's counters and expiry move on, listeners are notified on
 -- commit (the event itself in the payload when it fits in a NOTIFY, else the bare conversation
@@ -97,14 +105,11 @@ CREATE FUNCTION finish_turn(
 ) RETURNS TABLE (turn_after jsonb, head_id text, head_status text)
 LANGUAGE plpgsql AS $$
 DECLARE
-    of_conversation text;
+    of_conversation text := lock_conversation_of(in_turn);  -- first: the lifecycle's lock order
     t turn;
     changed jsonb;
     appended record;
 BEGIN
-    SELECT c.id INTO of_conversation FROM conversation c
-    WHERE c.id = (SELECT o.conversation_id FROM turn o WHERE o.id = in_turn)
-    FOR UPDATE OF c;
     IF of_conversation IS NULL THEN
         RETURN;
     END IF;
@@ -140,14 +145,11 @@ CREATE FUNCTION record_run(
 ) RETURNS TABLE (turn_after jsonb, extra boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
-    of_conversation text;
+    of_conversation text := lock_conversation_of(in_turn);  -- first: the lifecycle's lock order
     t turn;
     changed jsonb;
     added integer;
 BEGIN
-    SELECT c.id INTO of_conversation FROM conversation c
-    WHERE c.id = (SELECT o.conversation_id FROM turn o WHERE o.id = in_turn)
-    FOR UPDATE OF c;
     IF of_conversation IS NULL THEN
         RETURN;
     END IF;
@@ -273,16 +275,13 @@ CREATE FUNCTION begin_attempt(
                  head_id text, head_status text)
 LANGUAGE plpgsql AS $$
 DECLARE
-    of_conversation text;
+    of_conversation text := lock_conversation_of(in_turn);  -- first: the lifecycle's lock order
     t turn;
     head text;
     held boolean;
     unresolved integer;
     appended record;
 BEGIN
-    SELECT c.id INTO of_conversation FROM conversation c
-    WHERE c.id = (SELECT o.conversation_id FROM turn o WHERE o.id = in_turn)
-    FOR UPDATE OF c;
     IF of_conversation IS NULL THEN
         outcome := 'gone';
         RETURN NEXT;

@@ -1,11 +1,12 @@
 -- A turn's state changes in one round trip each (docs/design.md, "Round trips of a turn").
 --
--- The worker's transitions were transactions of five round trips (BEGIN, lock the conversation,
--- change the turn, append its event, COMMIT). These functions do the same work, in the same
--- order and under the same locks, as one statement: called outside a transaction, each commits
--- on its own. Every statement of a plpgsql function takes a fresh snapshot, so what they read
--- after waiting for the conversation's lock (the turn, the next turn to start) is what
--- committed before the lock was granted, as in the transactions they replace.
+-- The worker's transitions were transactions of five or six round trips (BEGIN, lock the
+-- conversation, change the turn, append its event, COMMIT; a start attempt also read the turn
+-- and the interaction to chain to). These functions do the same work, in the same order and
+-- under the same locks, as one statement: called outside a transaction, each commits on its own.
+-- Every statement of a plpgsql function takes a fresh snapshot, so what they read after waiting
+-- for the conversation's lock (the turn, the next turn to start) is what committed before the
+-- lock was granted, as in the transactions they replace.
 
 -- A timestamp as the API writes it (msgspec): UTC, microseconds unless they are zero.
 CREATE FUNCTION api_time(at timestamptz) RETURNS text LANGUAGE sql STABLE AS $$

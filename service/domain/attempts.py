@@ -12,7 +12,7 @@ from service.config import Settings
 from service.db import attempts as attempt_db
 from service.db import conversations as conversation_db
 from service.domain import lifecycle
-from service.domain.lifecycle import NOTHING, Ended, FollowUps, LogLine, transaction
+from service.domain.followups import NOTHING, Ended, FollowUps, LogLine, transaction
 from service.models import Turn
 
 

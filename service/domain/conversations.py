@@ -16,7 +16,7 @@ from service import metrics
 from service.config import Settings
 from service.db import conversations as db
 from service.db import usage as usage_db
-from service.domain import lifecycle
+from service.domain import followups, lifecycle
 from service.domain.cursors import decode_cursor, page_of
 from service.domain.validation import check_processor
 from service.domain.webhook_urls import check_webhook_url
@@ -98,7 +98,7 @@ async def update_conversation(
         raise InvalidInput("processor cannot be null.")
     if changes.get("webhook_url"):
         await check_webhook_url(changes["webhook_url"], settings.webhook_allow_private)
-    async with lifecycle.transaction(pool) as conn:
+    async with followups.transaction(pool) as conn:
         current = await db.lock_conversation(conn, tenant_id, conversation_id)
         if current is None:
             raise NotFound(f"Conversation {conversation_id!r} not found.")
@@ -115,7 +115,7 @@ async def rotate_webhook_secret(pool: asyncpg.Pool, tenant_id: str, conversation
     keeps signing beside it. Raises NotFound, InvalidInput (no webhook_url) and TooManyRequests
     past MAX_PREVIOUS_SECRETS rotations within 24 hours."""
     secret = new_webhook_secret()
-    async with lifecycle.transaction(pool) as conn:
+    async with followups.transaction(pool) as conn:
         current = await db.lock_conversation(conn, tenant_id, conversation_id)
         if current is None:
             raise NotFound(f"Conversation {conversation_id!r} not found.")
@@ -142,8 +142,8 @@ async def delete_conversation(
     Its spend is kept (deleted_usage): deleting a conversation gives no budget back.
     """
     _, follow_ups = await lifecycle.cancel_open_turns(pool, tenant_id, conversation_id)
-    await lifecycle.after_commit(follow_ups)
-    async with lifecycle.transaction(pool) as conn:
+    await followups.after_commit(follow_ups)
+    async with followups.transaction(pool) as conn:
         if await db.lock_conversation(conn, tenant_id, conversation_id) is None:
             raise NotFound(f"Conversation {conversation_id!r} not found.")
         await _delete_locked(conn, tenant_id, conversation_id)
@@ -169,7 +169,7 @@ async def sweep_expired(pool: asyncpg.Pool, budget_s: float) -> int:
     while time.monotonic() < deadline:
         claimed = None
         try:
-            async with lifecycle.transaction(pool) as conn:
+            async with followups.transaction(pool) as conn:
                 claimed = await db.claim_expired_conversation(conn, failed)
                 if claimed is None:
                     break

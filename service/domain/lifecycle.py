@@ -7,8 +7,7 @@ terminal event also writes its webhook delivery there: service.db.events). The w
 transitions (a start attempt, its run stored, the run's end) are one statement each: plpgsql
 functions of migration 0014 that do the same and commit on their own. What must happen once a
 transition has committed (start the conversation's next turn, count the transition, log) it
-returns as FollowUps, which `after_commit` runs: a queue (Redis) failure there is logged, never
-raised, since the write is committed and the reconciler enqueues what could not be.
+returns as FollowUps, which service.domain.followups.after_commit runs.
 
     queued --begin_attempt/record_run--> running --complete | fail | time_out--> ended
     queued --fail_attempt | abandon_attempt | begin_attempt (too many in doubt)--> failed
@@ -19,9 +18,7 @@ raised, since the write is committed and the reconciler enqueues what could not 
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -29,8 +26,6 @@ import asyncpg
 import msgspec
 import structlog
 
-from service import metrics
-from service import queue as jobs
 from service.config import Settings
 from service.db import conversations as conversation_db
 from service.db import events as event_db
@@ -38,79 +33,12 @@ from service.db import new_turns
 from service.db import turns as turn_db
 from service.db.pool import DB_UNAVAILABLE
 from service.domain import usage
+from service.domain.followups import NOTHING, Ended, FollowUps, LogLine, transaction
 from service.errors import Conflict, ConversationBusy, NotFound
 from service.models import Turn
 from service.schemas import IfBusy
 
 log = structlog.get_logger(__name__)
-
-
-@asynccontextmanager
-async def transaction(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
-    """A pooled connection inside a transaction that commits when the block ends."""
-    async with pool.acquire() as proxy, proxy.transaction():
-        # The pool's proxy forwards every Connection method to the connection it holds.
-        yield cast(asyncpg.Connection, proxy)
-
-
-@dataclass(frozen=True, slots=True)
-class LogLine:
-    event: str
-    fields: dict[str, Any] = field(default_factory=dict)
-    level: str = "info"
-
-
-@dataclass(frozen=True, slots=True)
-class FollowUps:
-    """What a committed transition leaves to do; `+` joins two."""
-
-    start: tuple[str, ...] = ()  # turns to enqueue a start job for (each its conversation's head)
-    counted: tuple[Turn, ...] = ()  # turns whose new status the metrics count
-    in_doubt: tuple[str, ...] = ()  # research_create_in_doubt_total reasons
-    extra_runs: tuple[str, ...] = ()  # research_extra_runs_total reasons
-    logs: tuple[LogLine, ...] = ()
-
-    def __add__(self, other: FollowUps) -> FollowUps:
-        return FollowUps(self.start + other.start, self.counted + other.counted,
-                         self.in_doubt + other.in_doubt, self.extra_runs + other.extra_runs,
-                         self.logs + other.logs)
-
-
-NOTHING = FollowUps()
-# The turn a transition ended (None: it had ended already, or it is gone), and its follow-ups.
-Ended = tuple[Turn | None, FollowUps]
-
-
-async def after_commit(
-    follow_ups: FollowUps, queue: jobs.Queue | None = None, settings: Settings | None = None
-) -> int:
-    """Run a committed transition's follow-ups; returns how many start jobs were added (none
-    without a queue and its settings: the reconciler starts those turns)."""
-    for line in follow_ups.logs:
-        getattr(log, line.level)(line.event, **line.fields)
-    for turn in follow_ups.counted:
-        metrics.turn_transition(turn)
-    for reason in follow_ups.in_doubt:
-        metrics.create_in_doubt(reason)
-    for reason in follow_ups.extra_runs:
-        metrics.extra_run(reason)
-    added = 0
-    if settings is not None:
-        for turn_id in follow_ups.start:
-            added += await enqueue_start(queue, settings, turn_id)
-    return added
-
-
-async def enqueue_start(queue: jobs.Queue | None, settings: Settings, turn_id: str) -> bool:
-    """Enqueue a start; with Redis down the reconciler finds the turn later, so only log.
-    True when a job was added (False: already queued, or Redis is down)."""
-    if queue is None:
-        return False
-    try:
-        return await jobs.enqueue_start_turn(queue, settings.queue_name, turn_id)
-    except jobs.QUEUE_UNAVAILABLE as exc:
-        log.warning("enqueue_failed", turn_id=turn_id, error=repr(exc))
-        return False
 
 
 def _start_head(head: tuple[str, str] | None) -> FollowUps:

@@ -14,7 +14,7 @@ import structlog
 from service.clients.parallel import ParallelClient, RunResult
 from service.config import Settings
 from service.db import turns as db
-from service.domain import lifecycle
+from service.domain import followups, lifecycle
 from service.domain.schedule import check_delay, poll_cap, poll_start, run_deadline_s
 from service.errors import UpstreamRejected, UpstreamUnavailable
 from service.models import Turn
@@ -30,11 +30,11 @@ async def finish(
     """Record how the turn's run ended, unless the turn already ended (a cancel wins), then
     start the next turn: `status` "completed" (output, basis), "failed" (error) or "timeout"
     (error; the run may go on upstream). None when nothing changed."""
-    transitions: dict[str, Callable[..., Awaitable[lifecycle.Ended]]] = {
+    transitions: dict[str, Callable[..., Awaitable[followups.Ended]]] = {
         "completed": lifecycle.complete, "failed": lifecycle.fail, "timeout": lifecycle.time_out,
     }
     turn, follow_ups = await transitions[status](pool, turn_id, **fields)
-    await lifecycle.after_commit(follow_ups, queue, settings)
+    await followups.after_commit(follow_ups, queue, settings)
     return turn
 
 

@@ -32,7 +32,7 @@ from service import queue as jobs
 from service.clients.parallel import ParallelClient, RunInfo
 from service.config import Settings
 from service.db.pool import DB_UNAVAILABLE
-from service.domain import attempts, lifecycle, reseed
+from service.domain import attempts, followups, reseed
 from service.domain.groups import GroupStarts, adopt
 from service.domain.schedule import check_delay, poll_cap, poll_start, run_deadline_s
 from service.errors import UpstreamRejected, UpstreamUnavailable
@@ -93,7 +93,7 @@ async def start_turn(
     began = time.monotonic()
     grouped = groups is not None and groups.active
     begun, follow_ups = await attempts.begin_attempt(pool, settings, turn_id, grouped)
-    await lifecycle.after_commit(follow_ups, queue, settings)
+    await followups.after_commit(follow_ups, queue, settings)
     if isinstance(begun, str):
         return begun
     create_by, record_by, give_up_by = attempt_deadlines(settings, began)
@@ -114,7 +114,7 @@ async def start_turn(
     except UpstreamRejected as exc:
         _, follow_ups = await attempts.fail_attempt(
             pool, turn_id, attempt.number, {"code": exc.code, "message": exc.detail})
-        await lifecycle.after_commit(follow_ups, queue, settings)
+        await followups.after_commit(follow_ups, queue, settings)
         return "rejected"
     return await _record_run(pool, queue, settings, attempt, run, reseeded)
 
@@ -211,7 +211,7 @@ async def _abandon(
         metrics.create_in_doubt(reason)
     outcome, follow_ups = await attempts.abandon_attempt(
         pool, settings, turn_id, attempt.number, in_doubt=exc.in_doubt)
-    await lifecycle.after_commit(follow_ups, queue, settings)
+    await followups.after_commit(follow_ups, queue, settings)
     if outcome == "create_in_doubt":
         return outcome
     raise exc
@@ -251,7 +251,7 @@ async def _record_run(
             _not_recorded(attempt, run, exc)
             raise
         else:
-            await lifecycle.after_commit(follow_ups, queue, settings)
+            await followups.after_commit(follow_ups, queue, settings)
             return outcome
 
 

@@ -16,7 +16,7 @@ import msgspec
 from service.config import Settings
 from service.db import conversations as conversation_db
 from service.db import turns as db
-from service.domain import lifecycle
+from service.domain import followups, lifecycle
 from service.domain.cursors import Seq, decode_cursor, page_of
 from service.domain.feeds import Feeds, terminal_event_of
 from service.domain.usage import estimate_cost
@@ -65,7 +65,7 @@ async def create_turn(
         pool, settings, tenant_id, conversation_id, idempotency_key, request_hash(data), draft,
         if_busy=data.if_busy,
     )
-    await lifecycle.after_commit(follow_ups, queue, settings)
+    await followups.after_commit(follow_ups, queue, settings)
     return turn
 
 
@@ -156,5 +156,5 @@ async def cancel_turn(
 ) -> Turn:
     """Cancel a queued or running turn (idempotent). Raises NotFound, or Conflict once it ended."""
     cancelled, follow_ups = await lifecycle.cancel(pool, tenant_id, conversation_id, turn_id)
-    await lifecycle.after_commit(follow_ups, queue, settings)
+    await followups.after_commit(follow_ups, queue, settings)
     return cancelled

@@ -15,8 +15,8 @@ import asyncpg
 import msgspec
 import pytest
 
-from service.domain import attempts, lifecycle
-from service.domain.lifecycle import NOTHING, FollowUps
+from service.domain import attempts, followups, lifecycle
+from service.domain.followups import NOTHING, FollowUps
 from service.errors import Conflict, NotFound
 from service.queue import create_queue
 from service.resources import Resources
@@ -340,15 +340,15 @@ async def test_after_commit_enqueues_starts_and_survives_redis_being_down(
 ):
     turn, follow = await queued(resources, conversation)
     settings = resources.settings
-    assert await lifecycle.after_commit(follow) == 0  # no queue: left to the reconciler
-    assert await lifecycle.after_commit(follow, resources.queue, settings) == 1
+    assert await followups.after_commit(follow) == 0  # no queue: left to the reconciler
+    assert await followups.after_commit(follow, resources.queue, settings) == 1
     assert await resources.queue.zscore(settings.queue_name, f"start_turn:{turn.id}") is not None
-    assert await lifecycle.after_commit(follow, resources.queue, settings) == 0  # deduped
+    assert await followups.after_commit(follow, resources.queue, settings) == 0  # deduped
 
     with redis_process() as server:
         queue = await create_queue(server.url)
         try:
             server.stop()
-            assert await lifecycle.after_commit(follow, queue, settings) == 0  # logged, no raise
+            assert await followups.after_commit(follow, queue, settings) == 0  # logged, no raise
         finally:
             await queue.aclose()

@@ -11,15 +11,6 @@ from service.models import Event, Turn
 
 NOTIFY_CHANNEL = "research_events"
 
-# The notification of an event row `e`: the event itself when it fits in a NOTIFY payload (under
-# 8,000 bytes), as "<conversation id> <event JSON>", so a feed (service.domain.feeds) need not
-# read it back; a bare conversation id means "read what is new". Times are written as the API
-# writes them (api_time, migration 0014). append_event (migration 0014) sends the same.
-EVENT_PAYLOAD = """json_build_object(
-        'sequence', e.sequence, 'type', e.type, 'conversation_id', e.conversation_id,
-        'turn_id', e.turn_id, 'created_at', api_time(e.created_at), 'data', e.data)::text"""
-NOTIFY = ("pg_notify('research_events', CASE WHEN octet_length({payload}) < 7900 "
-          "THEN {conversation_id} || ' ' || {payload} ELSE {conversation_id} END)")
 # Migration 0014: the event, the conversation's counters and expiry, the NOTIFY, a terminal
 # event's webhook delivery (turn.completed, turn.failed, turn.cancelled; docs/design.md §3) when
 # the conversation has a webhook_url, the first answer of an Idempotency-Key ($5), and the head.

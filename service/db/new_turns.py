@@ -9,7 +9,6 @@ import asyncpg
 import msgspec
 
 from service.db.conversations import EXPIRES_AT
-from service.db.events import EVENT_PAYLOAD, NOTIFY
 from service.db.turns import TURN_COLUMNS
 from service.models import Turn
 
@@ -57,7 +56,7 @@ def _turn_args(values: dict[str, Any], tenant_open_limit: int | None) -> tuple[A
 
 
 def _turn_and_open_before(row: asyncpg.Record) -> tuple[Turn, int]:
-    fields = {k: v for k, v in row.items() if k != "pg_notify"}
+    fields = {k: v for k, v in row.items() if k != "notify_event"}
     open_before = int(fields.pop("open_before"))
     return msgspec.convert(fields, Turn), open_before
 
@@ -96,7 +95,7 @@ WITH open AS (
     RETURNING sequence, type, conversation_id, turn_id, created_at, data
 )
 SELECT t.*, (SELECT n FROM open) AS open_before,
-    {NOTIFY.format(conversation_id="$2", payload=EVENT_PAYLOAD)}
+    notify_event($2, e.sequence, e.type, e.turn_id, e.created_at, e.data)
 FROM t, e
 """
 

@@ -35,6 +35,25 @@ CREATE FUNCTION lock_conversation_of(in_turn text) RETURNS text LANGUAGE sql AS 
     FOR UPDATE OF c
 $$;
 
+-- Notify listeners of an event on commit (channel research_events): "<conversation id> <event
+-- JSON>" when that fits in a NOTIFY payload (under 8,000 bytes), so a feed (service.domain.feeds)
+-- need not read it back; else the bare conversation id, meaning "read what is new". Returns the
+-- event's JSON (times as the API writes them).
+CREATE FUNCTION notify_event(
+    in_conversation text, in_sequence bigint, in_type text, in_turn text, in_at timestamptz,
+    in_data jsonb
+) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    notice text := json_build_object(
+        'sequence', in_sequence, 'type', in_type, 'conversation_id', in_conversation,
+        'turn_id', in_turn, 'created_at', api_time(in_at), 'data', in_data)::text;
+BEGIN
+    PERFORM pg_notify('research_events', CASE WHEN octet_length(notice) < 7900
+                                              THEN in_conversation || ' ' || notice
+                                              ELSE in_conversation END);
+    RETURN notice;
+END $$;
+
 -- Append an event to the conversation's log (call it with the conversation locked, after the
 -- turn's change): the conversation's counters and expiry move on, listeners are notified on
 -- commit (the event itself in the payload when it fits in a NOTIFY, else the bare conversation
@@ -65,12 +84,7 @@ BEGIN
     IF in_first_response THEN
         UPDATE turn SET first_response = in_data WHERE id = in_turn;
     END IF;
-    notice := json_build_object(
-        'sequence', e.sequence, 'type', e.type, 'conversation_id', in_conversation,
-        'turn_id', in_turn, 'created_at', api_time(e.created_at), 'data', in_data)::text;
-    PERFORM pg_notify('research_events', CASE WHEN octet_length(notice) < 7900
-                                              THEN in_conversation || ' ' || notice
-                                              ELSE in_conversation END);
+    notice := notify_event(in_conversation, e.sequence, e.type, in_turn, e.created_at, in_data);
     IF c.webhook_url IS NOT NULL
        AND in_type IN ('turn.completed', 'turn.failed', 'turn.cancelled') THEN
         INSERT INTO webhook_delivery (

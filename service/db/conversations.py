@@ -139,25 +139,6 @@ FOR UPDATE
 """
 
 
-# The same row unlocked, for a turn created in one statement
-# (service.db.new_turns.queue_turn_at_once), and whether the Idempotency-Key $3 was used in it
-# already (then it is replayed under the lock).
-CONVERSATION_FOR_TURN_SQL = """
-SELECT c.id, c.processor, c.turn_count, c.last_turn_id, c.webhook_url, c.webhook_secret,
-    $3::text IS NOT NULL AND EXISTS (
-        SELECT 1 FROM turn WHERE conversation_id = c.id AND idempotency_key = $3
-    ) AS key_used
-FROM conversation c WHERE c.id = $1 AND c.tenant_id = $2
-"""
-
-
-async def conversation_for_turn(
-    conn: asyncpg.Connection, tenant_id: str, conversation_id: str, idempotency_key: str | None
-) -> asyncpg.Record | None:
-    return await conn.fetchrow(CONVERSATION_FOR_TURN_SQL, conversation_id, tenant_id,
-                               idempotency_key)
-
-
 async def lock_conversation(
     conn: asyncpg.Connection, tenant_id: str, conversation_id: str
 ) -> asyncpg.Record | None:

@@ -45,7 +45,7 @@ async def insert_turn(
 
 
 def _turn_args(values: dict[str, Any], tenant_open_limit: int | None) -> tuple[Any, ...]:
-    """$1 to $13 of INSERT_TURN_SQL and QUEUE_TURN_AT_ONCE_SQL."""
+    """$1 to $13 of INSERT_TURN_SQL."""
     return (
         values["id"], values["conversation_id"], values["tenant_id"], values["seq"],
         values["parent_turn_id"], values["input"], values["processor"], values["output_schema"],
@@ -62,32 +62,51 @@ def _turn_and_open_before(row: asyncpg.Record) -> tuple[Turn, int]:
 
 
 # A new turn and its turn.queued event in one statement, committed on its own: no BEGIN, no lock
-# held across round trips, no COMMIT (service.domain.lifecycle.queue_turn's fast path). It writes
-# only if the conversation is as the caller read it ($4 - 1 turns) and has fewer than $16 open
-# turns; otherwise nothing, and no row comes back. The conversation's UPDATE is the lock: a
-# concurrent new turn changes turn_count, so one of the two writes nothing (its seq would be
-# refused by turn_conversation_seq_key too, which the caller takes the same way). $14 is the turn's
-# event data but created_at, which is the statement's now() as the API writes it; $15:
-# also store it as the Idempotency-Key's first answer. The tenant's limits are checked at the
-# commit (migration 0011), as for INSERT_TURN_SQL.
+# held across round trips, no COMMIT, no read of the conversation before it (service.domain.
+# lifecycle.queue_turn's fast path). The conversation gives the turn what the request left out:
+# its seq (turn_count + 1), its parent ($5, else the conversation's last turn) and its processor
+# ($4, else the conversation's). It writes only in the common case, and nothing otherwise (no row
+# comes back; queue_turn's transaction then decides, under the conversation's lock): the
+# conversation is the tenant's and unchanged since the statement's snapshot (a concurrent new
+# turn changes turn_count; the UPDATE is the lock), it has fewer than $14 open turns, its
+# processor is one of $15's (processor -> price per run, the processors the service allows),
+# the Idempotency-Key $9 is unused in it and the parent $5 is one of its turns. $12 is the
+# turn's event data but for what the conversation gives and created_at (the statement's now(),
+# as the API writes it); $13: also store it as the Idempotency-Key's first answer. The tenant's
+# limits are checked at the commit (migration 0011), as for INSERT_TURN_SQL.
 QUEUE_TURN_AT_ONCE_SQL = f"""
-WITH open AS (
+WITH asked AS (
+    SELECT c.turn_count, c.turn_count + 1 AS seq,
+        COALESCE($5::text, c.last_turn_id) AS parent_turn_id,
+        COALESCE($4::text, c.processor) AS processor
+    FROM conversation c WHERE c.id = $2 AND c.tenant_id = $3
+), open AS (
     SELECT count(*) AS n FROM turn WHERE conversation_id = $2 AND status IN ('queued', 'running')
 ), c AS (
-    UPDATE conversation SET turn_count = $4, last_turn_id = $1, updated_at = now(),
-        event_count = event_count + 1, last_activity_at = now(),
-        expires_at = {EXPIRES_AT.format(ttl="ttl_seconds", at="now()")}
-    WHERE id = $2 AND tenant_id = $3 AND turn_count = $4 - 1 AND (SELECT n FROM open) < $16
-    RETURNING event_count
+    UPDATE conversation u SET turn_count = a.seq, last_turn_id = $1, updated_at = now(),
+        event_count = u.event_count + 1, last_activity_at = now(),
+        expires_at = {EXPIRES_AT.format(ttl="u.ttl_seconds", at="now()")}
+    FROM asked a
+    WHERE u.id = $2 AND u.turn_count = a.turn_count AND (SELECT n FROM open) < $14
+        AND $15::jsonb ? a.processor
+        AND ($9::text IS NULL OR NOT EXISTS (
+            SELECT 1 FROM turn k WHERE k.conversation_id = $2 AND k.idempotency_key = $9))
+        AND ($5::text IS NULL OR EXISTS (
+            SELECT 1 FROM turn p WHERE p.id = $5 AND p.conversation_id = $2))
+    RETURNING u.event_count, a.seq, a.parent_turn_id, a.processor
 ), d AS (
-    SELECT $14::jsonb || jsonb_build_object('created_at', api_time(now())) AS turn
+    SELECT $12::jsonb || jsonb_build_object(
+        'seq', c.seq, 'parent_turn_id', c.parent_turn_id, 'processor', c.processor,
+        'created_at', api_time(now())) AS turn
+    FROM c
 ), t AS (
     INSERT INTO turn AS t (
         id, conversation_id, tenant_id, seq, parent_turn_id, input, processor, output_schema,
         metadata, idempotency_key, request_hash, estimated_cost_usd, first_response
     )
-    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, CASE WHEN $15 THEN d.turn END
-    FROM c, d, (SELECT set_config('research.max_open_turns_per_tenant', $13, true)) AS limits
+    SELECT $1, $2, $3, c.seq, c.parent_turn_id, $6, c.processor, $7, $8, $9, $10,
+        ($15::jsonb ->> c.processor)::numeric, CASE WHEN $13 THEN d.turn END
+    FROM c, d, (SELECT set_config('research.max_open_turns_per_tenant', $11, true)) AS limits
     RETURNING {TURN_COLUMNS}
 ), e AS (
     INSERT INTO event (conversation_id, sequence, type, turn_id, data)
@@ -101,16 +120,22 @@ FROM t, e
 
 
 async def queue_turn_at_once(
-    conn: asyncpg.Connection, *, event_data: dict[str, Any], first_response: bool,
-    conversation_open_limit: int, tenant_open_limit: int | None = None, **values: Any
+    conn: asyncpg.Connection, *, id: str, conversation_id: str, tenant_id: str,
+    processor: str | None, parent_turn_id: str | None, input: Any, output_schema: Any,
+    metadata: Any, idempotency_key: str | None, request_hash: bytes,
+    tenant_open_limit: int | None, event_data: dict[str, Any], first_response: bool,
+    conversation_open_limit: int, prices: dict[str, str],
 ) -> tuple[Turn, int] | None:
     """QUEUE_TURN_AT_ONCE_SQL: the turn with how many turns of its conversation were open
-    before it (as of the statement's start), or None when the conversation was not as read or
-    was at its open-turn limit (nothing written). Raises what the commit raises for the
-    tenant's limits (service.domain.usage.quota_refusal), UniqueViolationError for an
-    Idempotency-Key used meanwhile."""
+    before it (as of the statement's start), or None when it wrote nothing (the conversation
+    missing, changed meanwhile, at its open-turn limit, its processor not among `prices`'s, the
+    key used, the parent not its turn). Raises what the commit raises for the tenant's limits
+    (service.domain.usage.quota_refusal), UniqueViolationError for an Idempotency-Key used
+    meanwhile."""
     row = await conn.fetchrow(
-        QUEUE_TURN_AT_ONCE_SQL, *_turn_args(values, tenant_open_limit),
-        event_data, first_response, conversation_open_limit,
+        QUEUE_TURN_AT_ONCE_SQL, id, conversation_id, tenant_id, processor, parent_turn_id, input,
+        output_schema, metadata, idempotency_key, request_hash,
+        "" if tenant_open_limit is None else str(tenant_open_limit), event_data,
+        first_response, conversation_open_limit, prices,
     )
     return None if row is None else _turn_and_open_before(row)

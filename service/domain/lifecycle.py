@@ -18,7 +18,6 @@ returns as FollowUps, which service.domain.followups.after_commit runs.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -34,7 +33,8 @@ from service.db import turns as turn_db
 from service.db.pool import DB_UNAVAILABLE
 from service.domain import usage
 from service.domain.followups import NOTHING, Ended, FollowUps, LogLine, transaction
-from service.errors import Conflict, ConversationBusy, NotFound
+from service.domain.validation import check_processor
+from service.errors import Conflict, ConversationBusy, InvalidInput, NotFound
 from service.models import Turn
 from service.schemas import IfBusy
 
@@ -60,15 +60,21 @@ async def _lock_conversation(
 
 # queue ----------------------------------------------------------------------------------------
 
-# Called under the conversation's lock with its row (id, processor, turn_count, last_turn_id):
-# checks the request (raising what the API answers) and returns the rest of insert_turn's
-# values (seq, parent_turn_id, input, processor, output_schema, metadata, estimated_cost_usd).
-Draft = Callable[[asyncpg.Connection, asyncpg.Record], Awaitable[dict[str, Any]]]
+class Asked(msgspec.Struct, frozen=True, kw_only=True):
+    """A new turn as its request asks for it, checked but for what its conversation gives: its
+    seq, its parent when `parent_turn_id` is None (the conversation's last turn) and its
+    processor when `processor` is None (the conversation's)."""
+
+    input: Any
+    output_schema: Any
+    metadata: Any
+    processor: str | None = None
+    parent_turn_id: str | None = None
 
 
 async def queue_turn(
     pool: asyncpg.Pool, settings: Settings, tenant_id: str, conversation_id: str,
-    idempotency_key: str | None, digest: bytes, draft: Draft, *, if_busy: IfBusy = "enqueue",
+    idempotency_key: str | None, digest: bytes, asked: Asked, *, if_busy: IfBusy = "enqueue",
 ) -> tuple[Turn, FollowUps]:
     """Append a queued turn with its turn.queued event, or replay the first answer for this
     Idempotency-Key; either way its start is a follow-up when it is the conversation's head (a
@@ -86,11 +92,12 @@ async def queue_turn(
     first tried in one statement without the lock (_queue_at_once), and this transaction runs
     only when that wrote nothing.
     Raises NotFound, Conflict (the key with another body), ConversationBusy, TooManyOpenTurns,
-    PaymentRequired, and what `draft` raises (after an interrupt's cancels, which then roll back
-    with the rest)."""
+    PaymentRequired, and InvalidInput when the conversation's processor is not allowed or the
+    parent is not its turn (after an interrupt's cancels, which then roll back with the
+    rest)."""
     if if_busy == "enqueue":
         at_once = await _queue_at_once(pool, settings, tenant_id, conversation_id,
-                                       idempotency_key, digest, draft)
+                                       idempotency_key, digest, asked)
         if at_once is not None:
             return at_once
     interrupted: list[Turn] = []
@@ -109,7 +116,7 @@ async def queue_turn(
                 conn, id=f"turn_{secrets.token_hex(12)}", conversation_id=conversation_id,
                 tenant_id=tenant_id, idempotency_key=idempotency_key, request_hash=digest,
                 tenant_open_limit=settings.max_open_turns_per_tenant,
-                **await draft(conn, conversation),
+                **await _draft(conn, settings, tenant_id, conversation, asked),
             )
             usage.check_open_in_conversation(settings, open_before)
             await event_db.insert_event(conn, "turn.queued", turn,
@@ -129,34 +136,58 @@ async def queue_turn(
     return turn, queued + FollowUps(logs=(line,))
 
 
+async def _draft(
+    conn: asyncpg.Connection, settings: Settings, tenant_id: str, conversation: asyncpg.Record,
+    asked: Asked,
+) -> dict[str, Any]:
+    """What insert_turn writes besides the ids: the request's values, and what the locked
+    conversation gives (checked: its processor allowed, the parent one of its turns)."""
+    conversation_id = conversation["id"]
+    processor = asked.processor or conversation["processor"]
+    check_processor(settings, processor)
+    if asked.parent_turn_id is not None and (
+        await turn_db.turn_conversation(conn, tenant_id, asked.parent_turn_id) != conversation_id
+    ):
+        raise InvalidInput(
+            "parent_turn_id must name a turn of this conversation.",
+            errors=[{"field": "parent_turn_id", "message": "no such turn in this conversation"}],
+        )
+    return {
+        "seq": conversation["turn_count"] + 1,
+        "parent_turn_id": asked.parent_turn_id or conversation["last_turn_id"],
+        "input": asked.input,
+        "processor": processor,
+        "output_schema": asked.output_schema,
+        "metadata": asked.metadata,
+        "estimated_cost_usd": usage.estimate_cost(processor),
+    }
+
+
 async def _queue_at_once(
     pool: asyncpg.Pool, settings: Settings, tenant_id: str, conversation_id: str,
-    idempotency_key: str | None, digest: bytes, draft: Draft,
+    idempotency_key: str | None, digest: bytes, asked: Asked,
 ) -> tuple[Turn, FollowUps] | None:
-    """queue_turn's common case in two round trips instead of five: read the conversation,
-    then write the turn and its event in one statement that commits on its own and writes
-    only if the conversation is still as read (service.db.new_turns.queue_turn_at_once). None when
-    it wrote nothing (a turn created meanwhile, the conversation at its open-turn limit, an
-    Idempotency-Key already used): queue_turn's transaction then decides, under the lock."""
+    """queue_turn's common case in one round trip instead of five: the turn and its event
+    written in one statement that commits on its own, with what the conversation gives read in
+    the same statement, and only in the common case (service.db.new_turns.queue_turn_at_once).
+    None when it wrote nothing (no such conversation, a turn created meanwhile, the
+    conversation at its open-turn limit, an Idempotency-Key already used, a parent or a
+    processor to refuse): queue_turn's transaction then decides, under the lock."""
+    turn_id = f"turn_{secrets.token_hex(12)}"
     async with pool.acquire() as proxy:
         conn = cast(asyncpg.Connection, proxy)
-        conversation = await conversation_db.conversation_for_turn(
-            conn, tenant_id, conversation_id, idempotency_key)
-        if conversation is None:
-            raise NotFound(f"Conversation {conversation_id!r} not found.")
-        if conversation["key_used"]:
-            return None
-        values = await draft(conn, conversation)
-        turn_id = f"turn_{secrets.token_hex(12)}"
-        queued = _queued_turn(turn_id, conversation_id, values)
         session = conn.get_server_pid()
         try:
             written = await new_turns.queue_turn_at_once(
                 conn, id=turn_id, conversation_id=conversation_id, tenant_id=tenant_id,
+                processor=asked.processor, parent_turn_id=asked.parent_turn_id,
+                input=asked.input, output_schema=asked.output_schema, metadata=asked.metadata,
                 idempotency_key=idempotency_key, request_hash=digest,
                 tenant_open_limit=settings.max_open_turns_per_tenant,
                 conversation_open_limit=settings.max_open_turns_per_conversation,
-                event_data=queued, first_response=idempotency_key is not None, **values,
+                event_data=_queued_turn(turn_id, conversation_id, asked),
+                first_response=idempotency_key is not None,
+                prices=usage.prices(tuple(settings.processors)),
             )
         except asyncpg.UniqueViolationError:
             return None  # the key (or the seq) was taken meanwhile: decided under the lock
@@ -200,18 +231,19 @@ async def _committed_meanwhile(
     return None if turn is None else (turn, 1)
 
 
-def _queued_turn(turn_id: str, conversation_id: str, values: dict[str, Any]) -> dict[str, Any]:
-    """The new turn as its turn.queued event carries it, but created_at (the database's)."""
+def _queued_turn(turn_id: str, conversation_id: str, asked: Asked) -> dict[str, Any]:
+    """The new turn as its turn.queued event carries it, but for what the conversation gives
+    (seq, parent_turn_id, processor) and created_at (the database's)."""
     event = msgspec.to_builtins(Turn(
-        id=turn_id, conversation_id=conversation_id, seq=values["seq"],
-        parent_turn_id=values["parent_turn_id"], input=values["input"],
-        processor=values["processor"], output_schema=values["output_schema"],
-        metadata=values["metadata"], status="queued", run_id=None, interaction_id=None,
+        id=turn_id, conversation_id=conversation_id, seq=0, parent_turn_id=None,
+        input=asked.input, processor="", output_schema=asked.output_schema,
+        metadata=asked.metadata, status="queued", run_id=None, interaction_id=None,
         previous_interaction_id=None, output=None, basis=None, error=None,
         upstream_may_continue=False, context=None, created_at=_EPOCH, started_at=None,
         completed_at=None,
     ))
-    del event["created_at"]
+    for given in ("seq", "parent_turn_id", "processor", "created_at"):
+        del event[given]
     return dict(event)
 
 

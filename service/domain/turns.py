@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from typing import Any
 
 import asyncpg
 import msgspec
@@ -19,7 +18,6 @@ from service.db import turns as db
 from service.domain import followups, lifecycle
 from service.domain.cursors import Seq, decode_cursor, page_of
 from service.domain.feeds import Feeds, terminal_event_of
-from service.domain.usage import estimate_cost
 from service.domain.validation import check_turn_request
 from service.errors import InvalidInput, NotFound
 from service.models import TERMINAL_STATUSES, Turn
@@ -58,43 +56,23 @@ async def create_turn(
     if idempotency_key is not None and not 0 < len(idempotency_key) <= IDEMPOTENCY_KEY_MAX:
         raise InvalidInput(f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters.")
 
-    async def draft(conn: asyncpg.Connection, conversation: asyncpg.Record) -> dict[str, Any]:
-        return await _draft_turn(conn, settings, tenant_id, conversation, data)
-
+    try:
+        check_turn_request(settings, data)
+    except InvalidInput:
+        # As for any request about a conversation, a missing one is told first.
+        if await conversation_db.get_conversation(pool, tenant_id, conversation_id) is None:
+            raise NotFound(f"Conversation {conversation_id!r} not found.") from None
+        raise
+    asked = lifecycle.Asked(
+        input=data.input, output_schema=msgspec.to_builtins(data.output_schema),
+        metadata=data.metadata, processor=data.processor, parent_turn_id=data.parent_turn_id,
+    )
     turn, follow_ups = await lifecycle.queue_turn(
-        pool, settings, tenant_id, conversation_id, idempotency_key, request_hash(data), draft,
+        pool, settings, tenant_id, conversation_id, idempotency_key, request_hash(data), asked,
         if_busy=data.if_busy,
     )
     await followups.after_commit(follow_ups, queue, settings)
     return turn
-
-
-async def _draft_turn(
-    conn: asyncpg.Connection, settings: Settings, tenant_id: str, conversation: asyncpg.Record,
-    data: TurnCreate,
-) -> dict[str, Any]:
-    """Check the request against the locked conversation; the new turn's values (the quotas are
-    checked as it is inserted and committed: service.domain.lifecycle.queue_turn)."""
-    conversation_id = conversation["id"]
-    processor = data.processor or conversation["processor"]
-    check_turn_request(settings, data, processor)
-    parent_id = data.parent_turn_id or conversation["last_turn_id"]
-    if data.parent_turn_id is not None and (
-        await db.turn_conversation(conn, tenant_id, data.parent_turn_id) != conversation_id
-    ):
-        raise InvalidInput(
-            "parent_turn_id must name a turn of this conversation.",
-            errors=[{"field": "parent_turn_id", "message": "no such turn in this conversation"}],
-        )
-    return {
-        "seq": conversation["turn_count"] + 1,
-        "parent_turn_id": parent_id,
-        "input": data.input,
-        "processor": processor,
-        "output_schema": msgspec.to_builtins(data.output_schema),
-        "metadata": data.metadata,
-        "estimated_cost_usd": estimate_cost(processor),
-    }
 
 
 async def get_turn(pool: asyncpg.Pool, tenant_id: str, conversation_id: str, turn_id: str) -> Turn:

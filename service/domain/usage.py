@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, date, datetime
 from decimal import Decimal
 
@@ -18,6 +19,13 @@ from service.schemas import ConversationUsage, ProcessorUsage, Usage
 def estimate_cost(processor: str) -> Decimal:
     """Parallel's price of one run of the processor (docs/parallel.md §7), in USD."""
     return Decimal(str(profile(processor).usd_per_run))
+
+
+@functools.cache
+def prices(processors: tuple[str, ...]) -> dict[str, str]:
+    """Each processor's estimate_cost, as text (exact in SQL's numeric): the price list a turn
+    created in one statement is charged from (service.db.new_turns.queue_turn_at_once)."""
+    return {processor: str(estimate_cost(processor)) for processor in processors}
 
 
 def month_start(month: str | None = None) -> date:

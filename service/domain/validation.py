@@ -120,9 +120,12 @@ def spec_size(data: TurnCreate) -> int:
     return size
 
 
-def check_turn_request(settings: Settings, data: TurnCreate, processor: str) -> None:
-    """Refuse what Parallel would refuse (docs/parallel.md §1.2). Raises InvalidInput."""
-    check_processor(settings, processor)
+def check_turn_request(settings: Settings, data: TurnCreate) -> None:
+    """Refuse what Parallel would refuse (docs/parallel.md §1.2), the processor the request
+    names included (the conversation's, when it names none, is checked as the turn is
+    written: service.domain.lifecycle). Raises InvalidInput."""
+    if data.processor is not None:
+        check_processor(settings, data.processor)
     if json_depth(data.input, settings.max_input_depth) > settings.max_input_depth:
         raise InvalidInput(
             f"input nests objects and arrays deeper than {settings.max_input_depth} levels.",

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import asyncpg
 import msgspec
 import pytest
 
-from service.domain import attempts, followups, lifecycle
+from service.domain import attempts, followups, lifecycle, usage
 from service.domain.followups import NOTHING, FollowUps
-from service.errors import Conflict, NotFound
+from service.errors import Conflict, InvalidInput, NotFound
+from service.models import Turn
 from service.queue import create_queue
 from service.resources import Resources
 from tests.helpers import create_conversation
@@ -50,19 +50,24 @@ async def conversation(api, resources: Resources) -> dict[str, Any]:
     return created
 
 
-def draft(question: str) -> lifecycle.Draft:
-    async def values(conn: asyncpg.Connection, row: asyncpg.Record) -> dict[str, Any]:
-        return {"seq": row["turn_count"] + 1, "parent_turn_id": row["last_turn_id"],
-                "input": question, "processor": "lite", "output_schema": {"type": "text"},
-                "metadata": {}, "estimated_cost_usd": 0}
-    return values
+def asked(question: str, **fields: Any) -> lifecycle.Asked:
+    return lifecycle.Asked(input=question, output_schema={"type": "text"}, metadata={},
+                           **{"processor": "lite", **fields})
 
 
 async def queued(resources: Resources, conversation: dict[str, Any], question: str = "Why?",
                  key: str | None = None) -> tuple[Any, FollowUps]:
     return await lifecycle.queue_turn(resources.pool, resources.settings,
                                       conversation["tenant_id"], conversation["id"], key,
-                                      b"digest", draft(question))
+                                      b"digest", asked(question))
+
+
+async def queued_with(resources: Resources, conversation: dict[str, Any],
+                      **fields: Any) -> Turn:
+    turn, _ = await lifecycle.queue_turn(resources.pool, resources.settings,
+                                         conversation["tenant_id"], conversation["id"], None,
+                                         b"digest", asked("Branch", **fields))
+    return turn
 
 
 async def running(resources: Resources, turn_id: str) -> None:
@@ -130,21 +135,51 @@ async def test_queue_turn_replays_a_key_and_starts_the_replayed_head_again(
     assert follow == FollowUps(start=(turn.id,))  # its first enqueue may have been lost
     with pytest.raises(Conflict):
         await lifecycle.queue_turn(resources.pool, resources.settings, conversation["tenant_id"],
-                                   conversation["id"], "k1", b"another body", draft("Why?"))
+                                   conversation["id"], "k1", b"another body", asked("Why?"))
     assert await events(resources, conversation) == [("turn.queued", turn.id)]
 
 
-async def test_queue_turn_writes_nothing_when_the_draft_refuses(resources, conversation):
-    async def refuse(conn: asyncpg.Connection, row: asyncpg.Record) -> dict[str, Any]:
-        raise NotFound("no")
-
-    with pytest.raises(NotFound):
-        await lifecycle.queue_turn(resources.pool, resources.settings, conversation["tenant_id"],
-                                   conversation["id"], None, b"d", refuse)
+async def test_queue_turn_writes_nothing_for_what_the_conversation_refuses(
+    api, resources, conversation
+):
+    """What only the conversation can tell: the one statement writes nothing, and the
+    transaction under the lock refuses."""
+    other = await create_conversation(api)
+    foreign, _ = await lifecycle.queue_turn(resources.pool, resources.settings,
+                                            conversation["tenant_id"], other["id"], None, b"d",
+                                            asked("Elsewhere"))
+    with pytest.raises(InvalidInput, match="parent_turn_id"):
+        await queued_with(resources, conversation, parent_turn_id=foreign.id)
+    # Its processor is no longer one the service allows (asked for none: the conversation's).
+    narrowed = msgspec.structs.replace(resources.settings, processors=["core"])
+    with pytest.raises(InvalidInput, match="processor"):
+        await lifecycle.queue_turn(resources.pool, narrowed, conversation["tenant_id"],
+                                   conversation["id"], None, b"d", asked("Why?", processor=None))
     with pytest.raises(NotFound):
         await lifecycle.queue_turn(resources.pool, resources.settings, "ten_other",
-                                   conversation["id"], None, b"d", draft("Not yours"))
+                                   conversation["id"], None, b"d", asked("Not yours"))
     assert await events(resources, conversation) == []
+    assert await resources.pool.fetchval(
+        "SELECT turn_count FROM conversation WHERE id = $1", conversation["id"]) == 0
+
+
+async def test_queue_turn_takes_what_the_request_leaves_out_from_the_conversation(
+    resources, conversation
+):
+    first, _ = await queued(resources, conversation, "First")
+    second, _ = await queued(resources, conversation, "Second")
+    # The conversation's processor, and a parent other than its last turn.
+    branch = await queued_with(resources, conversation, processor=None,
+                               parent_turn_id=first.id)
+    assert (branch.seq, branch.parent_turn_id, branch.processor) == (
+        3, first.id, conversation["processor"])
+    assert second.parent_turn_id == first.id
+    cost = await resources.pool.fetchval(
+        "SELECT estimated_cost_usd FROM turn WHERE id = $1", branch.id)
+    assert cost == usage.estimate_cost(conversation["processor"])
+    event = await resources.pool.fetchval(
+        "SELECT data FROM event WHERE turn_id = $1", branch.id)
+    assert msgspec.convert(event, Turn) == branch  # the event carries the turn as written
 
 
 # start ----------------------------------------------------------------------------------------

@@ -53,11 +53,11 @@ def settings() -> Settings:
 
 
 def test_input_size_counts_a_json_schema_but_not_the_default_text_schema():
-    check_turn_request(settings(), TurnCreate(input="x" * 25_000), "lite")
+    check_turn_request(settings(), TurnCreate(input="x" * 25_000))
     schema = {"type": "json", "json_schema": {"type": "object", "properties": {}}}
     body = msgspec.convert({"input": "x" * 24_990, "output_schema": schema}, TurnCreate)
     with pytest.raises(InvalidInput):
-        check_turn_request(settings(), body, "lite")
+        check_turn_request(settings(), body)
 
 
 def test_settings_from_env_converts_strings():

@@ -99,6 +99,15 @@ async def test_unknown_conversation_is_404(api, database_url):
     assert await counts(database_url) == (0, 0)
 
 
+@pytest.mark.parametrize("body", [{"input": "x" * 25_001}, {"input": "ok", "processor": "warp"}])
+async def test_an_unknown_conversation_is_told_before_a_bad_body(api, database_url, body):
+    """The body is checked before the turn's one statement; a missing conversation still comes
+    first, as for every request about a conversation."""
+    response = await api.post("/v1/conversations/conv_missing/turns", json=body)
+    assert_problem(response, 404)
+    assert await counts(database_url) == (0, 0)
+
+
 @pytest.mark.parametrize("cursor", ["garbage", "WzVd!", "eyJ4Ijp0cnVlfQ"])
 async def test_bad_cursor_is_400(api, cursor):
     conversation = await create_conversation(api)

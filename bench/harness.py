@@ -215,17 +215,27 @@ async def post_turns(
     concurrency: int = 32,
 ) -> None:
     """POST one turn on each conversation, `concurrency` at a time; the sandbox holds turn i's
-    run lengths[i] seconds."""
+    run lengths[i] seconds. With wrk installed, wrk sends them (at 100,000 turns this
+    generator's own CPU would be half a core beside the service's)."""
+    from bench.load import have_wrk, post_once_wrk  # bench.load imports this module
+
+    bodies = [msgspec.json.encode({"input": f"[sandbox:slow={lengths[i]:.2f}] bench question {i}"})
+              for i in range(len(convs))]
+    if have_wrk():
+        targets = [(f"/v1/conversations/{conv}/turns", keys[tenant], bodies[i])
+                   for i, (conv, tenant) in enumerate(convs)]
+        await asyncio.to_thread(post_once_wrk, base_url, targets, connections=concurrency)
+        return
     todo = iter(enumerate(convs))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60) as client:
 
         async def post(i: int, conv: str, auth: dict[str, str]) -> None:
-            body = {"input": f"[sandbox:slow={lengths[i]:.2f}] bench question {i}"}
             for _ in range(3):
                 try:
                     r = await client.post(
-                        f"/v1/conversations/{conv}/turns", json=body, headers=auth
+                        f"/v1/conversations/{conv}/turns", content=bodies[i],
+                        headers={**auth, "Content-Type": "application/json"},
                     )
                     break
                 except httpx.TransportError:

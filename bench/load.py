@@ -8,6 +8,7 @@ import asyncio
 import concurrent.futures
 import json
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -57,6 +58,97 @@ function done(summary, latency, requests)
     latency:percentile(99) / 1000))
 end
 """
+
+
+# Each wrk thread POSTs its share of the lines (path, key, body) once, then waits on GET /healthz
+# until every one of its POSTs is answered, and says so with a file of its own (wrk itself runs
+# for its whole duration: post_once_wrk interrupts it then). Prints how many were answered 202
+# and how many not.
+WRK_ONCE_SCRIPT = r"""
+local threads = {}
+function setup(thread)
+  thread:set("tid", #threads)
+  table.insert(threads, thread)
+end
+function init(args)
+  local nthreads = tonumber(args[2])
+  marker = args[3] .. "/done." .. tid
+  mine, pos, accepted, refused, first_refusal = {}, 0, 0, 0, ""
+  local i = 0
+  for line in io.lines(args[1]) do
+    if i % nthreads == tid then
+      local path, key, body = line:match("^([^\t]*)\t([^\t]*)\t(.*)$")
+      table.insert(mine, wrk.format("POST", path, {["Authorization"] = "Bearer " .. key,
+                                    ["Content-Type"] = "application/json"}, body))
+    end
+    i = i + 1
+  end
+  idle = wrk.format("GET", "/healthz")
+  -- wrk calls the first thread's request() once before it connects, to see what it returns.
+  checked = tid ~= 0
+end
+function request()
+  if not checked then
+    checked = true
+    return idle
+  end
+  pos = pos + 1
+  if pos > #mine then return idle end
+  return mine[pos]
+end
+function response(status, headers, body)
+  if status == 202 then accepted = accepted + 1
+  elseif status ~= 200 then
+    refused = refused + 1
+    if first_refusal == "" then first_refusal = status .. " " .. body:sub(1, 200) end
+  end
+  if accepted + refused == #mine then
+    io.open(marker, "w"):close()
+    wrk.thread:stop()
+  end
+end
+function done(summary, latency, requests)
+  local a, r, why = 0, 0, ""
+  for _, t in ipairs(threads) do
+    a = a + t:get("accepted")
+    r = r + t:get("refused")
+    if why == "" then why = t:get("first_refusal") end
+  end
+  io.write(string.format('@@{"accepted":%d,"refused":%d,"errors":%d}\n', a, r,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
+  io.write("@@why " .. why .. "\n")
+end
+"""
+
+
+def post_once_wrk(
+    base_url: str, targets: list[tuple[str, str, bytes]], *, connections: int = 32,
+    timeout_s: float = 3600.0,
+) -> None:
+    """POST each (path, key, body) once with wrk, `connections` at a time; raises unless every
+    one was answered 202."""
+    threads = 2
+    folder = Path(tempfile.mkdtemp(prefix="bench-wrk-"))
+    (folder / "posts.txt").write_text(
+        "".join(f"{path}\t{key}\t{body.decode()}\n" for path, key, body in targets))
+    (folder / "once.lua").write_text(WRK_ONCE_SCRIPT)
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{round(timeout_s)}s", "--timeout",
+            "30s", "-s", str(folder / "once.lua"), base_url, "--", str(folder / "posts.txt"),
+            str(threads), str(folder)]
+    deadline = time.monotonic() + timeout_s
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as wrk:
+        while wrk.poll() is None and time.monotonic() < deadline:
+            if all((folder / f"done.{t}").exists() for t in range(threads)):
+                wrk.send_signal(signal.SIGINT)  # wrk reports and exits
+                break
+            time.sleep(0.2)
+        out, _ = wrk.communicate(timeout=60)
+    shutil.rmtree(folder, ignore_errors=True)
+    line = next(ln for ln in out.splitlines() if ln.startswith("@@{"))
+    counts = json.loads(line[2:])
+    if counts["accepted"] != len(targets):
+        why = next((ln[6:] for ln in out.splitlines() if ln.startswith("@@why ")), "")
+        raise RuntimeError(f"POST turns: {counts} of {len(targets)}; first refusal: {why}")
 
 
 def have_wrk() -> bool:

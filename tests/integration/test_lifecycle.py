@@ -56,18 +56,10 @@ def asked(question: str, **fields: Any) -> lifecycle.Asked:
 
 
 async def queued(resources: Resources, conversation: dict[str, Any], question: str = "Why?",
-                 key: str | None = None) -> tuple[Any, FollowUps]:
+                 key: str | None = None, **fields: Any) -> tuple[Any, FollowUps]:
     return await lifecycle.queue_turn(resources.pool, resources.settings,
                                       conversation["tenant_id"], conversation["id"], key,
-                                      b"digest", asked(question))
-
-
-async def queued_with(resources: Resources, conversation: dict[str, Any],
-                      **fields: Any) -> Turn:
-    turn, _ = await lifecycle.queue_turn(resources.pool, resources.settings,
-                                         conversation["tenant_id"], conversation["id"], None,
-                                         b"digest", asked("Branch", **fields))
-    return turn
+                                      b"digest", asked(question, **fields))
 
 
 async def running(resources: Resources, turn_id: str) -> None:
@@ -149,7 +141,7 @@ async def test_queue_turn_writes_nothing_for_what_the_conversation_refuses(
                                             conversation["tenant_id"], other["id"], None, b"d",
                                             asked("Elsewhere"))
     with pytest.raises(InvalidInput, match="parent_turn_id"):
-        await queued_with(resources, conversation, parent_turn_id=foreign.id)
+        await queued(resources, conversation, parent_turn_id=foreign.id)
     # Its processor is no longer one the service allows (asked for none: the conversation's).
     narrowed = msgspec.structs.replace(resources.settings, processors=["core"])
     with pytest.raises(InvalidInput, match="processor"):
@@ -169,8 +161,8 @@ async def test_queue_turn_takes_what_the_request_leaves_out_from_the_conversatio
     first, _ = await queued(resources, conversation, "First")
     second, _ = await queued(resources, conversation, "Second")
     # The conversation's processor, and a parent other than its last turn.
-    branch = await queued_with(resources, conversation, processor=None,
-                               parent_turn_id=first.id)
+    branch, _ = await queued(resources, conversation, "Branch", processor=None,
+                             parent_turn_id=first.id)
     assert (branch.seq, branch.parent_turn_id, branch.processor) == (
         3, first.id, conversation["processor"])
     assert second.parent_turn_id == first.id

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
+import uvloop
 
 from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
@@ -25,6 +26,11 @@ from tests.servers import (
     postgres_server,
     redis_server,
 )
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
+    """Every async test and fixture on uvloop: the loop the API and the worker run on."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,10 @@ class DueLoop:
         self._stopping = False
         # The earliest hint given since the last tick began (monotonic time), see wake_in().
         self._hint: float | None = None
-        self._alarm: asyncio.TimerHandle | None = None
+        # The sleep's own alarm and its time. The time is kept here: a handle for a time already
+        # past is a plain Handle under uvloop, with no when().
+        self._alarm: asyncio.Handle | None = None
+        self._alarm_at = 0.0
         # Called once when a tick succeeds after Postgres was away (the worker releases the jobs
         # it deferred meanwhile: worker.recovery).
         self.on_recovered: Callable[[], Awaitable[None]] | None = None
@@ -59,9 +62,9 @@ class DueLoop:
         at = loop.time() + max(0.0, seconds)
         if self._hint is None or at < self._hint:
             self._hint = at
-        if self._alarm is not None and at < self._alarm.when():
+        if self._alarm is not None and at < self._alarm_at:
             self._alarm.cancel()
-            self._alarm = loop.call_at(at, self._wake.set)
+            self._alarm, self._alarm_at = loop.call_at(at, self._wake.set), at
 
     def idle_s(self) -> float:
         """The longest sleep, when nothing is due sooner."""
@@ -132,7 +135,7 @@ class DueLoop:
         at = loop.time() + seconds
         if self._hint is not None:
             at = min(at, self._hint)
-        self._alarm = loop.call_at(at, self._wake.set)
+        self._alarm, self._alarm_at = loop.call_at(at, self._wake.set), at
         try:
             await self._wake.wait()
         finally:

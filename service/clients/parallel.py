@@ -31,6 +31,9 @@ T = TypeVar("T")
 WEBHOOK_BETA = "webhook-2025-08-12"
 # Parallel refuses a create whose input plus task spec is longer than this (docs/parallel.md §1.2).
 MAX_REQUEST_CHARS = 25_000
+# Streams open at once per process (ParallelClient): one per followed group in a worker, one per
+# run whose progress an API process relays. A bound, not a budget: far above what either holds.
+MAX_STREAMS = 10_000
 
 # Error codes a failed turn carries when Parallel refuses to start its run.
 REJECTION_CODES = {
@@ -187,7 +190,14 @@ def request_chars(input: str | dict[str, Any], output_schema: dict[str, Any]) ->
 
 
 class ParallelClient:
-    """A narrow async client for the calls the worker makes."""
+    """A narrow async client for the calls the worker makes.
+
+    Calls and streams have connection pools of their own. A stream (a followed group's events,
+    a run's progress) holds its connection for as long as it stays open, up to minutes: sharing
+    the calls' pool, a worker following as many groups as the pool has connections had none
+    left for its calls, and every add, listing and result waited for one until it timed out
+    (seen at 100 groups with 100,000 runs in flight). `http_client`, when given (tests), serves
+    both."""
 
     def __init__(
         self,
@@ -197,21 +207,22 @@ class ParallelClient:
         timeout: float = 30.0,
         http_client: httpx.AsyncClient | None = None,
         max_connections: int = 100,
+        max_streams: int = MAX_STREAMS,
     ) -> None:
-        if http_client is None:
-            http_client = default_http_client(max_connections)
-        # SDK retries are off: a retried POST without an idempotency key can create a second,
-        # billed run, so every retry decision is the worker's (docs/design.md §2).
-        self._sdk = AsyncParallel(
-            api_key=api_key,
-            base_url=base_url,
-            timeout=httpx.Timeout(timeout, connect=5.0),
-            max_retries=0,
-            http_client=http_client,
-        )
+        def sdk(client: httpx.AsyncClient) -> AsyncParallel:
+            # SDK retries are off: a retried POST without an idempotency key can create a
+            # second, billed run, so every retry decision is the worker's (docs/design.md §2).
+            return AsyncParallel(api_key=api_key, base_url=base_url,
+                                 timeout=httpx.Timeout(timeout, connect=5.0), max_retries=0,
+                                 http_client=client)
+
+        self._sdk = sdk(http_client or default_http_client(max_connections))
+        self._streams = self._sdk if http_client else sdk(default_http_client(max_streams))
 
     async def close(self) -> None:
         await self._sdk.close()
+        if self._streams is not self._sdk:
+            await self._streams.close()
 
     async def create_run(
         self,
@@ -274,7 +285,7 @@ class ParallelClient:
         """Yield the run's progress events (Parallel's SSE stream) as plain dicts."""
         try:
             with metrics.parallel_call("run_events"):
-                stream = await self._sdk.task_run.events(run_id)
+                stream = await self._streams.task_run.events(run_id)
             async with stream:  # closes the connection when the consumer stops early
                 async for event in stream:
                     yield event.model_dump(mode="json")
@@ -365,7 +376,7 @@ class ParallelClient:
             kwargs["last_event_id"] = last_event_id
         try:
             with metrics.parallel_call("group_events"):
-                stream = await self._sdk.task_group.events(taskgroup_id, **kwargs)
+                stream = await self._streams.task_group.events(taskgroup_id, **kwargs)
             async with stream:
                 async for event in stream:
                     yield event.model_dump(mode="json")

@@ -5,14 +5,19 @@ never a turn recorded with half an answer."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator
+from typing import Any
 
 import httpx
 import msgspec
 import pytest
 from parallel import AsyncParallel
 
-from service.clients.parallel import ParallelClient, RunInfo, RunResult
+from sandbox.config import SandboxConfig
+from sandbox.server import SandboxServer
+from service.clients.parallel import ParallelClient, RunInfo, RunResult, run_input
 from service.errors import UpstreamUnavailable
+from tests.helpers import wait_until
 
 SANDBOX_KEY = "test-key"
 
@@ -62,3 +67,46 @@ async def test_a_body_it_cannot_read_is_an_outage_and_a_creates_is_in_doubt(body
                 await call
     finally:
         await client.close()
+
+
+async def test_open_streams_leave_the_calls_their_connections():
+    """A worker holds a stream per followed group (an API process one per relayed run): with as
+    many streams open as the calls' pool has connections, calls still answer at once. They
+    shared one pool once, and at 100 followed groups every add, listing and result waited for a
+    connection until it timed out."""
+    config = SandboxConfig(default_latency_s=120, queued_s=0.05, task_groups=True)
+    with SandboxServer(config) as server:
+        client = ParallelClient(api_key=SANDBOX_KEY, base_url=server.url, max_connections=2)
+        streams: list[asyncio.Task[None]] = []
+        try:
+            runs: list[str] = []
+            for n in range(2):
+                group = await client.create_group({"test": "streams"})
+                body = run_input(input=f"Q{n}", processor="lite", output_schema={"type": "text"},
+                                 previous_interaction_id=None, metadata={}, webhook_url=None)
+                runs += (await client.add_runs(group, [body]))[0]
+                streams.append(asyncio.create_task(
+                    _drain(client.group_events(group, None, timeout_s=60))))
+            streams.append(asyncio.create_task(_drain(client.progress(runs[0]))))
+
+            async def streaming() -> bool:
+                async with httpx.AsyncClient() as sandbox:
+                    calls = (await sandbox.get(f"{server.url}/_sandbox/calls")).json()["data"]
+                return sum(c["path"].endswith("/events") and c["status"] == 200
+                           for c in calls) == len(streams)
+
+            await wait_until(streaming, timeout_s=10, what="every stream to be open")
+            async with asyncio.timeout(5):
+                assert (await client.retrieve(runs[1])).is_active
+                assert await client.group_active(group)
+            assert not any(task.done() for task in streams), "the streams stay open"
+        finally:
+            for task in streams:
+                task.cancel()
+            await asyncio.gather(*streams, return_exceptions=True)
+            await client.close()
+
+
+async def _drain(events: AsyncGenerator[Any, None]) -> None:
+    async for _ in events:
+        pass

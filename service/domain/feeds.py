@@ -10,6 +10,11 @@ notification was lost or the conversation was deleted without one.
 It keeps the newest events in memory; watchers take theirs from there and wait on `tick`, so
 300 watchers of one conversation cost the reads one watcher costs. A watcher further behind than
 the buffer reaches (a resume from an old Last-Event-ID) catches up with reads of its own first.
+
+A feed outlives its last watcher by `LINGER_S`, still following the notifications: a client's
+loop (the answer, the follow-up's POST, its long-poll) or a stream's reconnection finds it read
+and subscribed, instead of reading the conversation's newest events again. Memory stays bounded
+by the conversations watched in the last few seconds, each at most BUFFER events.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ log = structlog.get_logger(__name__)
 
 # Events kept in memory per feed; a read asks for at most this many.
 BUFFER = 256
+# Seconds a feed is kept after its last watcher leaves.
+LINGER_S = 5.0
 
 
 class Feed:
@@ -49,6 +56,7 @@ class Feed:
         self._floor = 0  # _events holds every event with a sequence above this
         self._tick = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self.retire: asyncio.TimerHandle | None = None  # while it lingers unwatched
 
     @property
     def tick(self) -> asyncio.Event:
@@ -127,10 +135,13 @@ class Feed:
 class Feeds:
     """The process's feeds, one per watched conversation (on Resources, with the event hub)."""
 
-    def __init__(self, pool: asyncpg.Pool, hub: EventHub, *, refresh_s: float) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, hub: EventHub, *, refresh_s: float, linger_s: float = LINGER_S
+    ) -> None:
         self._pool = pool
         self._hub = hub
         self._refresh_s = refresh_s
+        self._linger_s = linger_s
         self._feeds: dict[str, Feed] = {}
 
     def __len__(self) -> int:
@@ -144,8 +155,14 @@ class Feeds:
         """The conversation's feed, read at least once, for the duration of the block."""
         feed = self._feeds.get(conversation_id)
         if feed is None or feed.ended:
+            if feed is not None and feed.retire is not None:
+                feed.retire.cancel()
+                self._retire(feed)  # ended while it lingered
             feed = self._feeds[conversation_id] = Feed(conversation_id)
             feed.task = asyncio.create_task(self._follow(feed), name=f"feed:{conversation_id}")
+        if feed.retire is not None:
+            feed.retire.cancel()
+            feed.retire = None
         feed.watchers += 1
         try:
             await feed.ready.wait()
@@ -153,15 +170,28 @@ class Feeds:
         finally:
             feed.watchers -= 1
             if feed.watchers == 0:
-                if self._feeds.get(conversation_id) is feed:
-                    del self._feeds[conversation_id]
-                if feed.task is not None:
-                    feed.task.cancel()
+                if feed.ended or self._linger_s <= 0:
+                    self._retire(feed)
+                else:
+                    feed.retire = asyncio.get_running_loop().call_later(
+                        self._linger_s, self._retire, feed)
+
+    def _retire(self, feed: Feed) -> None:
+        """Drop a feed nobody watches (again); its reader stops."""
+        feed.retire = None
+        if feed.watchers:
+            return
+        if self._feeds.get(feed.conversation_id) is feed:
+            del self._feeds[feed.conversation_id]
+        if feed.task is not None:
+            feed.task.cancel()
 
     async def close(self) -> None:
         """Stop every feed; their watchers end."""
         tasks = [f.task for f in self._feeds.values() if f.task is not None]
         for feed in self._feeds.values():
+            if feed.retire is not None:
+                feed.retire.cancel()
             feed.fail()
         self._feeds.clear()
         for task in tasks:

@@ -19,7 +19,7 @@ import pytest
 from service.config import Settings
 from service.db.streams import read_feed
 from service.domain import attempts, lifecycle
-from service.domain.feeds import Feed
+from service.domain.feeds import LINGER_S, Feed
 from service.models import Turn
 from tests.helpers import create_conversation, post_turn, until
 
@@ -183,22 +183,26 @@ async def test_the_turn_written_in_sql_is_the_turn_as_the_api_shows_it(api, reso
     assert events[-1]["data"]["upstream_may_continue"] is True
 
 
-async def long_polled(api, resources, question: str) -> tuple[Feed, httpx.Response]:
-    """POST a turn, long-poll it, and run it (begin, its run recorded, complete) while the
-    long-poll waits: the poll's feed and its answer."""
+async def long_polled(
+    api, resources, question: str, conversation_id: str | None = None
+) -> tuple[Feed, httpx.Response]:
+    """POST a turn (in a new conversation, or in `conversation_id`), long-poll it, and run it
+    (begin, its run recorded, complete) while the long-poll waits: the poll's feed and its
+    answer."""
     pool, settings = resources.pool, resources.settings
-    conversation = await create_conversation(api)
-    turn = await post_turn(api, conversation["id"], question)
-    path = f"/v1/conversations/{conversation['id']}/turns/{turn['id']}"
+    cid = conversation_id or (await create_conversation(api))["id"]
+    turn = await post_turn(api, cid, question)
+    path = f"/v1/conversations/{cid}/turns/{turn['id']}"
     poll = asyncio.create_task(api.get(path, params={"wait": 30}))
-    await until(lambda: (feed := resources.streams.feeds.get(conversation["id"])) is not None
-                and feed.ready.is_set())
-    feed = resources.streams.feeds.get(conversation["id"])
+    await until(lambda: (feed := resources.streams.feeds.get(cid)) is not None
+                and feed.watchers == 1 and feed.ready.is_set())
+    feed = resources.streams.feeds.get(cid)
     assert feed is not None
     begun, _ = await attempts.begin_attempt(pool, settings, turn["id"])
     assert isinstance(begun, attempts.Begun)
-    await attempts.record_run(pool, begun.turn, begun.number, "trun_polled", "trun_polled", 1.0)
-    await until(lambda: feed.running == (turn["id"], "trun_polled"))
+    run_id = f"trun_{turn['id']}"
+    await attempts.record_run(pool, begun.turn, begun.number, run_id, run_id, 1.0)
+    await until(lambda: feed.running == (turn["id"], run_id))
     await lifecycle.complete(pool, turn["id"], {"type": "text", "content": "done"}, [])
     answer = await poll
     assert answer.status_code == 200 and answer.json()["status"] == "completed"
@@ -214,6 +218,20 @@ async def test_a_long_poll_is_answered_from_the_notifications_without_reading_th
     then come in their notifications, and the answer is the turn as GET shows it."""
     feed, _ = await long_polled(api, resources, "awaited")
     assert feed.reads == 1, feed.reads
+
+
+async def test_the_next_long_poll_of_a_conversation_finds_its_feed_read(api, resources):
+    """A client's loop (the answer, the follow-up's POST, its long-poll) finds the feed its
+    last long-poll left: still following the notifications, so the second turn costs no read
+    of the conversation's events either. Nobody watching, the feed goes LINGER_S later."""
+    feed, first = await long_polled(api, resources, "first")
+    cid = first.json()["conversation_id"]
+    again, second = await long_polled(api, resources, "second", cid)
+    assert again is feed and feed.reads == 1, feed.reads
+    assert second.json()["previous_interaction_id"] == first.json()["interaction_id"]
+    assert feed.watchers == 0
+    await until(lambda: resources.streams.feeds.get(cid) is None, timeout_s=LINGER_S + 5)
+    assert feed.task is not None and feed.task.done(), "its reader stopped"
 
 
 async def test_an_event_too_large_for_a_notification_is_read_instead(api, resources):

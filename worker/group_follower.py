@@ -243,18 +243,21 @@ class GroupFollower:
             return done
 
         cursor_done = cursor
+        # aclosing: a follower stopped (or cancelled) mid-stream closes the stream and gives
+        # its connection back now, not whenever the generator is collected.
+        events = contextlib.aclosing(res.parallel.group_events(
+            taskgroup_id, cursor, timeout_s=res.settings.group_stream_timeout_s))
         try:
-            async for event in res.parallel.group_events(
-                taskgroup_id, cursor, timeout_s=res.settings.group_stream_timeout_s
-            ):
-                check = self._handle(event)
-                event_id = event.get("event_id")
-                if isinstance(event_id, str) and event_id:
-                    pending.append((event_id, check))
-                if time.monotonic() - last_save >= SAVE_EVERY_S:
-                    cursor_done = handled()
-                    saved = await self._save(taskgroup_id, saved, cursor_done)
-                    last_save = time.monotonic()
+            async with events as stream:
+                async for event in stream:
+                    check = self._handle(event)
+                    event_id = event.get("event_id")
+                    if isinstance(event_id, str) and event_id:
+                        pending.append((event_id, check))
+                    if time.monotonic() - last_save >= SAVE_EVERY_S:
+                        cursor_done = handled()
+                        saved = await self._save(taskgroup_id, saved, cursor_done)
+                        last_save = time.monotonic()
         finally:
             checks = [task for _, task in pending if task is not None]
             if checks:

@@ -4,8 +4,15 @@ Each open stream or long-poll holds a slot: a member of the tenant's sorted set 
 (`streams:{tenant}`), scored with the time its lease ends, by Redis's own clock. Taking a slot
 first drops the tenant's expired members, then refuses when as many as the limit remain. A
 process renews the leases of the slots it holds every LEASE_S / 3 (one call per tenant) and
-removes a slot when its stream or long-poll ends; a process that dies holds its slots until
+gives a slot back when its stream or long-poll ends; a process that dies holds its slots until
 their leases run out, LEASE_S at most, so a crash never leaks a slot for good.
+
+A slot given back stays the process's for SPARE_S (a spare): the tenant's next stream or
+long-poll in this process takes it without asking Redis, as a client's next `?wait=` usually
+comes within milliseconds of the last one's answer. Taking and giving back were a script and a
+ZREM per long-poll, a tenth of the API's CPU per turn (docs/benchmarks.md). A spare nobody takes
+leaves Redis SPARE_S after its stream ended; until then another process counts it as open, so a
+tenant at its limit can be refused there for up to SPARE_S after closing a stream here.
 
 While Redis cannot answer, each process counts its own slots against the same limit (so a
 tenant may then hold up to the limit per process): a cap on streams is not worth an outage.
@@ -27,6 +34,8 @@ from service.errors import TooManyStreams
 log = structlog.get_logger(__name__)
 
 LEASE_S = 30.0
+# How long a slot given back stays this process's for the tenant's next stream (see above).
+SPARE_S = 1.0
 RETRY_AFTER_S = 5
 REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 
@@ -78,7 +87,9 @@ class Slot:
 class Slots:
     """The process's slots (on Resources); a background task renews their leases."""
 
-    def __init__(self, redis: Redis, *, lease_s: float = LEASE_S) -> None:
+    def __init__(
+        self, redis: Redis, *, lease_s: float = LEASE_S, spare_s: float = SPARE_S
+    ) -> None:
         self._redis = redis
         self._take_slot = redis.register_script(TAKE_SLOT_LUA)
         self._renew_slots = redis.register_script(RENEW_SLOTS_LUA)
@@ -87,6 +98,9 @@ class Slots:
         self._process = secrets.token_hex(6)
         self._count = 0
         self._held: defaultdict[str, set[str]] = defaultdict(set)
+        # Slots given back, still in Redis: tenant -> member -> the timer that removes it.
+        self._spare: defaultdict[str, dict[str, asyncio.TimerHandle]] = defaultdict(dict)
+        self._spare_s = spare_s
         self._background: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
 
@@ -96,6 +110,14 @@ class Slots:
 
     async def take(self, tenant_id: str, limit: int) -> Slot:
         """A slot of the tenant's, or TooManyStreams when `limit` are open across processes."""
+        if (spare := self._spare.get(tenant_id)) and self.held(tenant_id) < limit:
+            member, timer = spare.popitem()
+            timer.cancel()
+            if not spare:
+                del self._spare[tenant_id]
+            self._held[tenant_id].add(member)
+            self._start_renewing()
+            return Slot(self, tenant_id, member)
         self._count += 1
         member = f"{self._process}:{self._count}"
         try:
@@ -124,28 +146,45 @@ class Slots:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # released by the garbage collector outside the loop: the lease ends
             return
-        task = loop.create_task(self._remove(slot))
+        self._spare[slot.tenant_id][slot.member] = loop.call_later(
+            self._spare_s, self._give_back, slot.tenant_id, slot.member
+        )
+
+    def spare(self, tenant_id: str) -> int:
+        """Slots given back that this process still holds for the tenant's next stream."""
+        return len(self._spare.get(tenant_id, ()))
+
+    def _give_back(self, tenant_id: str, member: str) -> None:
+        spare = self._spare.get(tenant_id)
+        if spare is None or spare.pop(member, None) is None:
+            return
+        if not spare:
+            del self._spare[tenant_id]
+        task = asyncio.get_running_loop().create_task(self._remove(tenant_id, member))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _remove(self, slot: Slot) -> None:
+    async def _remove(self, tenant_id: str, member: str) -> None:
         try:
-            await self._redis.zrem(slot_key(slot.tenant_id), slot.member)
+            await self._redis.zrem(slot_key(tenant_id), member)
         except REDIS_ERRORS as exc:  # its lease runs out instead
-            log.info("stream_slot_release_failed", tenant_id=slot.tenant_id, error=repr(exc))
+            log.info("stream_slot_release_failed", tenant_id=tenant_id, error=repr(exc))
 
     def _start_renewing(self) -> None:
         if self._renewer is None or self._renewer.done():
             self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
 
     async def _renew_forever(self) -> None:
-        while self._held:
+        while self._held or self._spare:
             await asyncio.sleep(self._renew_every_s)
             await self.renew()
 
     async def renew(self) -> None:
-        """Extend the lease of every slot this process holds."""
-        for tenant_id, members in list(self._held.items()):
+        """Extend the lease of every slot this process holds, spares included."""
+        for tenant_id in {*self._held, *self._spare}:
+            members = [*self._held.get(tenant_id, ()), *self._spare.get(tenant_id, ())]
+            if not members:
+                continue
             try:
                 await self._renew_slots(
                     keys=[slot_key(tenant_id)], args=[self._lease_ms, *members]
@@ -154,6 +193,10 @@ class Slots:
                 log.warning("stream_slots_renew_failed", tenant_id=tenant_id, error=repr(exc))
 
     async def close(self) -> None:
+        for tenant_id, spare in list(self._spare.items()):
+            for member, timer in list(spare.items()):
+                timer.cancel()
+                self._give_back(tenant_id, member)
         tasks = [*self._background, *([self._renewer] if self._renewer else [])]
         if self._renewer is not None:
             self._renewer.cancel()

@@ -177,9 +177,11 @@ async def test_streams_and_long_polls_share_one_cap_per_tenant_across_processes(
                                      headers={"Accept": "text/event-stream"}) as accepted:
                 assert accepted.status_code == 200
 
-        # A stream that ends gives its slot back, to any process.
+        # A stream that ends gives its slot back, to any process once it is no longer A's spare
+        # (SPARE_S).
         first.cancel()
         await until(lambda: a.streams.slots.held(tenant) == 1)
+        await until(lambda: a.streams.slots.spare(tenant) == 0)
         third = asyncio.create_task(read_events(http_b, cid, never, timeout_s=60))
         await until(lambda: b.streams.slots.held(tenant) == 2)
         for task in (second, poll, third):
@@ -215,6 +217,42 @@ async def test_a_dead_process_holds_its_slots_only_until_their_leases_end(resour
         await live.close()
         await dying.close()
         await resources.queue.delete(f"streams:{{{tenant}}}")
+
+
+async def test_a_slot_given_back_is_the_next_streams_of_the_process_without_asking_redis(
+    resources,
+):
+    tenant = f"ten_{secrets.token_hex(6)}"
+    here = Slots(resources.queue, spare_s=0.3)
+    there = Slots(resources.queue)
+    key = f"streams:{{{tenant}}}"
+    try:
+        first = await here.take(tenant, 1)
+        first.release()
+        # The next long-poll here takes the same slot back: same member, nothing new in Redis.
+        again = await here.take(tenant, 1)
+        assert again.member == first.member
+        assert await resources.queue.zrange(key, 0, -1) == [first.member.encode()]
+        again.release()
+        # Another process counts a spare as open until it has gone back (SPARE_S later) ...
+        with pytest.raises(TooManyStreams):
+            await there.take(tenant, 1)
+        assert here.spare(tenant) == 1
+        await until(lambda: here.spare(tenant) == 0)
+        # ... and then has its place.
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                taken = await there.take(tenant, 1)
+                break
+            except TooManyStreams:
+                assert time.monotonic() < deadline, "the spare never went back to Redis"
+                await asyncio.sleep(0.02)
+        assert taken.member != first.member
+    finally:
+        await here.close()
+        await there.close()
+        await resources.queue.delete(key)
 
 
 async def test_while_redis_is_away_each_process_counts_its_own_slots():

@@ -5,15 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from litestar import Request
-from litestar.datastructures import State
 from litestar.params import QueryParameter
-
-from service.resources import Resources
-
-
-def provide_resources(state: State) -> Resources:
-    resources: Resources = state.resources  # State attributes are untyped
-    return resources
 
 
 def tenant_of(request: Request[Any, Any, Any]) -> str:

@@ -2,7 +2,9 @@
 
 Each running turn has `next_check_at` in Postgres. The loop claims due turns with
 FOR UPDATE SKIP LOCKED (several workers share the load), checks them concurrently over the
-client's connection pool, and sleeps until the next one is due or it is woken (push mode).
+client's connection pool, and sleeps until the next one is due or it is woken: by a NOTIFY on
+channel `turn_checks` (push mode: the API reports Parallel's webhook there, service.domain.push),
+or by this worker's own jobs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import structlog
 
 from service.db import turns as db
 from service.domain import runs
+from service.notify import EventHub
 from service.resources import Resources
 from worker.loops import DueLoop
 
@@ -27,13 +30,25 @@ class Follower(DueLoop):
     def __init__(self, resources: Resources) -> None:
         super().__init__(resources.settings.follower_idle_s)
         self._res = resources
+        self._hub = EventHub(resources.settings.database_url, channel=db.TURN_CHECKS_CHANNEL)
+        self._subscription = self._hub.subscribe(db.CHECKS_DUE_PAYLOAD)
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        await self._hub.start()
+        # A NOTIFY (and the hub's reconnection: anything may have been missed) wakes the loop,
+        # as do wake() and stop().
+        self._wake = self._subscription.__enter__()
         self.start_loop()
 
     async def stop(self, grace_s: float = 20.0) -> None:
         """Let the checks in hand finish (up to grace_s), then stop."""
         await self.stop_loop(grace_s)
+        self._subscription.__exit__(None, None, None)
+        await self._hub.close()
+
+    def idle_s(self) -> float:
+        # While notifications arrive, a webhook wakes the loop; without them, poll.
+        return super().idle_s() if self._hub.connected else min(1.0, super().idle_s())
 
     async def tick(self) -> bool:
         settings = self._res.settings
@@ -60,7 +75,8 @@ class Follower(DueLoop):
             # Its own deadline: the tick waits for all its checks, so one stuck on a lock or a
             # slow answer must not hold the others' next round.
             async with asyncio.timeout(res.settings.follower_check_timeout_s):
-                await runs.check_turn(res.pool, res.parallel, res.queue, res.settings, row, later)
+                await runs.check_turn(res.pool, res.parallel, res.queue, res.settings, row, later,
+                                      reported_status=row["reported_status"])
         except TimeoutError:
             log.warning("check_timed_out", turn_id=row["id"],
                         timeout_s=res.settings.follower_check_timeout_s)

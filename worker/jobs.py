@@ -11,7 +11,7 @@ from arq import Retry
 from service import metrics, queue
 from service.db import turns as turn_db
 from service.db.pool import DB_UNAVAILABLE
-from service.domain import attempts, conversations, runs, schedule, starts, usage
+from service.domain import attempts, conversations, push, runs, schedule, starts, usage
 from service.errors import UpstreamUnavailable
 from service.resources import Resources
 
@@ -78,17 +78,14 @@ async def start_turn(ctx: dict[str, Any], turn_id: str) -> str:
         raise Retry(defer=_backoff(ctx)) from exc
 
 
-# Webhook statuses after which the job checks the run itself rather than waking the follower.
-FINISHED_RUN_STATUSES = frozenset({"completed", "failed", "cancelled"})
-
-
 async def check_turn(ctx: dict[str, Any], run_id: str, status: str | None = None) -> str | None:
-    """Parallel said the run changed. When it says the run finished, check it here and now
-    (the webhook's status lets a completed run's check skip the status call); otherwise make
-    its check due now and wake the follower."""
+    """Parallel said the run changed, before any turn had stored the run (the API reports the
+    webhooks of stored runs to Postgres itself: service.domain.push). When it says the run
+    finished, check it here and now (the webhook's status lets a completed run's check skip the
+    status call); otherwise make its check due now and wake the follower."""
     res: Resources = ctx["resources"]
     structlog.contextvars.bind_contextvars(run_id=run_id)
-    here = status in FINISHED_RUN_STATUSES
+    here = status in push.FINISHED_RUN_STATUSES
 
     async def claim() -> asyncpg.Record | str | None:
         if here:

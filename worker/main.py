@@ -35,7 +35,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         resources.queue, settings.creations_per_min, prefix=settings.queue_name
     )
     ctx["follower"] = Follower(resources)
-    ctx["follower"].start()
+    await ctx["follower"].start()
     ctx["dispatcher"] = Dispatcher(resources)
     # Whichever loop sees Postgres back first releases the jobs its outage deferred.
     ctx["follower"].on_recovered = ctx["dispatcher"].on_recovered = functools.partial(

@@ -192,11 +192,12 @@ async def lineage(
 
 # Claim due checks: push each claimed turn's next check a lease ahead, so a worker that dies
 # mid-check only delays it, and other workers skip rows this one holds.
+# Also hands over (and clears) the finished status a webhook reported (report_run).
 CLAIM_DUE_SQL = """
 UPDATE turn AS t SET next_check_at = now() + make_interval(secs => $2),
-    check_count = t.check_count + 1
+    check_count = t.check_count + 1, reported_status = NULL
 FROM (
-    SELECT id FROM turn
+    SELECT id, reported_status FROM turn
     WHERE status = 'running' AND next_check_at <= now()
     ORDER BY next_check_at
     LIMIT $1
@@ -204,7 +205,7 @@ FROM (
 ) due
 WHERE t.id = due.id
 RETURNING t.id, t.conversation_id, t.run_id, t.processor, t.started_at, t.check_count,
-    t.taskgroup_id
+    t.taskgroup_id, due.reported_status
 """
 
 
@@ -215,7 +216,7 @@ async def claim_due(
 
 
 # `next_check_at > now()`: the check still holds its claim's lease. A webhook that made the
-# check due again meanwhile (check_now sets it to now()) must not be pushed back.
+# check due again meanwhile (report_run and check_now set it to now()) must not be pushed back.
 RESCHEDULE_SQL = """
 UPDATE turn SET next_check_at = now() + make_interval(secs => $2)
 WHERE id = $1 AND status = 'running' AND next_check_at > now()
@@ -250,6 +251,35 @@ async def check_now(conn: asyncpg.Connection | asyncpg.Pool, run_id: str) -> str
     """Make a running turn's check due now (Parallel said its run changed)."""
     turn_id: str | None = await conn.fetchval(CHECK_NOW_SQL, run_id)
     return turn_id
+
+
+# Parallel's webhook said the run changed (push mode): the check of its running turn is due
+# now, with the finished status the webhook reported (kept until the follower claims the check),
+# and the workers' followers are woken (channel TURN_CHECKS_CHANNEL). `known`: whether any turn
+# has stored the run, running or not (the snapshot is the statement's, before its UPDATE).
+TURN_CHECKS_CHANNEL = "turn_checks"
+CHECKS_DUE_PAYLOAD = "due"
+REPORT_RUN_SQL = f"""
+WITH due AS (
+    UPDATE turn SET next_check_at = now(), reported_status = coalesce($2, reported_status)
+    WHERE run_id = $1 AND status = 'running'
+    RETURNING id
+), woken AS (
+    SELECT pg_notify('{TURN_CHECKS_CHANNEL}', '{CHECKS_DUE_PAYLOAD}') FROM due
+)
+SELECT (SELECT id FROM due) AS turn_id, (SELECT count(*) FROM woken) AS woken,
+    EXISTS (SELECT 1 FROM turn WHERE run_id = $1) AS known
+"""
+
+
+async def report_run(
+    conn: asyncpg.Connection | asyncpg.Pool, run_id: str, finished_status: str | None
+) -> tuple[str | None, bool]:
+    """Make the check of the run's running turn due now and wake the followers; (the turn's id,
+    or None when no turn is running it; whether a turn has stored the run at all)."""
+    row = await conn.fetchrow(REPORT_RUN_SQL, run_id, finished_status)
+    assert row is not None  # one row, always
+    return row["turn_id"], bool(row["known"])
 
 
 # A webhook reported the run finished: claim its turn for a check now, whenever it was due (the

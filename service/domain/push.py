@@ -1,5 +1,11 @@
 """Push mode: Parallel's `task_run.status` webhook triggers an immediate check of the run.
 
+The webhook makes the check of the run's turn due now in Postgres, with the finished status it
+reported, and wakes the workers' followers (LISTEN/NOTIFY): one statement here, no queue job,
+and the follower asks for a completed run's result at once (one Parallel call, as the SDK loop
+makes). A run that ends within milliseconds can be reported before the worker that created it
+has stored its id: then, and only then, a `check_turn` job looks again shortly (worker.jobs).
+
 Parallel signs like Standard Webhooks but keys the HMAC with the raw UTF-8 bytes of the account
 secret (docs/parallel.md §4), where the `standardwebhooks` package would base64-decode it: so
 this one check is written out by hand.
@@ -8,8 +14,8 @@ A delivery is checked once: its `webhook-id` is remembered in Redis (SET NX EX) 
 its signature is accepted, so a captured request replayed within that window is answered 2xx
 and queues nothing. Redis, not Postgres: the ids live minutes, expire by themselves and cost no
 table, sweep or write on the database for an unauthenticated route. While Redis is unreachable
-the check is made due in Postgres instead (the worker's follower finds it within a second), so
-the webhook still gets its 204; replays then cost one idempotent UPDATE each, not a check.
+the webhook is still reported to Postgres and answered 204; replays then cost one idempotent
+UPDATE each, and a run not stored yet is left to the safety-net poll.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ SEEN_FOR_S = 2 * TOLERANCE_S
 _TIMESTAMP = re.compile(r"[0-9]{1,12}", re.ASCII)
 MAX_WEBHOOK_ID = 256  # a Redis key part; Parallel's are ~30 characters
 REDIS_DOWN = (RedisError, OSError, TimeoutError)
+# Statuses after which a run has ended: a check asks for its result (or error) at once.
+FINISHED_RUN_STATUSES = frozenset({"completed", "failed", "cancelled"})
 
 
 class InvalidSignature(Unauthorized):
@@ -138,17 +146,25 @@ async def receive_parallel_webhook(
         log.info("parallel_webhook_ignored", type=hook.type)
         return None
     run_id, status = hook.data.run_id, hook.data.status
+    redis_up = True
     try:
         # After the signature only: an unsigned request must not use up a genuine id.
         key = seen_key(settings.queue_name, headers["webhook-id"])
         if not await queue.set(key, b"1", nx=True, ex=SEEN_FOR_S):
             log.info("parallel_webhook_replayed", run_id=run_id)
             return None
-        await jobs.enqueue_check_turn(queue, settings.queue_name, run_id, status)
     except REDIS_DOWN as exc:
-        log.warning("parallel_webhook_via_postgres", run_id=run_id, error=repr(exc))
-        await turn_db.check_now(pool, run_id)
-    log.info("parallel_webhook", run_id=run_id, status=status)
+        log.warning("parallel_webhook_unchecked_for_replay", run_id=run_id, error=repr(exc))
+        redis_up = False
+    finished = status if status in FINISHED_RUN_STATUSES else None
+    turn_id, known = await turn_db.report_run(pool, run_id, finished)
+    if turn_id is None and not known and redis_up:
+        # Not stored yet (or never by this service): a worker job asks again shortly.
+        try:
+            await jobs.enqueue_check_turn(queue, settings.queue_name, run_id, status)
+        except REDIS_DOWN as exc:
+            log.warning("parallel_webhook_check_not_queued", run_id=run_id, error=repr(exc))
+    log.info("parallel_webhook", run_id=run_id, status=status, turn_id=turn_id)
     return run_id
 
 

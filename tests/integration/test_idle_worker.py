@@ -13,6 +13,7 @@ import time
 import msgspec
 
 from service import queue as jobs
+from service.db import turns as turn_db
 from tests.helpers import create_conversation, post_turn, running_worker, wait_turn, wait_until
 
 ASLEEP_S = 60.0
@@ -80,3 +81,23 @@ async def test_the_reconciler_runs_on_its_schedule_while_the_worker_sleeps(setti
         # due within a second: the one after that needs the sleeping worker to wake for it).
         await wait_until(lambda: worker.jobs_complete >= done + 3, timeout_s=20,
                          what="three more reconcile passes")
+
+
+async def test_a_reported_run_is_checked_at_once_by_a_sleeping_follower(settings, api, resources):
+    """Push mode: the run's first poll is a minute away and the follower sleeps for a minute;
+    the API's report of Parallel's webhook (service.domain.push) wakes it over NOTIFY."""
+    # lite's checks are scaled by 0.005 (service.domain.schedule): a first poll a minute away.
+    push = sleepy(settings, public_base_url="http://127.0.0.1:9",
+                  push_poll_initial_s=ASLEEP_S / 0.005, parallel_task_groups="off")
+    async with running_worker(push, idle_poll_s=ASLEEP_S) as worker:
+        await wait_until(lambda: worker.listening, what="the wake channel subscribed")
+        conv = await create_conversation(api)
+        turn = await wait_turn(api, await post_turn(api, conv["id"], "reported"),
+                               statuses={"running"}, timeout_s=20)
+        # The run has ended upstream (instant), its webhook went nowhere: report it as the
+        # API does on Parallel's webhook.
+        began = time.monotonic()
+        assert (await turn_db.report_run(resources.pool, turn["run_id"], "completed"))[0]
+        done = await wait_turn(api, turn, timeout_s=20)
+        assert done["status"] == "completed"
+        assert time.monotonic() - began < 10, "the follower waited for its idle poll"

@@ -22,7 +22,7 @@ from service.app import create_app
 from service.devstack import free_port
 from service.domain.push import parallel_signature
 from service.resources import Resources
-from tests.helpers import create_conversation, post_turn
+from tests.helpers import create_conversation, post_turn, until
 
 SECRET = "test_parallel_secret"
 
@@ -172,5 +172,39 @@ async def test_with_redis_down_the_check_is_made_due_in_postgres_and_the_hook_ge
         due = await conn.fetchval("SELECT next_check_at <= now() FROM turn WHERE id = $1",
                                   turn["id"])
         assert due, "the webhook's check was not made due in Postgres"
+    finally:
+        await conn.close()
+
+
+async def test_a_stored_runs_webhook_wakes_the_followers_through_postgres_and_queues_no_job(
+    hook, api, resources, database_url
+):
+    conversation = await create_conversation(api)
+    turn = await post_turn(api, conversation["id"], "q")
+    run = run_id("stored")
+    conn = await asyncpg.connect(database_url)
+    woken: list[str] = []
+    try:
+        await conn.execute("UPDATE turn SET status = 'running', run_id = $2,"
+                           " next_check_at = now() + interval '1 hour' WHERE id = $1",
+                           turn["id"], run)
+        # What a worker's follower listens to.
+        await conn.add_listener("turn_checks", lambda *args: woken.append(args[-1]))
+        body = status_body(run, "completed")
+        response = await hook.post("/v1/hooks/parallel", content=body,
+                                   headers=signed(body, "whevent_stored"))
+        assert response.status_code == 204, response.text
+        row = await conn.fetchrow("SELECT next_check_at <= now() AS due, reported_status"
+                                  " FROM turn WHERE id = $1", turn["id"])
+        assert row["due"] and row["reported_status"] == "completed"
+        await until(lambda: woken == ["due"])
+        assert await queued_checks(resources) == []
+        # A later "running" (delivered out of order) keeps what the run was reported to be.
+        body = status_body(run, "running")
+        response = await hook.post("/v1/hooks/parallel", content=body,
+                                   headers=signed(body, "whevent_stored_late"))
+        assert response.status_code == 204
+        assert await conn.fetchval("SELECT reported_status FROM turn WHERE id = $1",
+                                   turn["id"]) == "completed"
     finally:
         await conn.close()

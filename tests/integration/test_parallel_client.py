@@ -15,9 +15,16 @@ from parallel import AsyncParallel
 
 from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
-from service.clients.parallel import ParallelClient, RunInfo, RunResult, run_input
+from service.clients.parallel import (
+    ParallelClient,
+    RunInfo,
+    RunResult,
+    default_http_client,
+    run_input,
+)
 from service.errors import UpstreamUnavailable
 from tests.helpers import wait_until
+from tests.receivers import serve
 
 SANDBOX_KEY = "test-key"
 
@@ -110,3 +117,27 @@ async def test_open_streams_leave_the_calls_their_connections():
 async def _drain(events: AsyncGenerator[Any, None]) -> None:
     async for _ in events:
         pass
+
+
+async def test_the_clients_keep_no_cookie_an_answer_sets():
+    """Parallel sets no cookies; a cookie a proxy or another server in between sets is not sent
+    back on later calls (the clients skip httpx's cookie jar: service.clients.parallel)."""
+    seen: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        seen.append(dict(scope["headers"]).get(b"cookie", b"").decode())
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), (b"set-cookie", b"session=abc; Path=/")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async with serve(app) as url:
+        client = default_http_client(2)
+        try:
+            for _ in range(2):
+                assert (await client.get(f"{url}/v1/tasks/runs/trun_x")).status_code == 200
+            assert not client.cookies
+        finally:
+            await client.aclose()
+    assert seen == ["", ""]

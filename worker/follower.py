@@ -60,7 +60,10 @@ class Follower(DueLoop):
         # One UPDATE for the tick's still-running turns (a turn left out, its worker gone,
         # becomes due again when its claim's lease ends).
         await db.reschedule_many(self._res.pool, later)
-        return True
+        # Only a full batch may have left more due now: after a short one the loop reads the
+        # next due time instead of claiming again (one statement less per webhook's wake-up); a
+        # turn made due meanwhile woke the loop, so its sleep ends at once.
+        return len(due) >= settings.follower_batch
 
     async def next_due(self) -> datetime | None:
         return await db.next_due(self._res.pool)

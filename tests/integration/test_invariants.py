@@ -286,7 +286,13 @@ async def test_a_webhook_during_a_check_is_not_undone_by_its_reschedule(
     parallel = ThenParallel(resources.parallel, "retrieve", webhook_says_running)
     checking = dataclasses.replace(resources, parallel=parallel, settings=slow_polls)
     if checked_by == "follower":
-        assert await wait_until(Follower(checking).tick, what="the follower to check the turn")
+        follower = Follower(checking)
+
+        async def checked() -> bool:
+            await follower.tick()
+            return parallel.fired == 1
+
+        assert await wait_until(checked, what="the follower to check the turn")
     else:  # Parallel reported the run failed, but asked, it is still running
         assert await jobs.check_turn({"resources": checking}, run_id, "failed") == turn["id"]
     assert parallel.fired == 1, "the webhook did not arrive during the check"

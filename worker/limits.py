@@ -13,7 +13,8 @@ from redis.exceptions import RedisError
 from service.errors import UpstreamUnavailable
 
 # KEYS[1]: the minute's counter. One script call rather than a MULTI/INCR/EXPIRE/EXEC pipeline
-# (a fifth of the cost in the worker's profile, the same atomicity).
+# (1.9 % of the worker's samples in e2e profiles, mostly redis-py's pipeline object), with the
+# same atomicity.
 COUNT_LUA = """
 local count = redis.call('INCR', KEYS[1])
 redis.call('EXPIRE', KEYS[1], 120)

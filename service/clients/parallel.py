@@ -1,7 +1,8 @@
 """The one place that speaks to Parallel's Task API, through the parallel-web SDK.
 
 No SDK type or SDK exception leaves this module: responses become the Structs below and errors
-become UpstreamUnavailable (retry later) or UpstreamRejected (give up). The hot calls (create,
+become UpstreamUnavailable (retry later) or UpstreamRejected (give up), by
+service.clients.parallel_errors. The hot calls (create,
 retrieve, result) take the SDK's raw response (`with_raw_response`: the same request, its
 errors raised the same way) and decode its body with msgspec straight into those Structs,
 instead of pydantic models dumped back to dicts.
@@ -24,7 +25,8 @@ except ImportError:  # the SDK falls back to httpx's own transport
     aiohttp = None  # type: ignore[assignment]  # an optional module: None when not installed
 
 from service import metrics
-from service.errors import UpstreamRejected, UpstreamUnavailable
+from service.clients.parallel_errors import create_error, translate
+from service.errors import UpstreamUnavailable
 from service.models import FieldBasis
 
 T = TypeVar("T")
@@ -34,17 +36,6 @@ MAX_REQUEST_CHARS = 25_000
 # Streams open at once per process (ParallelClient): one per followed group in a worker, one per
 # run whose progress an API process relays. A bound, not a budget: far above what either holds.
 MAX_STREAMS = 10_000
-
-# Error codes a failed turn carries when Parallel refuses to start its run.
-REJECTION_CODES = {
-    400: "parallel_bad_request",
-    401: "parallel_unauthorized",
-    402: "parallel_payment_required",
-    403: "parallel_forbidden",
-    404: "parallel_run_not_found",
-    422: "parallel_invalid_request",
-}
-
 
 class RunError(msgspec.Struct, kw_only=True):
     message: str
@@ -71,43 +62,6 @@ class RunOutput(msgspec.Struct, kw_only=True):
 class RunResult(msgspec.Struct, kw_only=True):
     run: RunInfo
     output: RunOutput
-
-
-def _retry_after(exc: parallel.APIStatusError) -> float | None:
-    value = exc.response.headers.get("retry-after")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def translate(exc: Exception) -> Exception:
-    """Map an SDK exception to UpstreamUnavailable or UpstreamRejected."""
-    if isinstance(exc, parallel.APIConnectionError):  # includes APITimeoutError
-        return UpstreamUnavailable(f"Parallel unreachable: {type(exc).__name__}")
-    if isinstance(exc, parallel.APIStatusError):
-        status = exc.status_code
-        message = _error_message(exc)
-        if status in (408, 409, 429) or status >= 500:
-            return UpstreamUnavailable(
-                f"Parallel answered {status}: {message}", retry_after=_retry_after(exc)
-            )
-        code = REJECTION_CODES.get(status, f"parallel_http_{status}")
-        return UpstreamRejected(f"Parallel answered {status}: {message}", status_code=status,
-                                code=code)
-    unreadable = parallel.APIResponseValidationError | httpx.HTTPError | msgspec.DecodeError
-    if isinstance(exc, unreadable):
-        return UpstreamUnavailable(f"Parallel answered unexpectedly: {exc}")
-    return exc
-
-
-def _error_message(exc: parallel.APIStatusError) -> str:
-    body = exc.body
-    if isinstance(body, dict):
-        inner = body.get("error")
-        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
-            return str(inner["message"])
-    return exc.message
 
 
 def _convert(data: Any, kind: type[T]) -> T:
@@ -146,52 +100,6 @@ class _NoCookies(httpx.Cookies):
 
     def extract_cookies(self, response: httpx.Response) -> None:
         return None
-
-
-def _failed_to_connect(exc: BaseException) -> bool:
-    """Whether the request failed while connecting (or waiting for a pooled connection), so it
-    never reached Parallel. The aiohttp transport reports every aiohttp connection error, a
-    server hanging up after the request was sent included, as httpx.ConnectTimeout: its own
-    cause tells them apart."""
-    cause = exc.__cause__
-    if isinstance(cause, httpx.PoolTimeout):
-        return True
-    if not isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout):
-        return False
-    inner = cause.__cause__
-    if aiohttp is not None and isinstance(inner, aiohttp.ClientError):
-        return isinstance(inner, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
-    return True
-
-
-def _no_answer_in_time(exc: BaseException) -> bool:
-    """Whether a request failed waiting for its answer (rather than the connection breaking).
-    The SDK calls both APITimeoutError with the aiohttp transport, which reports a hang-up as
-    httpx.ConnectTimeout: the aiohttp error beneath tells them apart."""
-    cause = exc.__cause__
-    if not isinstance(cause, httpx.TimeoutException):
-        return False
-    inner = cause.__cause__
-    if aiohttp is not None and isinstance(inner, aiohttp.ClientError):
-        return isinstance(inner, aiohttp.ServerTimeoutError)
-    return True
-
-
-def _create_error(exc: Exception) -> Exception:
-    """The error of a failed create, saying whether a run may exist all the same."""
-    if isinstance(exc, TimeoutError):  # the whole call ran out of time, maybe after sending
-        error = UpstreamUnavailable("Parallel did not answer the create in time")
-        error.in_doubt = error.timed_out = True
-        return error
-    translated = translate(exc)
-    if isinstance(translated, UpstreamUnavailable):
-        if isinstance(exc, parallel.APIConnectionError):
-            translated.in_doubt = not _failed_to_connect(exc)
-            translated.timed_out = translated.in_doubt and _no_answer_in_time(exc)
-        elif not isinstance(exc, parallel.APIStatusError):
-            # It answered 2xx (a run exists) with a body we cannot read.
-            translated.in_doubt = True
-    return translated
 
 
 def request_chars(input: str | dict[str, Any], output_schema: dict[str, Any]) -> int:
@@ -271,7 +179,7 @@ class ParallelClient:
                     )
             return await _decode(raw, RunInfo)
         except Exception as exc:
-            raise _create_error(exc) from exc
+            raise create_error(exc) from exc
 
     async def retrieve(self, run_id: str) -> RunInfo:
         """The run's current status. Raises UpstreamUnavailable or UpstreamRejected."""
@@ -339,7 +247,7 @@ class ParallelClient:
             run_ids = list(answer.run_ids)
             run_cursor = answer.run_cursor
         except Exception as exc:
-            raise _create_error(exc) from exc
+            raise create_error(exc) from exc
         if len(run_ids) != len(inputs) or not all(isinstance(r, str) and r for r in run_ids):
             error = UpstreamUnavailable("Parallel answered an add of runs without their ids")
             error.in_doubt = True

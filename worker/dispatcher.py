@@ -17,34 +17,26 @@ import structlog
 from service.clients.webhooks import WebhookSender
 from service.db import webhook_deliveries as db
 from service.domain import webhooks
-from service.notify import EventHub
 from service.resources import Resources
-from worker.loops import DueLoop
+from worker.loops import NotifiedLoop
 
 log = structlog.get_logger(__name__)
 
 
-class Dispatcher(DueLoop):
-    """Sends due deliveries, at most `webhook_batch` at a time per worker."""
+class Dispatcher(NotifiedLoop):
+    """Sends due deliveries, at most `webhook_batch` at a time per worker; a new delivery's
+    NOTIFY and a finished attempt wake it."""
 
     name = "dispatcher"
 
     def __init__(self, resources: Resources) -> None:
-        # Idle, it sleeps for up to the follower's idle interval; without notifications (the
-        # LISTEN connection is down) it polls every second at most.
-        super().__init__(resources.settings.follower_idle_s)
+        # Idle, it sleeps for up to the follower's idle interval.
+        super().__init__(resources.settings.follower_idle_s, resources.settings.database_url,
+                         db.DELIVERY_CHANNEL, db.WAKE_PAYLOAD)
         self._res = resources
         self._sender = WebhookSender(resources.settings.webhook_timeout_s)
-        self._hub = EventHub(resources.settings.database_url, channel=db.DELIVERY_CHANNEL)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._next_due: datetime | None = None
-        self._subscription = self._hub.subscribe(db.WAKE_PAYLOAD)
-
-    async def start(self) -> None:
-        await self._hub.start()
-        # A NOTIFY, a finished attempt and stop() all wake the loop.
-        self._wake = self._subscription.__enter__()
-        self.start_loop()
 
     async def stop(self, grace_s: float = 20.0) -> None:
         """Let the attempts in hand finish (up to grace_s), then stop."""
@@ -53,8 +45,7 @@ class Dispatcher(DueLoop):
             for task in self._in_flight:
                 task.cancel()
             await asyncio.gather(*self._in_flight, return_exceptions=True)
-        self._subscription.__exit__(None, None, None)
-        await self._hub.close()
+        await self.stop_listening()
         await self._sender.close()
 
     async def tick(self) -> bool:
@@ -71,10 +62,6 @@ class Dispatcher(DueLoop):
         # A full claim may leave more; a short one left nothing due but rows held back by the
         # caps, which a finished attempt (a wake-up here, the idle poll for other workers') frees.
         return len(claim.deliveries) == room
-
-    def idle_s(self) -> float:
-        # While notifications arrive, a new delivery wakes the loop; without them, poll.
-        return super().idle_s() if self._hub.connected else min(1.0, super().idle_s())
 
     async def next_due(self) -> datetime | None:
         if len(self._in_flight) >= self._res.settings.webhook_batch:

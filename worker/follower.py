@@ -17,38 +17,24 @@ import structlog
 
 from service.db import turns as db
 from service.domain import runs
-from service.notify import EventHub
 from service.resources import Resources
-from worker.loops import DueLoop
+from worker.loops import NotifiedLoop
 
 log = structlog.get_logger(__name__)
 
 
-class Follower(DueLoop):
+class Follower(NotifiedLoop):
     name = "follower"
 
     def __init__(self, resources: Resources) -> None:
-        super().__init__(resources.settings.follower_idle_s)
+        super().__init__(resources.settings.follower_idle_s, resources.settings.database_url,
+                         db.TURN_CHECKS_CHANNEL, db.CHECKS_DUE_PAYLOAD)
         self._res = resources
-        self._hub = EventHub(resources.settings.database_url, channel=db.TURN_CHECKS_CHANNEL)
-        self._subscription = self._hub.subscribe(db.CHECKS_DUE_PAYLOAD)
-
-    async def start(self) -> None:
-        await self._hub.start()
-        # A NOTIFY (and the hub's reconnection: anything may have been missed) wakes the loop,
-        # as do wake() and stop().
-        self._wake = self._subscription.__enter__()
-        self.start_loop()
 
     async def stop(self, grace_s: float = 20.0) -> None:
         """Let the checks in hand finish (up to grace_s), then stop."""
         await self.stop_loop(grace_s)
-        self._subscription.__exit__(None, None, None)
-        await self._hub.close()
-
-    def idle_s(self) -> float:
-        # While notifications arrive, a webhook wakes the loop; without them, poll.
-        return super().idle_s() if self._hub.connected else min(1.0, super().idle_s())
+        await self.stop_listening()
 
     async def tick(self) -> bool:
         settings = self._res.settings

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 import structlog
 
 from service.db.pool import DB_UNAVAILABLE
+from service.notify import EventHub
 
 log = structlog.get_logger(__name__)
 
@@ -141,3 +142,33 @@ class DueLoop:
         finally:
             self._alarm.cancel()
             self._alarm = None
+
+
+# While its LISTEN connection is down, a NotifiedLoop looks for work this often at most.
+UNNOTIFIED_POLL_S = 1.0
+
+
+class NotifiedLoop(DueLoop):
+    """A DueLoop that a NOTIFY wakes too: `payload` on `channel`, heard on a LISTEN connection
+    of its own (service.notify.EventHub, whose reconnection also wakes it: anything may have been
+    missed meanwhile). While that connection is down it polls every UNNOTIFIED_POLL_S at most."""
+
+    def __init__(self, idle_s: float, database_url: str, channel: str, payload: str) -> None:
+        super().__init__(idle_s)
+        self._hub = EventHub(database_url, channel=channel)
+        self._subscription = self._hub.subscribe(payload)
+
+    async def start(self) -> None:
+        await self._hub.start()
+        # A NOTIFY, wake() and stop_loop() all set this event.
+        self._wake = self._subscription.__enter__()
+        self.start_loop()
+
+    async def stop_listening(self) -> None:
+        """Close the LISTEN connection (once the loop has stopped)."""
+        self._subscription.__exit__(None, None, None)
+        await self._hub.close()
+
+    def idle_s(self) -> float:
+        idle = super().idle_s()
+        return idle if self._hub.connected else min(UNNOTIFIED_POLL_S, idle)

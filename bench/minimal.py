@@ -6,7 +6,8 @@ stored), the way a first version would do it: POST is one INSERT and one arq enq
 is one SDK create and one blocking `result()` call, then one UPDATE that NOTIFYs; GET is one
 SELECT, and with `wait` a LISTEN wake-up and a second SELECT. No keys, quotas, rate limits,
 leases, fencing, retries, events, webhooks, metrics or logs; stock arq polling every 10 ms (as
-the service's worker did before it slept). Beside the SDK loop (no service at all) and the
+the service's worker did before it slept); the SDK on its aiohttp transport, as the service's
+worker calls it. Beside the SDK loop (no service at all) and the
 service, it shows what the service's guarantees cost.
 
     python -m bench.minimal api --port N    # both with the Settings in the environment
@@ -157,14 +158,16 @@ async def run_turn(ctx: dict[str, Any], turn_id: str) -> None:
 
 
 async def _startup(ctx: dict[str, Any]) -> None:
-    from parallel import AsyncParallel
+    from parallel import AsyncParallel, DefaultAioHttpClient
 
     settings: Settings = ctx["settings"]
     ctx["pool"] = await asyncpg.create_pool(
         settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
     )
+    # The service's transport, so the difference is the guarantees, not httpx against aiohttp.
     ctx["parallel"] = AsyncParallel(
-        api_key=settings.parallel_api_key, base_url=settings.parallel_base_url
+        api_key=settings.parallel_api_key, base_url=settings.parallel_base_url,
+        http_client=DefaultAioHttpClient(),
     )
 
 

@@ -16,7 +16,7 @@ or into keeping 50 alive and scanning all of them, with a `getpeername` and a `p
 every request the pool assigns (about 5 ms). So it runs BASELINE_ROUNDS times per service round
 and its figure is their mean, the cost a user's loop has on average, with the cheapest and the
 dearest round beside it. A fourth arm runs the same loop on the SDK's aiohttp transport, the one
-the service's worker uses: steady (1.8 ms a turn, within 6 %), the like-for-like yardstick.
+the service's worker uses: steady (1.8 to 2.1 ms a turn), the like-for-like yardstick.
 """
 
 from __future__ import annotations

@@ -100,8 +100,7 @@ async def service_loop(
     # connections were all scanned on every request (the SDK loop's dear state, in this
     # module's docstring): 11 ms of CPU a turn, more than the API and the worker together,
     # taken from the service's two cores (2.0 ms on aiohttp).
-    client_cm = parallel.DefaultAioHttpClient(base_url=api_url, limits=limits, timeout=90)
-    async with client_cm as client:
+    async with parallel.DefaultAioHttpClient(base_url=api_url, limits=limits, timeout=90) as client:
 
         async def conversation(c: int, conv: str, tenant: int) -> None:
             auth = {"Authorization": f"Bearer {keys[tenant]}"}

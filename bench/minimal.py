@@ -7,8 +7,8 @@ is one SDK create and one blocking `result()` call, then one UPDATE that NOTIFYs
 SELECT, and with `wait` a LISTEN wake-up and a second SELECT. No keys, quotas, rate limits,
 leases, fencing, retries, events, webhooks, metrics or logs; stock arq polling every 10 ms (as
 the service's worker did before it slept); the SDK on its aiohttp transport, as the service's
-worker calls it. Beside the SDK loop (no service at all) and the
-service, it shows what the service's guarantees cost.
+worker calls it. Beside the SDK loop (no service at all) and the service, it shows what the
+service's guarantees cost.
 
     python -m bench.minimal api --port N    # both with the Settings in the environment
     python -m bench.minimal worker

@@ -2,10 +2,9 @@
 
 No SDK type or SDK exception leaves this module: responses become the Structs below and errors
 become UpstreamUnavailable (retry later) or UpstreamRejected (give up), by
-service.clients.parallel_errors. The hot calls (create,
-retrieve, result) take the SDK's raw response (`with_raw_response`: the same request, its
-errors raised the same way) and decode its body with msgspec straight into those Structs,
-instead of pydantic models dumped back to dicts.
+service.clients.parallel_errors. The hot calls (create, retrieve, result) take the SDK's raw
+response (`with_raw_response`: the same request, its errors raised the same way) and decode its
+body with msgspec straight into those Structs, instead of pydantic models dumped back to dicts.
 """
 
 from __future__ import annotations

@@ -143,9 +143,10 @@ async def push_available(api_url: str) -> bool:
 
 def _profiled(name: str, argv: list[str]) -> list[str]:
     """Profiling aid: with BENCH_PYSPY_<NAME>=file (and py-spy installed), record the process's
-    collapsed stacks there, for flame graphs."""
+    collapsed stacks there, for flame graphs, at BENCH_PYSPY_RATE samples a second (100)."""
     if out := os.environ.get(f"BENCH_PYSPY_{name.upper()}"):
-        return ["py-spy", "record", "-o", out, "--format", "raw", "--rate", "100", "--", *argv]
+        rate = os.environ.get("BENCH_PYSPY_RATE", "100")
+        return ["py-spy", "record", "-o", out, "--format", "raw", "--rate", rate, "--", *argv]
     return argv
 
 
@@ -164,7 +165,7 @@ def api_proc(settings: Settings, port: int, *, cli: Sequence[str] = (), **env: s
 def floor_proc(settings: Settings, port: int, tenant_id: str) -> Proc:
     return Proc(
         "floor",
-        [sys.executable, "-m", "bench.floor", "--port", str(port)],
+        _profiled("floor", [sys.executable, "-m", "bench.floor", "--port", str(port)]),
         settings_env(settings, BENCH_TENANT_ID=tenant_id),
     )
 

@@ -1,9 +1,11 @@
-"""Migrations apply from empty, twice is a no-op, and two processes at once don't collide."""
+"""Migrations apply from empty, twice is a no-op, and two processes at once don't collide; the SQL
+functions they leave are ones the planner inlines."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -73,3 +75,28 @@ async def test_turns_that_had_a_run_get_their_context_from_previous_interaction_
             await conn.close()
         assert contexts == {"first": "none", "second": "chained", "refused": None,
                             "waiting": None}
+
+
+async def test_sql_functions_are_single_expressions_the_planner_inlines(database_url):
+    """A LANGUAGE sql function that is one SELECT of an expression is inlined where it is
+    called; any other (a FROM, a lock, a data-modifying statement, a set result) is parsed and
+    planned again on every call, so the transitions' helpers that are statements are plpgsql,
+    whose plans a session keeps (migration 0016)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT p.proname, p.prosrc, p.proretset FROM pg_proc p"
+            " JOIN pg_language l ON l.oid = p.prolang"
+            " JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE n.nspname = 'public' AND l.lanname = 'sql'")
+    finally:
+        await conn.close()
+    assert {"quota_is_open", "turn_data", "api_time"} <= {r["proname"] for r in rows}
+    statement = re.compile(r"\b(FROM|UPDATE|INSERT|DELETE|WITH|FOR)\b", re.IGNORECASE)
+    not_inlined = sorted(
+        r["proname"] for r in rows
+        if r["proretset"] or ";" in r["prosrc"].strip().rstrip(";")
+        or not r["prosrc"].strip().upper().startswith("SELECT")
+        or statement.search(re.sub(r"'[^']*'", "''", r["prosrc"]))
+    )
+    assert not_inlined == []

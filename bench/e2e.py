@@ -331,7 +331,7 @@ def rows_for(f: dict[str, Any]) -> list[Row]:
         ),
         Row(
             bench="e2e",
-            measure=f"{label}: CPU per turn, all processes but Postgres/Redis",
+            measure=f"{label}: CPU per turn, all processes (Postgres and Redis included)",
             value=sum(cpu["service"].values()),
             unit="ms",
             baseline=sum(cpu["baseline"].values()),
